@@ -1,0 +1,320 @@
+"""Torch-facing wrappers of the page-copy kernels.
+
+They turn tensors into the raw addresses ``lmcache_ext._C`` takes, and check
+every argument before a byte moves: the kernels trust what they are given.
+
+A *page* is the bytes of one block of one layer. A chunk buffer holds pages
+laid out ``[layer][block][page_bytes]``. A cross-layer cache (each block holds
+all layers back to back, vLLM's BL* layouts) is copied as one layer whose page
+is the whole block, so its chunks read ``[block][layer][page_bytes]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+from lmcache_ext import _C
+
+BlockIds = Union[Sequence[int], torch.Tensor]
+Chunks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+MAX_LAYERS = 256
+
+
+def _dense_bytes(kv: torch.Tensor, name: str) -> int:
+    """Bytes of one block of `kv`, which must tile memory densely inside a block.
+
+    vLLM hands each layer as a strided view [blocks, H, N, C] whose inner dims
+    are a permutation of a dense block; any such order is accepted.
+    """
+    dims = sorted((kv.stride(d), kv.shape[d]) for d in range(1, kv.dim()) if kv.shape[d] != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            raise ValueError(
+                f"{name} with shape {tuple(kv.shape)} and strides {kv.stride()} does not cover "
+                "one dense region per block: expected the inner dims to be a permutation of a "
+                "contiguous block"
+            )
+        expected *= size
+    return expected * kv.element_size()
+
+
+@dataclass(frozen=True)
+class PagedLayers:
+    """The layers of a paged KV cache as pages: layer l, block b at layer_ptrs[l] + b*block_stride."""
+
+    layer_ptrs: tuple[int, ...]
+    block_stride: int
+    page_bytes: int
+    num_blocks: int
+    device: torch.device
+    tensors: tuple[torch.Tensor, ...]  # held so the addresses stay valid
+
+    @classmethod
+    def from_tensors(cls, layers: Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> PagedLayers:
+        """Describe per-layer cache tensors ([num_blocks, ...], a layer's block view each)."""
+        tensors = tuple(layers.values()) if isinstance(layers, Mapping) else tuple(layers)
+        if not 1 <= len(tensors) <= MAX_LAYERS:
+            raise ValueError(f"len(layers) = {len(tensors)}: expected 1 to {MAX_LAYERS} layers")
+        first = tensors[0]
+        for i, kv in enumerate(tensors):
+            if not isinstance(kv, torch.Tensor):
+                raise ValueError(f"layers[{i}] is a {type(kv).__name__}; expected a torch.Tensor")
+            if kv.dim() < 2:
+                raise ValueError(f"layers[{i}] has shape {tuple(kv.shape)}; expected [num_blocks, ...]")
+            for what, got, want in (
+                ("device", kv.device, first.device),
+                ("dtype", kv.dtype, first.dtype),
+                ("shape", tuple(kv.shape), tuple(first.shape)),
+                ("block stride", kv.stride(0), first.stride(0)),
+            ):
+                if got != want:
+                    raise ValueError(f"layers[{i}] has {what} {got}; expected {want} like layers[0]")
+        if first.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"layers are on {first.device}; expected cpu or cuda tensors")
+        page_bytes = _dense_bytes(first, "layers[0]")
+        block_stride = first.stride(0) * first.element_size()
+        if first.shape[0] > 1 and block_stride < page_bytes:
+            raise ValueError(
+                f"layers[0] block stride is {block_stride} bytes; expected at least the page size "
+                f"{page_bytes}"
+            )
+        return cls(
+            layer_ptrs=tuple(kv.data_ptr() for kv in tensors),
+            block_stride=max(block_stride, page_bytes),
+            page_bytes=page_bytes,
+            num_blocks=first.shape[0],
+            device=first.device,
+            tensors=tensors,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_ptrs)
+
+    @property
+    def cross_layer(self) -> bool:
+        """True when each block holds all layers' pages back to back (BL* layouts)."""
+        n = self.num_layers
+        return n > 1 and self.block_stride == n * self.page_bytes and all(
+            p == self.layer_ptrs[0] + i * self.page_bytes for i, p in enumerate(self.layer_ptrs)
+        )
+
+    def chunk_geometry(self) -> tuple[tuple[int, ...], int]:
+        """(layer addresses, page bytes) that a whole-chunk copy uses: one big page per block
+        on a cross-layer cache, so each block moves as a single copy."""
+        if self.cross_layer:
+            return (self.layer_ptrs[0],), self.num_layers * self.page_bytes
+        return self.layer_ptrs, self.page_bytes
+
+    def chunk_bytes(self, blocks: int) -> int:
+        """Bytes of a chunk of `blocks` blocks over all layers."""
+        return self.num_layers * blocks * self.page_bytes
+
+
+def _block_id_tensor(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
+    """block_ids as a CPU int64 tensor, each checked against the cache size."""
+    if isinstance(block_ids, torch.Tensor):
+        if block_ids.dim() != 1 or block_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"block_ids is a {block_ids.dtype} tensor of shape {tuple(block_ids.shape)}; "
+                "expected a 1-D int32 or int64 tensor"
+            )
+        ids = block_ids.to(device="cpu", dtype=torch.int64)
+    else:
+        try:
+            ids = torch.tensor(list(block_ids), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise ValueError(f"block_ids = {block_ids!r}: expected a sequence of ints ({e})") from None
+        if ids.dim() != 1:
+            raise ValueError(f"block_ids = {block_ids!r}: expected a flat sequence of ints")
+    bad = torch.nonzero((ids < 0) | (ids >= kv.num_blocks))
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"block_ids[{i}] = {int(ids[i])} is out of range: the cache has {kv.num_blocks} blocks"
+        )
+    return ids
+
+
+def _check_chunk_tensor(kv: PagedLayers, t: object, name: str, need: int, allow_pageable: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} is a {type(t).__name__}; expected a torch.Tensor")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous; expected a contiguous buffer")
+    nbytes = t.numel() * t.element_size()
+    if nbytes < need:
+        raise ValueError(f"{name} has {nbytes} bytes; expected at least {need}")
+    if kv.device.type == "cpu":
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}; expected a cpu tensor like the cache")
+    elif t.device.type == "cpu":
+        if not allow_pageable and not t.is_pinned():
+            raise ValueError(
+                f"{name} is pageable host memory; the CUDA kernel reaches host memory only when it "
+                "is pinned (lmcache_ext.memory slots or tensor.pin_memory())"
+            )
+    elif t.device != kv.device:
+        raise ValueError(f"{name} is on {t.device}; expected {kv.device} like the cache or pinned host")
+
+
+def _copy(
+    direction: str,
+    kv: PagedLayers,
+    block_ids: BlockIds,
+    chunks: Chunks,
+    blocks_per_chunk: int | None,
+    layer: int | None,
+    staging: torch.Tensor | None,
+) -> None:
+    ids = _block_id_tensor(kv, block_ids)
+    n = ids.numel()
+    name = "out" if direction == "gather" else "src"
+    single = isinstance(chunks, torch.Tensor)
+    if not single and (isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence)):
+        raise ValueError(f"{name} is a {type(chunks).__name__}; expected a torch.Tensor or a list of them")
+    chunk_list = [chunks] if single else list(chunks)
+    if n == 0:
+        return
+    if blocks_per_chunk is None:
+        if not single:
+            raise ValueError(f"{name} is a list of {len(chunk_list)} chunks; blocks_per_chunk is required")
+        blocks_per_chunk = max(n, 1)
+    if isinstance(blocks_per_chunk, bool) or not isinstance(blocks_per_chunk, int) or blocks_per_chunk < 1:
+        raise ValueError(f"blocks_per_chunk = {blocks_per_chunk!r}: expected a positive int")
+    want_chunks = math.ceil(n / blocks_per_chunk)
+    if len(chunk_list) != want_chunks:
+        raise ValueError(
+            f"{name} has {len(chunk_list)} chunk buffers; expected {want_chunks} for {n} blocks "
+            f"at {blocks_per_chunk} blocks per chunk"
+        )
+    if layer is None:
+        layer_ptrs, page_bytes = kv.chunk_geometry()
+        first_layer = 0
+    else:
+        if kv.cross_layer:
+            raise ValueError("layer copies need a per-layer layout; this cache is cross-layer (BL*)")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.num_layers:
+            raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
+        layer_ptrs, page_bytes = (kv.layer_ptrs[layer],), kv.page_bytes
+        first_layer = layer
+    layer_stride = blocks_per_chunk * kv.page_bytes
+    last_layer = first_layer + len(layer_ptrs) - 1
+    needs = [
+        last_layer * layer_stride + min(blocks_per_chunk, n - c * blocks_per_chunk) * page_bytes
+        for c in range(want_chunks)
+    ]
+    for c, (t, need) in enumerate(zip(chunk_list, needs)):
+        _check_chunk_tensor(kv, t, name if single else f"{name}[{c}]", need, staging is not None)
+    if staging is not None:
+        _copy_staged(direction, kv, ids, chunk_list, layer_ptrs, page_bytes, layer_stride, staging, needs[0])
+        return
+    on_cuda = kv.device.type == "cuda"
+    table = None
+    if not single:
+        table = torch.tensor([t.data_ptr() for t in chunk_list], dtype=torch.int64)
+    if on_cuda:
+        ids = ids.to(kv.device, non_blocking=True)
+        table = table.to(kv.device, non_blocking=True) if table is not None else None
+    _C.page_copy(
+        direction=direction,
+        device=kv.device.type,
+        layer_ptrs=list(layer_ptrs),
+        block_stride=kv.block_stride,
+        page_bytes=page_bytes,
+        block_ids_ptr=ids.data_ptr(),
+        num_blocks=n,
+        chunk_ptr=chunk_list[0].data_ptr() if single else 0,
+        chunk_table_ptr=table.data_ptr() if table is not None else 0,
+        blocks_per_chunk=blocks_per_chunk,
+        chunk_layer_stride=layer_stride,
+        chunk_first_layer=first_layer,
+        stream=torch.cuda.current_stream(kv.device).cuda_stream if on_cuda else 0,
+    )
+
+
+def _copy_staged(
+    direction: str,
+    kv: PagedLayers,
+    ids: torch.Tensor,
+    chunk_list: list[torch.Tensor],
+    layer_ptrs: tuple[int, ...],
+    page_bytes: int,
+    layer_stride: int,
+    staging: torch.Tensor,
+    nbytes: int,
+) -> None:
+    """Device gather into `staging`, then one cudaMemcpyAsync to host (or the reverse)."""
+    if kv.device.type != "cuda":
+        raise ValueError(f"staging was given but the cache is on {kv.device}; staging is for cuda caches")
+    if len(chunk_list) != 1 or chunk_list[0].device.type != "cpu":
+        raise ValueError("a staged copy takes one host tensor as its chunk buffer")
+    host = chunk_list[0]
+    if staging.device != kv.device or not staging.is_contiguous():
+        raise ValueError(f"staging is on {staging.device}; expected a contiguous tensor on {kv.device}")
+    if staging.numel() * staging.element_size() < nbytes:
+        raise ValueError(f"staging has {staging.numel() * staging.element_size()} bytes; expected at least {nbytes}")
+    ids = ids.to(kv.device, non_blocking=True)
+    _C.page_copy_staged(
+        direction=direction,
+        layer_ptrs=list(layer_ptrs),
+        block_stride=kv.block_stride,
+        page_bytes=page_bytes,
+        block_ids_ptr=ids.data_ptr(),
+        num_blocks=ids.numel(),
+        staging_ptr=staging.data_ptr(),
+        chunk_layer_stride=layer_stride,
+        host_ptr=host.data_ptr(),
+        bytes=nbytes,
+        stream=torch.cuda.current_stream(kv.device).cuda_stream,
+    )
+
+
+def gather(
+    kv: PagedLayers,
+    block_ids: BlockIds,
+    out: Chunks,
+    *,
+    blocks_per_chunk: int | None = None,
+    layer: int | None = None,
+    staging: torch.Tensor | None = None,
+) -> None:
+    """Copy the pages of `block_ids` from the paged cache into chunk buffers, in one launch.
+
+    `out` is one buffer (all blocks, laid out [layer][block][page]) or a list of
+    buffers of `blocks_per_chunk` blocks each. With `layer`, only that layer is
+    copied, into its [layer] slice of each chunk (the layerwise path). On a CUDA
+    cache, `out` may be device memory or pinned host memory (written zero-copy),
+    or host memory reached through a device `staging` buffer.
+    """
+    _copy("gather", kv, block_ids, out, blocks_per_chunk, layer, staging)
+
+
+def scatter(
+    kv: PagedLayers,
+    block_ids: BlockIds,
+    src: Chunks,
+    *,
+    blocks_per_chunk: int | None = None,
+    layer: int | None = None,
+    staging: torch.Tensor | None = None,
+) -> None:
+    """The inverse of `gather`: copy chunk buffers back into the pages of `block_ids`."""
+    _copy("scatter", kv, block_ids, src, blocks_per_chunk, layer, staging)
+
+
+def set_cpu_copy_options(*, threads: int = 0, streaming_min_bytes: int = 8 << 20) -> None:
+    """Threads of the CPU twin (0 = default) and the copy size from which it uses
+    non-temporal stores (negative = never)."""
+    _C.set_cpu_copy_options(threads=threads, streaming_min_bytes=streaming_min_bytes)
+
+
+def cuda_available() -> bool:
+    """True when the module was built with CUDA and a device is visible."""
+    return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
