@@ -1,0 +1,186 @@
+"""Scheduler side: where each chunk lives, which host slot holds it, what is pinned,
+what to evict. Pure bookkeeping — it never touches a byte.
+
+A host entry becomes visible to lookups only once its bytes are complete
+(``commit``), and a pinned entry (a transfer is reading or writing its slot) is
+never evicted: invariants 1 and 2 of the design. Eviction is LRU over ready,
+unpinned host entries; a chunk that is also on disk only loses its host copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+Key = bytes
+
+
+class LowerTier(Protocol):
+    """What the directory asks of a tier below host memory."""
+
+    def contains(self, key: Key) -> bool: ...
+
+
+class Source(str, enum.Enum):
+    HOST = "host"
+    DISK = "disk"
+
+
+class Reserve(enum.Enum):
+    """Outcome of asking for a slot to store a chunk into."""
+
+    PRESENT = "present"  # already held (or being written) by a tier: nothing to do
+    NO_SLOT = "no_slot"  # every slot is pinned or being filled
+
+
+@dataclass(frozen=True)
+class PlannedLoad:
+    """A chunk to load: its slot, and whether the slot must first be filled from disk."""
+
+    key: Key
+    slot: int
+    source: Source
+
+
+@dataclass
+class _HostEntry:
+    slot: int
+    ready: bool = False
+    pins: int = 1
+
+
+class CacheDirectory:
+    """Host slots of one pool, plus presence in lower tiers, for chunk keys."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        lower_tiers: Sequence[tuple[Source, LowerTier]] = (),
+        on_evict: Callable[[Key], None] | None = None,
+    ) -> None:
+        """`on_evict(key)` runs under the directory's lock: it must not call back into it."""
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0:
+            raise ValueError(f"num_slots = {num_slots!r}: expected an int >= 0")
+        self._lock = threading.Lock()
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._host: OrderedDict[Key, _HostEntry] = OrderedDict()  # oldest use first
+        self._lower = list(lower_tiers)
+        self._on_evict = on_evict
+        self.num_slots = num_slots
+
+    # -- queries (no side effects: vLLM may ask the same thing many times) --
+
+    def lookup(self, keys: Sequence[Key]) -> list[Source]:
+        """The tier of each leading available key; stops at the first miss."""
+        found = []
+        with self._lock:
+            for key in keys:
+                source = self._where(key)
+                if source is None:
+                    break
+                found.append(source)
+        return found
+
+    def _where(self, key: Key) -> Source | None:
+        entry = self._host.get(key)
+        if entry is not None and entry.ready:
+            return Source.HOST
+        for source, tier in self._lower:
+            if tier.contains(key):
+                return source
+        return None
+
+    def pinned_slots(self) -> int:
+        with self._lock:
+            return sum(1 for e in self._host.values() if e.pins > 0)
+
+    def host_chunks(self) -> int:
+        """Chunks whose bytes are complete in host slots."""
+        with self._lock:
+            return sum(1 for e in self._host.values() if e.ready)
+
+    # -- stores --
+
+    def reserve_store(self, key: Key) -> int | Reserve:
+        """A pinned slot to gather `key` into, or why there is none."""
+        with self._lock:
+            if key in self._host or any(tier.contains(key) for _, tier in self._lower):
+                return Reserve.PRESENT
+            slot = self._take_slot()
+            if slot is None:
+                return Reserve.NO_SLOT
+            self._host[key] = _HostEntry(slot)
+            return slot
+
+    # -- loads --
+
+    def reserve_loads(self, keys: Sequence[Key]) -> list[PlannedLoad]:
+        """Pin the leading available keys for loading; a disk hit gets a fresh slot to be
+        read into (promotion). Stops at the first miss or when no slot is free."""
+        plans = []
+        with self._lock:
+            for key in keys:
+                entry = self._host.get(key)
+                if entry is not None and entry.ready:
+                    entry.pins += 1
+                    self._host.move_to_end(key)
+                    plans.append(PlannedLoad(key, entry.slot, Source.HOST))
+                    continue
+                if entry is not None:  # being written: not loadable yet
+                    break
+                source = next((s for s, tier in self._lower if tier.contains(key)), None)
+                if source is None:
+                    break
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                self._host[key] = _HostEntry(slot)
+                plans.append(PlannedLoad(key, slot, source))
+        return plans
+
+    # -- completion --
+
+    def commit(self, key: Key, ok: bool) -> None:
+        """The reserved slot of `key` was filled (ok) or not. A filled slot becomes
+        visible and keeps its pin until release(); a failed one is dropped with its
+        pin (only its filler held it) and the slot freed."""
+        with self._lock:
+            entry = self._host[key]
+            if ok:
+                entry.ready = True
+                self._host.move_to_end(key)
+            else:
+                self._drop(key)
+
+    def release(self, key: Key) -> None:
+        """Drop one pin taken by reserve_store / reserve_loads; a key dropped since is a no-op."""
+        with self._lock:
+            entry = self._host.get(key)
+            if entry is None:
+                return
+            if entry.pins <= 0:
+                raise ValueError(f"key {key.hex()} is not pinned: release() without a reservation")
+            entry.pins -= 1
+            if entry.pins == 0 and not entry.ready:
+                self._drop(key)
+
+    # -- slots --
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, entry in self._host.items():  # oldest first
+            if entry.ready and entry.pins == 0:
+                del self._host[key]
+                if self._on_evict is not None:
+                    self._on_evict(key)
+                return entry.slot
+        return None
+
+    def _drop(self, key: Key) -> None:
+        entry = self._host.pop(key)
+        self._free.append(entry.slot)

@@ -1,0 +1,185 @@
+"""CacheDirectory bookkeeping: visibility, pins, LRU eviction, promotion from a lower tier."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
+
+
+class FakeDisk:
+    def __init__(self, keys=()):
+        self.keys = set(keys)
+
+    def contains(self, key: bytes) -> bool:
+        return key in self.keys
+
+
+def k(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def stored(d: CacheDirectory, key: bytes) -> int:
+    slot = d.reserve_store(key)
+    assert isinstance(slot, int)
+    d.commit(key, True)
+    d.release(key)
+    return slot
+
+
+def test_a_chunk_is_visible_only_after_commit():
+    d = CacheDirectory(4)
+    assert d.lookup([k(1)]) == []
+    slot = d.reserve_store(k(1))
+    assert slot in range(4)
+    assert d.lookup([k(1)]) == []
+    assert d.reserve_store(k(1)) is Reserve.PRESENT
+    d.commit(k(1), True)
+    assert d.lookup([k(1), k(2)]) == [Source.HOST]
+    assert d.pinned_slots() == 1
+    d.release(k(1))
+    assert d.pinned_slots() == 0 and d.host_chunks() == 1
+
+
+def test_failed_fill_frees_the_slot():
+    d = CacheDirectory(1)
+    d.reserve_store(k(1))
+    assert d.reserve_store(k(2)) is Reserve.NO_SLOT
+    d.commit(k(1), False)
+    d.release(k(1))  # its pin went with the entry
+    assert d.lookup([k(1)]) == []
+    assert isinstance(d.reserve_store(k(2)), int)
+
+
+def test_lru_eviction_skips_pinned_and_unready_entries():
+    evicted = []
+    d = CacheDirectory(3, on_evict=evicted.append)
+    slots = {i: stored(d, k(i)) for i in (1, 2, 3)}
+    assert sorted(slots.values()) == [0, 1, 2]
+    loads = d.reserve_loads([k(1)])  # pins 1 and makes it the newest
+    assert loads == [PlannedLoad(k(1), slots[1], Source.HOST)]
+    assert d.reserve_store(k(4)) == slots[2]
+    assert evicted == [k(2)]
+    assert d.reserve_store(k(5)) == slots[3]  # k(4) is still being filled, k(1) is pinned
+    assert d.reserve_store(k(6)) is Reserve.NO_SLOT
+    assert evicted == [k(2), k(3)]
+    d.release(k(1))
+    assert d.reserve_store(k(6)) == slots[1]
+    assert d.lookup([k(1)]) == [] and d.lookup([k(2)]) == []
+
+
+def test_a_loaded_chunk_becomes_most_recently_used():
+    d = CacheDirectory(2)
+    stored(d, k(1))
+    stored(d, k(2))
+    for load in d.reserve_loads([k(1)]):
+        d.release(load.key)
+    stored(d, k(3))
+    assert d.lookup([k(1)]) == [Source.HOST] and d.lookup([k(2)]) == []
+
+
+def test_eviction_keeps_the_disk_copy_and_promotion_brings_it_back():
+    disk = FakeDisk()
+    d = CacheDirectory(1, [(Source.DISK, disk)])
+    stored(d, k(1))
+    disk.keys.add(k(1))  # the write-through finished
+    stored(d, k(2))  # evicts k(1) from host
+    assert d.lookup([k(1), k(2)]) == [Source.DISK, Source.HOST]
+    assert d.reserve_store(k(1)) is Reserve.PRESENT
+    loads = d.reserve_loads([k(1)])
+    assert [(p.key, p.source) for p in loads] == [(k(1), Source.DISK)]
+    assert d.lookup([k(1)]) == [Source.DISK]  # host copy not ready until the read completes
+    d.commit(k(1), True)
+    d.release(k(1))
+    assert d.lookup([k(1)]) == [Source.HOST]
+
+
+def test_failed_disk_read_drops_the_host_reservation():
+    disk = FakeDisk([k(7)])
+    d = CacheDirectory(1, [(Source.DISK, disk)])
+    (load,) = d.reserve_loads([k(7)])
+    d.commit(k(7), False)
+    disk.keys.clear()  # the disk tier deletes a file that failed its checks
+    assert d.lookup([k(7)]) == []
+    assert isinstance(d.reserve_store(k(8)), int)
+
+
+def test_reserve_loads_stops_at_a_miss_an_unready_chunk_or_no_slot():
+    disk = FakeDisk([k(3), k(4)])
+    d = CacheDirectory(2, [(Source.DISK, disk)])
+    stored(d, k(1))
+    assert [p.key for p in d.reserve_loads([k(1), k(9), k(1)])] == [k(1)]
+    d.release(k(1))
+    d.reserve_store(k(2))  # being filled
+    assert [p.key for p in d.reserve_loads([k(1), k(2)])] == [k(1)]
+    d.release(k(1))
+    d.commit(k(2), True)
+    d.release(k(2))
+    # two slots, both holding ready chunks: loading k(3), k(4) from disk evicts them in LRU order
+    plans = d.reserve_loads([k(3), k(4)])
+    assert [(p.key, p.source) for p in plans] == [(k(3), Source.DISK), (k(4), Source.DISK)]
+    assert d.reserve_loads([k(1)]) == []
+
+
+def test_release_without_a_pin_names_the_key():
+    d = CacheDirectory(1)
+    stored(d, k(5))
+    with pytest.raises(ValueError, match=k(5).hex()):
+        d.release(k(5))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "4"])
+def test_bad_slot_count(bad):
+    with pytest.raises(ValueError, match=r"num_slots = .*expected an int >= 0"):
+        CacheDirectory(bad)
+
+
+def test_concurrent_stores_and_loads_never_share_a_pinned_slot():
+    d = CacheDirectory(8)
+    holders: dict[int, tuple[bytes, int]] = {}  # slot -> (key, pins held by the workers)
+    guard = threading.Lock()
+    errors = []
+
+    def hold(slot: int, key: bytes) -> None:
+        with guard:
+            held_key, pins = holders.get(slot, (key, 0))
+            if held_key != key:
+                errors.append(f"slot {slot} handed to {key.hex()} while {held_key.hex()} pins it")
+            holders[slot] = (key, pins + 1)
+
+    def drop(slot: int) -> None:
+        with guard:
+            key, pins = holders[slot]
+            if pins == 1:
+                del holders[slot]
+            else:
+                holders[slot] = (key, pins - 1)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(2000):
+            key = k(rng.randrange(32))
+            if rng.random() < 0.5:
+                slot = d.reserve_store(key)
+                if isinstance(slot, int):
+                    hold(slot, key)
+                    d.commit(key, rng.random() < 0.9)
+                    drop(slot)
+                    d.release(key)
+            else:
+                for load in d.reserve_loads([key]):
+                    hold(load.slot, load.key)
+                    drop(load.slot)
+                    d.release(load.key)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert d.pinned_slots() == 0
+    assert 0 < d.host_chunks() <= 8
