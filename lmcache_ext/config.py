@@ -1,0 +1,389 @@
+"""The cache's configuration: one frozen dataclass, where its values come from, and their checks.
+
+Keys use LMCache's names wherever the meaning is the same, so an LMCache config
+file, LMCache environment variables and LMCache's ``lmcache.``-prefixed vLLM
+``kv_connector_extra_config`` keys work unchanged.
+
+Sources, later winning (see `load_config`):
+
+1. the defaults below;
+2. the YAML file named by env ``LMCACHE_CONFIG_FILE`` (unset or empty: no file;
+   an empty file is an empty mapping);
+3. env ``LMCACHE_<KEY>`` for each key (upper case), e.g. ``LMCACHE_CHUNK_SIZE=512``.
+   Only those names and the known-ignored LMCache keys' names are read; every other
+   ``LMCACHE_*`` variable is left alone without a word, because LMCache and its
+   tooling set variables of their own (``LMCACHE_USE_EXPERIMENTAL``,
+   ``LMCACHE_LOG_LEVEL``, ...) that are not cache settings;
+4. a mapping, e.g. vLLM's ``kv_connector_extra_config``; a key may carry LMCache's
+   ``lmcache.`` prefix.
+
+Every value from every source is checked when it is read, so a bad value is an
+error even when a later source overrides it. Strings are coerced: booleans read
+true/false/1/0/yes/no (any case); ``null``, ``none`` and the empty string mean None
+where None is allowed; the two sizes take a number of GB or a number with a unit
+(``"512M"``, ``"8G"``, ``"1.5T"``, any case, an optional ``B``/``iB``). A GB here is
+1024**3 bytes, as in LMCache.
+
+LMCache keys for features this cache does not have (`IGNORED_LMCACHE_KEYS`) are
+accepted with a warning naming each, so an LMCache config still loads; any other
+unknown key is a `ConfigError` with a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import InitVar, dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+GB = 1024**3
+"""Bytes in one GB of a size setting (LMCache's "GB" is a GiB)."""
+
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
+EXTRA_CONFIG_PREFIX = "lmcache."
+EXTRA_CONFIG_SOURCE = "kv_connector_extra_config"
+DEFAULT_SOURCE = "default"
+DIRECT_SOURCE = "CacheConfig()"
+
+REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+CACHE_POLICIES = ("LRU",)
+PIN_HOST_MEMORY_MODES = ("auto", "never", "always")
+
+_IGNORED_BY_FEATURE: dict[str, tuple[str, ...]] = {
+    "remote serialisation (chunks are stored as raw bytes)": ("remote_serde",),
+    "P2P sharing": ("enable_p2p", "p2p_host", "p2p_init_ports", "p2p_lookup_ports"),
+    "disaggregated prefill": (
+        "enable_pd", "enable_xpyd", "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host",
+        "pd_peer_init_port", "pd_peer_alloc_port", "pd_proxy_host", "pd_proxy_port", "transfer_channel",
+        "nixl_backends", "nixl_buffer_size", "nixl_buffer_device", "nixl_role",
+    ),
+    "the cache controller": (
+        "enable_controller", "lmcache_instance_id", "controller_url", "controller_pull_url",
+        "controller_reply_url", "lmcache_worker_ports",
+    ),
+    "CacheBlend": (
+        "enable_blending", "blend_recompute_ratios", "blend_thresholds", "blend_check_layers",
+        "blend_min_tokens", "blend_special_str",
+    ),
+    "the internal API server": (
+        "internal_api_server_enabled", "internal_api_server_host", "internal_api_server_port_start",
+    ),
+    "LMCache's own engine tuning": (
+        "use_experimental", "blocking_timeout_secs", "pre_caching_hash_algorithm", "py_enable_gc",
+        "extra_config", "numa_mode", "enable_async_loading", "lookup_timeout_ms", "min_retrieve_tokens",
+        "local_disk_path_sharding", "reserve_local_cpu_size", "local_cpu_use_hugepages",
+    ),
+}
+IGNORED_LMCACHE_KEYS: Mapping[str, str] = {
+    key: feature for feature, keys in _IGNORED_BY_FEATURE.items() for key in keys
+}
+"""LMCache keys accepted and ignored with a warning, each mapped to the feature it belongs to."""
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names key, value, source and what is allowed."""
+
+
+def _fail(key: str, value: Any, source: str, expected: str) -> ConfigError:
+    return ConfigError(f"{key} = {_shown(key, value)} from {source}: expected {expected}")
+
+
+def _shown(key: str, value: Any) -> str:
+    """repr of a value for messages and logs, with a URL's password masked."""
+    if key == "remote_url" and isinstance(value, str):
+        return repr(_redact_password(value))
+    return repr(value)
+
+
+def _redact_password(url: str) -> str:
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+# Parsers: (key, raw value, source) -> the typed value, or a ConfigError. Each is
+# idempotent on its own output, so a parsed value may be parsed again.
+
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+_NULLS = ("null", "none", "")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:([kmgt])(?:i?b)?)?", re.IGNORECASE)
+_SIZE_UNITS = {"k": 1024**-2, "m": 1024**-1, "g": 1.0, "t": 1024.0}
+
+
+def _parse_bool(key: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _fail(key, value, source, "a boolean: true/false, 1/0 or yes/no")
+
+
+def _int_parser(minimum: int, meaning: str) -> Callable[[str, Any, str], int]:
+    expected = f"an integer >= {minimum}{meaning}"
+
+    def parse(key: str, value: Any, source: str) -> int:
+        if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+            number = int(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise _fail(key, value, source, expected)
+        if number < minimum:
+            raise _fail(key, value, source, expected)
+        return number
+
+    return parse
+
+
+def _size_parser(positive: bool, meaning: str) -> Callable[[str, Any, str], float]:
+    bound = "> 0" if positive else ">= 0"
+    expected = f"a size in GB {bound}, as a number or with a unit like '512M' or '8G'{meaning}"
+
+    def parse(key: str, value: Any, source: str) -> float:
+        if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+            number, unit = match.groups()
+            gb = float(number) * _SIZE_UNITS[(unit or "g").lower()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            gb = float(value)
+        else:
+            raise _fail(key, value, source, expected)
+        if gb < 0 or (positive and gb == 0):
+            raise _fail(key, value, source, expected)
+        return gb
+
+    return parse
+
+
+def _choice_parser(allowed: tuple[str, ...]) -> Callable[[str, Any, str], str]:
+    expected = "one of " + ", ".join(repr(a) for a in allowed) + " (any case)"
+    by_folded = {a.casefold(): a for a in allowed}
+
+    def parse(key: str, value: Any, source: str) -> str:
+        if isinstance(value, str) and value.strip().casefold() in by_folded:
+            return by_folded[value.strip().casefold()]
+        raise _fail(key, value, source, expected)
+
+    return parse
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _NULLS)
+
+
+def _parse_local_disk(key: str, value: Any, source: str) -> str | None:
+    """None, or the absolute directory path of a plain path or LMCache's ``file:///path``."""
+    if _is_null(value):
+        return None
+    expected = "a directory path or 'file:///path', or null for no disk tier"
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise _fail(key, value, source, expected)
+    path = value.strip()
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+        if not path.startswith("/"):
+            raise _fail(key, value, source, "'file:///absolute/path' (three slashes: no host)")
+    elif "://" in path:
+        raise _fail(key, value, source, expected)
+    if "," in path:
+        raise _fail(key, value, source, "one directory: the disk tier does not span several paths")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _parse_remote_url(key: str, value: Any, source: str) -> str | None:
+    """None, or a Redis/Valkey URL with a host (its form only: nothing is contacted)."""
+    if _is_null(value):
+        return None
+    expected = "a URL " + " or ".join(f"'{s}://host[:port]'" for s in REMOTE_SCHEMES) + ", or null"
+    if not isinstance(value, str):
+        raise _fail(key, value, source, expected)
+    url = value.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise _fail(key, value, source, expected) from None
+    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname or port == 0:
+        raise _fail(key, value, source, expected)
+    return url
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The cache's settings, checked and immutable; build it with `load_config`.
+
+    Direct construction runs the same checks, naming the source ``CacheConfig()``.
+    `host_bytes` sizes the host slot pool whether or not ``local_cpu`` keeps chunks
+    there, since every transfer to or from a lower tier is staged through it.
+    """
+
+    chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
+    local_cpu: bool = field(default=True, metadata={"parse": _parse_bool})
+    max_local_cpu_size: float = field(
+        default=5.0, metadata={"parse": _size_parser(True, " (the host pool, per rank)")}
+    )
+    local_disk: str | None = field(default=None, metadata={"parse": _parse_local_disk})
+    max_local_disk_size: float = field(default=0.0, metadata={"parse": _size_parser(False, "")})
+    remote_url: str | None = field(default=None, metadata={"parse": _parse_remote_url})
+    save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
+    save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
+    use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})
+    cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
+    disk_o_direct: bool = field(default=False, metadata={"parse": _parse_bool})
+    disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
+    cpu_copy_threads: int = field(default=0, metadata={"parse": _int_parser(0, " (0 = the default)")})
+    pin_host_memory: str = field(default="auto", metadata={"parse": _choice_parser(PIN_HOST_MEMORY_MODES)})
+    sources: InitVar[Mapping[str, str] | None] = None
+
+    def __post_init__(self, sources: Mapping[str, str] | None) -> None:
+        source_of = {f.name: DIRECT_SOURCE for f in fields(self)} | dict(sources or {})
+        for f in fields(self):
+            object.__setattr__(self, f.name, f.metadata["parse"](f.name, getattr(self, f.name), source_of[f.name]))
+        self._check_disk(source_of)
+
+    def _check_disk(self, source_of: Mapping[str, str]) -> None:
+        """With a disk path: a size above 0, and a writable directory there or creatable there."""
+        if self.local_disk is None:
+            return
+        if self.max_local_disk_size == 0:
+            raise ConfigError(
+                f"local_disk = {self.local_disk!r} from {source_of['local_disk']} needs a disk size, but "
+                f"max_local_disk_size = {self.max_local_disk_size!r} from {source_of['max_local_disk_size']}: "
+                "expected max_local_disk_size > 0, or local_disk null"
+            )
+        problem = _unwritable_reason(self.local_disk)
+        if problem:
+            raise _fail("local_disk", self.local_disk, source_of["local_disk"], f"a writable directory ({problem})")
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host slot pool (max_local_cpu_size GB of 1024**3 bytes)."""
+        return round(self.max_local_cpu_size * GB)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Byte cap of the disk tier (max_local_disk_size GB of 1024**3 bytes); 0 without one."""
+        return round(self.max_local_disk_size * GB) if self.local_disk is not None else 0
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise ValueError unless chunk_size is a whole number of blocks of `block_size` tokens."""
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size = {block_size!r}: expected a positive integer (tokens per block)")
+        if self.chunk_size % block_size:
+            raise ValueError(
+                f"chunk_size = {self.chunk_size} is not a multiple of block_size = {block_size}: "
+                f"expected a chunk_size of whole blocks, e.g. {block_size * max(1, self.chunk_size // block_size)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings by key, for logs; a password in remote_url is masked."""
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.remote_url is not None:
+            settings["remote_url"] = _redact_password(self.remote_url)
+        return settings
+
+
+def _unwritable_reason(path: str) -> str:
+    """Why the engine could not keep files in `path` (creating it if absent); '' when it can."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    what = "it" if existing == path else f"its nearest existing parent {existing!r}"
+    if not os.path.isdir(existing):
+        return f"{what} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{what} is not writable"
+    return ""
+
+
+_FIELDS = {f.name: f for f in fields(CacheConfig)}
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> CacheConfig:
+    """Build the config from defaults, the LMCACHE_CONFIG_FILE YAML, LMCACHE_* env vars and
+    `overrides` (vLLM's kv_connector_extra_config), later sources winning.
+
+    `environ` defaults to os.environ. Raises ConfigError naming the key, value and source.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources = {name: DEFAULT_SOURCE for name in _FIELDS}
+    for key, value, source in _read_sources(overrides or {}, environ):
+        if key in _FIELDS:
+            values[key] = _FIELDS[key].metadata["parse"](key, value, source)
+            sources[key] = source
+        else:
+            logger.warning(
+                "ignoring LMCache key %s = %s from %s: lmcache_ext does not implement %s",
+                key, _shown(key, value), source, IGNORED_LMCACHE_KEYS[key],
+            )
+    return CacheConfig(**values, sources=sources)
+
+
+def _read_sources(overrides: Mapping[str, Any], environ: Mapping[str, str]) -> Iterator[tuple[str, Any, str]]:
+    """(key, raw value, source) of each setting, lowest precedence first; unknown keys raise."""
+    path = environ.get(CONFIG_FILE_ENV)
+    if path:
+        source = f"config file {path}"
+        yield from _known(_read_yaml(path).items(), source, lambda key: key)
+    for key in (*_FIELDS, *IGNORED_LMCACHE_KEYS):
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            yield key, environ[name], f"env {name}"
+    yield from _known(overrides.items(), EXTRA_CONFIG_SOURCE, _strip_extra_prefix)
+
+
+def _known(
+    items: Iterable[tuple[Any, Any]], source: str, to_key: Callable[[Any], Any]
+) -> Iterator[tuple[str, Any, str]]:
+    """The items of one mapping source as settings; a key that is neither ours nor LMCache's raises."""
+    for raw_key, value in items:
+        key = to_key(raw_key)
+        if key not in _FIELDS and key not in IGNORED_LMCACHE_KEYS:
+            raise _unknown_key(raw_key, value, source)
+        yield key, value, source
+
+
+def _strip_extra_prefix(key: Any) -> Any:
+    return key[len(EXTRA_CONFIG_PREFIX):] if isinstance(key, str) and key.startswith(EXTRA_CONFIG_PREFIX) else key
+
+
+def _unknown_key(key: Any, value: Any, source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(_strip_extra_prefix(key)), list(_FIELDS), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(
+        f"unknown config key {key!r} (= {value!r}) from {source}: {hint}"
+        f"expected one of {', '.join(_FIELDS)}, or an LMCache key that lmcache_ext ignores "
+        "(lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
+    )
+
+
+def _read_yaml(path: str) -> dict[Any, Any]:
+    """The top-level mapping of the YAML file at `path` (an empty file is an empty mapping)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{CONFIG_FILE_ENV} = {path!r}: cannot read the config file ({e.strerror})") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{CONFIG_FILE_ENV} = {path!r}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{CONFIG_FILE_ENV} = {path!r}: the top level is a {type(data).__name__}; expected a mapping of keys"
+        )
+    return data
