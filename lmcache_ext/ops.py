@@ -106,6 +106,14 @@ class PagedLayers:
             p == self.layer_ptrs[0] + i * self.page_bytes for i, p in enumerate(self.layer_ptrs)
         )
 
+    @property
+    def layout(self) -> str:
+        """Names the byte order of a page and of a chunk: caches with equal names and
+        page sizes produce interchangeable chunks."""
+        kv = self.tensors[0]
+        order = "BL" if self.cross_layer else "LB"
+        return f"{order}:{tuple(kv.shape[1:])}:{kv.stride()[1:]}"
+
     def chunk_geometry(self) -> tuple[tuple[int, ...], int]:
         """(layer addresses, page bytes) that a whole-chunk copy uses: one big page per block
         on a cross-layer cache, so each block moves as a single copy."""

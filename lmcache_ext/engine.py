@@ -1,0 +1,265 @@
+"""CacheEngine: the directory (scheduler side) and the executor (worker side) in one
+process, for callers outside vLLM, tests and benchmarks.
+
+Tokens are cut into chunks of ``chunk_size`` tokens; block ``i`` of a request's
+block list holds its tokens ``[i*block_size, (i+1)*block_size)``. A chunk is
+stored as its blocks' pages, ``[layer][block][page]``, in one host slot, and
+written through to disk in the background when a disk tier is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from lmcache_ext import ops
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.directory import CacheDirectory, Reserve, Source
+from lmcache_ext.executor import TransferExecutor
+from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
+from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
+from lmcache_ext.plans import DiskTransfer, Plan, SlotCopy
+from lmcache_ext.tiers.disk import DiskTier
+
+logger = logging.getLogger(__name__)
+
+KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+Tokens = Union[Sequence[int], torch.Tensor]
+
+STAGING_SLOTS = 8
+"""Host slots kept when ``local_cpu`` is off: enough to stage transfers to and from disk."""
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    key: ChunkKey
+    index: int  # position in the request: its blocks start at index * blocks_per_chunk
+    blocks: int  # full blocks it holds (fewer than a chunk only for a partial chunk)
+
+
+class CacheEngine:
+    """Store, look up and retrieve the KV cache of token prefixes in one process."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        kv_caches: KVCaches,
+        block_size: int,
+        *,
+        model: str = "unnamed",
+        revision: str = "",
+        tp_size: int = 1,
+        tp_rank: int = 0,
+    ) -> None:
+        config.check_block_size(block_size)
+        self._config = config
+        self._kv = ops.PagedLayers.from_tensors(kv_caches)
+        self._block_size = block_size
+        self._blocks_per_chunk = config.chunk_size // block_size
+        first = self._kv.tensors[0]
+        self._namespace = Namespace(
+            model=model,
+            revision=revision,
+            dtype=str(first.dtype).removeprefix("torch."),
+            layout=self._kv.layout,
+            block_size=block_size,
+            page_bytes=self._kv.page_bytes,
+            num_layers=self._kv.num_layers,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            chunk_size=config.chunk_size,
+        )
+        slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
+        budget = config.host_bytes if config.local_cpu else STAGING_SLOTS * slot_bytes
+        self._pool = PinnedSlotPool.for_budget(budget, slot_bytes, pin=config.pin_host_memory)
+        self._stats = EngineStats()
+        self._disk = (
+            DiskTier(config.local_disk, config.disk_bytes, threads=config.disk_io_threads, o_direct=config.disk_o_direct)
+            if config.local_disk
+            else None
+        )
+        lower = [(Source.DISK, self._disk)] if self._disk else []
+        self._directory = CacheDirectory(self._pool.num_slots, lower, on_evict=lambda key: self._stats.evicted("host"))
+        self._executor = TransferExecutor(self._kv, self._pool, self._disk, read_threads=config.disk_io_threads)
+        if config.cpu_copy_threads:
+            ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
+        if config.remote_url:
+            logger.warning("remote_url = %s is set, but this version has no remote tier: ignored", config.remote_url)
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- public API --
+
+    def lookup(self, tokens: Tokens) -> int:
+        """Length of the longest cached prefix of `tokens`, in tokens (whole chunks)."""
+        self._check_open()
+        chunks = self._chunks(tokens)
+        found = self._directory.lookup([c.key for c in chunks])
+        hit = self._tokens_of(chunks[: len(found)])
+        by_tier: dict[str, int] = {}
+        for chunk, source in zip(chunks, found):
+            by_tier[source.value] = by_tier.get(source.value, 0) + chunk.blocks * self._block_size
+        self._stats.lookup(len(tokens), by_tier)
+        return hit
+
+    def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Store the chunks of `tokens` held in `block_ids`; returns how many leading
+        tokens are now cached (stored by this call or before). Full chunks only,
+        unless save_unfull_chunk. Disk copies are written in the background."""
+        self._check_open()
+        with STORE_SECONDS.time():
+            chunks = self._chunks(tokens)
+            blocks = self._block_list(block_ids, chunks, "store")
+            cached, fills = [], []
+            for chunk in chunks:
+                slot = self._directory.reserve_store(chunk.key)
+                if slot is Reserve.NO_SLOT:
+                    self._stats.failed("no_free_slot")
+                    break
+                cached.append(chunk)
+                if slot is not Reserve.PRESENT:
+                    fills.append((chunk, slot))
+            result = self._executor.run(Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills)))
+            writes = []
+            for (chunk, slot), ok in zip(fills, result.gathers):
+                self._directory.commit(chunk.key, ok)
+                if ok:
+                    self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
+                    writes.append(DiskTransfer(chunk.key, slot, self._payload_bytes(chunk)))
+            if self._disk is not None:
+                self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
+            else:
+                for w in writes:
+                    self._directory.release(w.key)
+            self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes)
+            return self._tokens_of(cached)
+
+    def retrieve(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
+        """Load the longest cached prefix of `tokens` into `block_ids`; returns its
+        length in tokens. Stops at the first miss or at a chunk that fails its checks."""
+        self._check_open()
+        with RETRIEVE_SECONDS.time():
+            chunks = self._chunks(tokens)
+            blocks = self._block_list(block_ids, chunks, "retrieve")
+            planned = self._directory.reserve_loads([c.key for c in chunks])
+            reads = [
+                DiskTransfer(p.key, p.slot, self._payload_bytes(c))
+                for c, p in zip(chunks, planned)
+                if p.source is Source.DISK
+            ]
+            read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
+            loaded = []
+            for chunk, plan in zip(chunks, planned):
+                if plan.source is Source.DISK:
+                    self._directory.commit(plan.key, read_ok[plan.key])
+                if not read_ok.get(plan.key, True):
+                    self._stats.failed("disk_read")
+                    break
+                loaded.append((chunk, plan))
+            self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
+            for plan in planned:
+                self._directory.release(plan.key)
+            for chunk, plan in loaded:
+                self._stats.loaded(plan.source.value, chunk.blocks * self._block_size, self._payload_bytes(chunk))
+            return self._tokens_of([c for c, _ in loaded])
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this engine plus the current state of its tiers."""
+        out: dict[str, Any] = self._stats.snapshot()
+        out.update(
+            host_slots=self._pool.num_slots,
+            host_slots_free=self._pool.num_free,
+            host_chunks=self._directory.host_chunks(),
+            pinned_slots=self._directory.pinned_slots(),
+        )
+        if self._disk is not None:
+            out.update({f"disk_{k}": v for k, v in self._disk.stats().items()})
+        return out
+
+    def flush(self) -> None:
+        """Wait until every background disk write has finished."""
+        if self._disk is not None:
+            self._disk.flush()
+
+    def close(self) -> None:
+        """Finish pending disk writes, then release the slot pool. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._disk is not None:
+            self._disk.close()
+        self._executor.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def namespace(self) -> Namespace:
+        return self._namespace
+
+    # -- helpers --
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the cache engine is closed")
+
+    def _chunks(self, tokens: Tokens) -> list[_Chunk]:
+        """The chunks of `tokens` this engine stores: full chunks, then with
+        save_unfull_chunk the block-aligned remainder."""
+        usable = len(tokens)
+        if self._config.save_unfull_chunk:
+            usable -= usable % self._block_size
+            keys = chunk_keys(tokens[:usable], self._namespace, include_partial=True)
+        else:
+            keys = chunk_keys(tokens, self._namespace)
+        full = usable // self._config.chunk_size
+        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys[:full])]
+        if len(keys) > full:
+            tail_blocks = (usable - full * self._config.chunk_size) // self._block_size
+            chunks.append(_Chunk(keys[full], full, tail_blocks))
+        return chunks
+
+    def _block_list(self, block_ids: Sequence[int] | torch.Tensor, chunks: list[_Chunk], what: str) -> list[int]:
+        """block_ids as ints, long enough for `chunks` and free of repeats (a repeat would
+        make two chunks write the same block)."""
+        ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
+        need = sum(c.blocks for c in chunks)
+        if len(ids) < need:
+            raise ValueError(
+                f"{what}: len(block_ids) = {len(ids)} is too short: the tokens fill {need} blocks "
+                f"of {self._block_size} tokens"
+            )
+        seen: dict[int, int] = {}
+        for i, b in enumerate(ids[:need]):
+            if b in seen:
+                raise ValueError(f"{what}: block_ids[{i}] = {b} repeats block_ids[{seen[b]}]")
+            seen[b] = i
+        return ids
+
+    def _blocks_of(self, chunk: _Chunk, blocks: list[int]) -> tuple[int, ...]:
+        start = chunk.index * self._blocks_per_chunk
+        return tuple(blocks[start : start + chunk.blocks])
+
+    def _tokens_of(self, chunks: Sequence[_Chunk]) -> int:
+        return sum(c.blocks for c in chunks) * self._block_size
+
+    def _payload_bytes(self, chunk: _Chunk) -> int:
+        return self._kv.chunk_bytes(chunk.blocks)
+
+    def _write_done(self, write: DiskTransfer, ok: bool) -> None:
+        self._directory.release(write.key)
+        if ok:
+            self._stats.stored("disk", write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes)
+        else:
+            self._stats.failed("disk_write")
+
