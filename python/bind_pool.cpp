@@ -1,7 +1,137 @@
+// Bindings of the pinned host slot pool. The class exposes the whole arena
+// through the buffer protocol, so torch.frombuffer() gives zero-copy slot views
+// that keep the pool alive.
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <string>
+
 #include "bindings.h"
+#include "host_pool.h"
+
+namespace py = pybind11;
 
 namespace lmc::py_bind {
 
-void bind_host_pool(pybind11::module_&) {}
+namespace {
+
+PinMode parse_pin(const std::string& pin) {
+  if (pin == "auto") return PinMode::kAuto;
+  if (pin == "never") return PinMode::kNever;
+  if (pin == "always") return PinMode::kAlways;
+  throw py::value_error("pin = '" + pin + "': expected 'auto', 'never' or 'always'");
+}
+
+std::unique_ptr<HostPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin,
+                                    bool lock) {
+  const PinMode mode = parse_pin(pin);
+  std::unique_ptr<HostPool> pool;
+  Status st;
+  {
+    // mlock and cudaHostRegister touch every page of the arena: seconds for a large pool.
+    py::gil_scoped_release release;
+    st = HostPool::create(slot_bytes, num_slots, mode, lock, &pool);
+  }
+  throw_if_error(st);
+  return pool;
+}
+
+// Slot-state calls release the GIL so that Python threads contend on the
+// pool's own lock, as the C++ transfer threads do.
+void call_released(HostPool& pool, Status (HostPool::*fn)(int64_t), int64_t slot) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = (pool.*fn)(slot);
+  }
+  throw_if_error(st);
+}
+
+}  // namespace
+
+void bind_host_pool(py::module_& m) {
+  py::class_<HostPool, std::unique_ptr<HostPool>>(
+      m, "HostSlotPool", py::buffer_protocol(),
+      "One host arena of num_slots equal slots (each slot_bytes long, 4096-aligned), "
+      "mapped once; page-locked for CUDA when pin allows and a device is visible. "
+      "Buffer protocol: the whole arena as writable bytes.")
+      .def(py::init(&make_pool), py::arg("slot_bytes"), py::arg("num_slots"),
+           py::arg("pin") = "auto", py::arg("lock") = false,
+           "pin: 'auto' (page-lock when a CUDA device is visible), 'never', or 'always' "
+           "(RuntimeError when it cannot). lock: try mlock; is_mlocked tells whether it held.")
+      .def_static(
+          "stride_for",
+          [](int64_t slot_bytes) {
+            int64_t stride = 0;
+            throw_if_error(HostPool::stride_for(slot_bytes, &stride));
+            return stride;
+          },
+          py::arg("slot_bytes"),
+          "The slot stride a pool of this slot_bytes uses (rounded up to 4096).")
+      .def(
+          "alloc",
+          [](HostPool& pool) -> py::object {
+            int64_t slot = 0;
+            {
+              py::gil_scoped_release release;
+              slot = pool.alloc();
+            }
+            if (slot < 0) return py::none();
+            return py::int_(slot);
+          },
+          "A free slot with refcount 1, or None when every slot is taken.")
+      .def(
+          "free", [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::free, slot); },
+          py::arg("slot"), "Return an allocated slot that holds no pin to the free list.")
+      .def(
+          "pin", [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::pin, slot); },
+          py::arg("slot"), "Add a holder to an allocated slot (a transfer in flight).")
+      .def(
+          "unpin",
+          [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::unpin, slot); },
+          py::arg("slot"), "Release one pin taken with pin().")
+      .def(
+          "refcount",
+          [](const HostPool& pool, int64_t slot) {
+            int64_t count = 0;
+            throw_if_error(pool.refcount(slot, &count));
+            return count;
+          },
+          py::arg("slot"), "0 when free, 1 when allocated, 1 + pins when pinned.")
+      .def(
+          "address",
+          [](const HostPool& pool, int64_t slot) {
+            char* ptr = nullptr;
+            throw_if_error(pool.slot_address(slot, &ptr));
+            return reinterpret_cast<uintptr_t>(ptr);
+          },
+          py::arg("slot"), "Host address of the slot's first byte.")
+      .def_property_readonly("num_slots", &HostPool::num_slots)
+      .def_property_readonly("num_free", &HostPool::num_free)
+      .def_property_readonly("slot_bytes", &HostPool::slot_bytes)
+      .def_property_readonly("slot_stride", &HostPool::slot_stride)
+      .def_property_readonly("arena_bytes", &HostPool::arena_bytes)
+      .def_property_readonly(
+          "base_address",
+          [](const HostPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
+      .def_property_readonly("is_page_locked", &HostPool::is_page_locked,
+                             "Registered with cudaHostRegister (fast and zero-copy DMA).")
+      .def_property_readonly("is_mlocked", &HostPool::is_mlocked,
+                             "lock=True was asked for and mlock was permitted.")
+      .def("__repr__",
+           [](py::handle self) {
+             const auto& pool = self.cast<const HostPool&>();
+             const std::string type_name = py::str(py::type::handle_of(self).attr("__name__"));
+             return type_name + "(slot_bytes=" + std::to_string(pool.slot_bytes()) +
+                    ", num_slots=" + std::to_string(pool.num_slots()) +
+                    ", num_free=" + std::to_string(pool.num_free()) +
+                    ", page_locked=" + (pool.is_page_locked() ? "True" : "False") +
+                    ", mlocked=" + (pool.is_mlocked() ? "True" : "False") + ")";
+           })
+      .def_buffer([](HostPool& pool) {
+        return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {pool.arena_bytes()}, {int64_t{1}}, /*readonly=*/false);
+      });
+}
 
 }  // namespace lmc::py_bind

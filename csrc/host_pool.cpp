@@ -1,0 +1,207 @@
+#include "host_pool.h"
+
+#include <sys/mman.h>
+
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <string>
+#include <utility>
+
+#include "cuda_api.h"
+
+namespace lmc {
+
+namespace {
+
+constexpr int64_t kMaxInt64 = std::numeric_limits<int64_t>::max();
+
+std::string slot_name(int64_t slot) { return "slot " + std::to_string(slot); }
+
+// Anonymous memory starting on an `align` boundary. mmap only aligns to pages
+// and transparent huge pages need 2 MiB-aligned ranges, so this maps
+// `align - page` bytes more and trims both ends. No MAP_NORESERVE: a size the
+// system cannot back fails here rather than crashing on first touch.
+Status map_aligned(int64_t bytes, int64_t align, char** out) {
+  const int64_t slack = align - HostPool::kSlotAlignment;
+  if (bytes > kMaxInt64 - slack) return Status::OutOfMemory("the mapping overflows 64 bits");
+  void* raw = mmap(nullptr, static_cast<size_t>(bytes + slack), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return Status::OutOfMemory(std::strerror(errno));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + align - 1) / align * align;
+  const size_t head = aligned - start;
+  const size_t tail = static_cast<size_t>(slack) - head;
+  if (head > 0) munmap(raw, head);
+  if (tail > 0) munmap(reinterpret_cast<char*>(aligned) + bytes, tail);
+  *out = reinterpret_cast<char*>(aligned);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status HostPool::stride_for(int64_t slot_bytes, int64_t* stride) {
+  if (slot_bytes <= 0)
+    return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
+                                   ": expected a positive number of bytes");
+  if (slot_bytes > kMaxInt64 - (kSlotAlignment - 1))
+    return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
+                                   " is too large: rounded up to a multiple of " +
+                                   std::to_string(kSlotAlignment) + " it overflows 64 bits");
+  *stride = (slot_bytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
+  return Status::Ok();
+}
+
+Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+                        std::unique_ptr<HostPool>* out) {
+  int64_t stride = 0;
+  Status st = stride_for(slot_bytes, &stride);
+  if (!st.ok()) return st;
+  if (num_slots <= 0)
+    return Status::InvalidArgument("num_slots = " + std::to_string(num_slots) +
+                                   ": expected a positive number of slots");
+  if (num_slots > kMaxInt64 / stride)
+    return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
+                                   " x num_slots = " + std::to_string(num_slots) +
+                                   ": the arena size overflows 64 bits");
+  if (pin == PinMode::kAlways && cuda::device_count() == 0)
+    return Status::Unavailable(
+        "pin = always: page-locking the host pool needs a CUDA device, and no CUDA device is "
+        "visible");
+
+  const int64_t arena = stride * num_slots;
+  const bool huge = arena >= kHugePageBytes;
+  char* base = nullptr;
+  st = map_aligned(arena, huge ? kHugePageBytes : kSlotAlignment, &base);
+  if (!st.ok())
+    return Status::OutOfMemory("cannot map the host pool: " + std::to_string(num_slots) +
+                               " slots x " + std::to_string(stride) + " bytes = " +
+                               std::to_string(arena) + " bytes: " + st.message());
+  std::unique_ptr<HostPool> pool;
+  try {
+    pool.reset(new HostPool(base, slot_bytes, stride, num_slots));
+  } catch (const std::bad_alloc&) {
+    munmap(base, static_cast<size_t>(arena));
+    return Status::OutOfMemory("cannot allocate the free list of " + std::to_string(num_slots) +
+                               " slots");
+  }
+
+  // A hint only: without transparent huge pages the pool works the same.
+  if (huge) (void)madvise(base, static_cast<size_t>(arena), MADV_HUGEPAGE);
+  if (lock) {
+    // Not permitted (RLIMIT_MEMLOCK, no CAP_IPC_LOCK) is not an error: the pool
+    // just stays swappable. A failure may have locked a part, so undo it.
+    pool->mlocked_ = mlock(base, static_cast<size_t>(arena)) == 0;
+    if (!pool->mlocked_) munlock(base, static_cast<size_t>(arena));
+  }
+  if (pin != PinMode::kNever && cuda::device_count() > 0) {
+    st = cuda::host_register(base, static_cast<size_t>(arena));
+    pool->page_locked_ = st.ok();
+    if (!st.ok() && pin == PinMode::kAlways)
+      return Status::Unavailable("pin = always: cannot page-lock the host pool of " +
+                                 std::to_string(arena) + " bytes: " + st.message());
+  }
+  *out = std::move(pool);
+  return Status::Ok();
+}
+
+HostPool::HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots)
+    : base_(base),
+      slot_bytes_(slot_bytes),
+      slot_stride_(slot_stride),
+      num_slots_(num_slots),
+      free_slots_(static_cast<size_t>(num_slots)),
+      refcounts_(static_cast<size_t>(num_slots), 0) {
+  // Slot 0 on top of the stack; the capacity stays num_slots, so free() never allocates.
+  for (int64_t i = 0; i < num_slots; ++i) free_slots_[static_cast<size_t>(i)] = num_slots - 1 - i;
+}
+
+HostPool::~HostPool() {
+  const size_t bytes = static_cast<size_t>(arena_bytes());
+  if (page_locked_) (void)cuda::host_unregister(base_);
+  if (mlocked_) munlock(base_, bytes);
+  munmap(base_, bytes);
+}
+
+Status HostPool::check_slot(int64_t slot) const {
+  if (slot < 0 || slot >= num_slots_)
+    return Status::InvalidArgument("slot = " + std::to_string(slot) +
+                                   " is out of range: the pool has " +
+                                   std::to_string(num_slots_) + " slots");
+  return Status::Ok();
+}
+
+int64_t HostPool::alloc() {
+  std::lock_guard<std::mutex> lk(mutex_);
+  if (free_slots_.empty()) return -1;
+  const int64_t slot = free_slots_.back();
+  free_slots_.pop_back();
+  refcounts_[static_cast<size_t>(slot)] = 1;
+  return slot;
+}
+
+template <typename Self, typename Fn>
+Status HostPool::with_refcount(Self& self, int64_t slot, Fn&& fn) {
+  Status st = self.check_slot(slot);
+  if (!st.ok()) return st;
+  std::lock_guard<std::mutex> lk(self.mutex_);
+  return fn(self.refcounts_[static_cast<size_t>(slot)]);
+}
+
+Status HostPool::free(int64_t slot) {
+  return with_refcount(*this, slot, [&](int64_t& count) {
+    if (count == 0)
+      return Status::InvalidArgument(slot_name(slot) + " is not allocated (freed twice?)");
+    if (count > 1) {
+      const int64_t pins = count - 1;
+      return Status::InvalidArgument(slot_name(slot) + " is still pinned by " +
+                                     std::to_string(pins) +
+                                     (pins == 1 ? " transfer" : " transfers"));
+    }
+    count = 0;
+    free_slots_.push_back(slot);
+    return Status::Ok();
+  });
+}
+
+Status HostPool::pin(int64_t slot) {
+  return with_refcount(*this, slot, [&](int64_t& count) {
+    if (count == 0)
+      return Status::InvalidArgument(slot_name(slot) +
+                                     " is not allocated: only an allocated slot can be pinned");
+    ++count;
+    return Status::Ok();
+  });
+}
+
+Status HostPool::unpin(int64_t slot) {
+  return with_refcount(*this, slot, [&](int64_t& count) {
+    if (count <= 1)
+      return Status::InvalidArgument(slot_name(slot) + " holds no pin to release (refcount " +
+                                     std::to_string(count) + ")");
+    --count;
+    return Status::Ok();
+  });
+}
+
+Status HostPool::refcount(int64_t slot, int64_t* out) const {
+  return with_refcount(*this, slot, [&](const int64_t& count) {
+    *out = count;
+    return Status::Ok();
+  });
+}
+
+Status HostPool::slot_address(int64_t slot, char** out) const {
+  Status st = check_slot(slot);
+  if (!st.ok()) return st;
+  *out = base_ + slot * slot_stride_;
+  return Status::Ok();
+}
+
+int64_t HostPool::num_free() const {
+  std::lock_guard<std::mutex> lk(mutex_);
+  return static_cast<int64_t>(free_slots_.size());
+}
+
+}  // namespace lmc

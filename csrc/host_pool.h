@@ -1,0 +1,85 @@
+// The host tier's memory: one arena of equal, page-aligned slots (a slot holds
+// one full KV chunk), mapped once, page-locked for DMA when a CUDA device is
+// there, and handed out by an O(1) thread-safe allocator with per-slot
+// reference counts (a transfer pins the slot it reads or writes, so eviction
+// cannot free it underneath).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "status.h"
+
+namespace lmc {
+
+// Whether the arena is page-locked with cudaHostRegister.
+enum class PinMode {
+  kAuto,    // when a CUDA device is visible, else plain memory
+  kNever,   // plain memory (CPU-only use, or a caller that stages itself)
+  kAlways,  // page-locked or creation fails with kUnavailable
+};
+
+class HostPool {
+ public:
+  // Every slot starts on a page boundary: O_DIRECT and vector copies need it.
+  static constexpr int64_t kSlotAlignment = 4096;
+  // Arenas of at least this size ask for transparent huge pages.
+  static constexpr int64_t kHugePageBytes = int64_t{2} << 20;
+
+  // Maps slot_stride(slot_bytes) * num_slots bytes. With `lock`, also tries
+  // mlock and stays unlocked (see is_mlocked) when that is not permitted.
+  static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+                       std::unique_ptr<HostPool>* out);
+  // The stride that create() would use for slot_bytes (rounded up to
+  // kSlotAlignment), so callers can size a pool from a byte budget.
+  static Status stride_for(int64_t slot_bytes, int64_t* stride);
+
+  ~HostPool();
+  HostPool(const HostPool&) = delete;
+  HostPool& operator=(const HostPool&) = delete;
+
+  // A free slot with refcount 1, or -1 when none is free (never blocks).
+  int64_t alloc();
+  // Returns the slot to the free list; it must hold no pin (refcount 1).
+  Status free(int64_t slot);
+  // One more (pin) or one fewer (unpin) holder of an allocated slot.
+  Status pin(int64_t slot);
+  Status unpin(int64_t slot);
+
+  // 0 for a free slot, 1 when allocated, 1 + pins when pinned.
+  Status refcount(int64_t slot, int64_t* out) const;
+  Status slot_address(int64_t slot, char** out) const;
+
+  int64_t num_slots() const { return num_slots_; }
+  int64_t num_free() const;
+  int64_t slot_bytes() const { return slot_bytes_; }
+  int64_t slot_stride() const { return slot_stride_; }
+  int64_t arena_bytes() const { return slot_stride_ * num_slots_; }
+  char* base() const { return base_; }
+  bool is_page_locked() const { return page_locked_; }
+  bool is_mlocked() const { return mlocked_; }
+
+ private:
+  HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
+  Status check_slot(int64_t slot) const;
+  // Checks the slot id, then runs fn(refcount of that slot) under the lock;
+  // `Self` is HostPool or const HostPool, so getters and updates share it.
+  template <typename Self, typename Fn>
+  static Status with_refcount(Self& self, int64_t slot, Fn&& fn);
+
+  char* const base_;
+  const int64_t slot_bytes_;
+  const int64_t slot_stride_;
+  const int64_t num_slots_;
+  bool page_locked_ = false;
+  bool mlocked_ = false;
+
+  mutable std::mutex mutex_;
+  std::vector<int64_t> free_slots_;  // a stack: the next alloc takes the back
+  std::vector<int64_t> refcounts_;
+};
+
+}  // namespace lmc

@@ -1,0 +1,47 @@
+"""The host tier's pinned memory seen from Python: slots of one arena as tensors.
+
+The arena, its allocator and its reference counts live in C++
+(``_C.HostSlotPool``), so C++ transfer threads and Python share one source of
+truth. This module adds what only Python needs: zero-copy ``torch`` views of a
+slot, and sizing a pool from a byte budget such as ``max_local_cpu_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmcache_ext import _C
+
+
+class PinnedSlotPool(_C.HostSlotPool):
+    """A pool of equal host slots, one full KV chunk each.
+
+    ``PinnedSlotPool(slot_bytes, num_slots, pin="auto", lock=False)``. Inherits
+    ``alloc() -> int | None``, ``free``, ``pin``, ``unpin``, ``refcount``,
+    ``address`` and the size properties from ``_C.HostSlotPool``; each slot
+    starts on a 4096-byte boundary (``slot_stride`` apart).
+    """
+
+    @classmethod
+    def for_budget(
+        cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False
+    ) -> PinnedSlotPool:
+        """As many slots as fit in ``total_bytes``, counting each slot's padded stride."""
+        if isinstance(total_bytes, bool) or not isinstance(total_bytes, int):
+            raise TypeError(f"total_bytes = {total_bytes!r}: expected an int number of bytes")
+        stride = cls.stride_for(slot_bytes)
+        if total_bytes < stride:
+            raise ValueError(
+                f"total_bytes = {total_bytes} holds no slot: slot_bytes = {slot_bytes} "
+                f"takes {stride} bytes (a 4096-aligned stride)"
+            )
+        return cls(slot_bytes, total_bytes // stride, pin=pin, lock=lock)
+
+    def view(self, slot: int) -> torch.Tensor:
+        """The slot's ``slot_bytes`` as a writable uint8 tensor, zero-copy.
+
+        The tensor holds a reference to the pool, so the arena outlives every view;
+        it does not hold the slot: allocate or pin it for as long as the view is used.
+        """
+        offset = self.address(slot) - self.base_address
+        return torch.frombuffer(self, dtype=torch.uint8, count=self.slot_bytes, offset=offset)
