@@ -9,6 +9,7 @@ written through to disk in the background when a disk tier is configured.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ import torch
 
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.directory import CacheDirectory, Reserve, Source
+from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
 from lmcache_ext.memory import PinnedSlotPool
@@ -125,7 +126,12 @@ class CacheEngine:
                 cached.append(chunk)
                 if slot is not Reserve.PRESENT:
                     fills.append((chunk, slot))
-            result = self._executor.run(Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills)))
+            try:
+                result = self._executor.run(Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills)))
+            except BaseException:
+                for chunk, _ in fills:
+                    self._directory.commit(chunk.key, False)
+                raise
             writes = []
             for (chunk, slot), ok in zip(fills, result.gathers):
                 self._directory.commit(chunk.key, ok)
@@ -148,26 +154,37 @@ class CacheEngine:
             chunks = self._chunks(tokens)
             blocks = self._block_list(block_ids, chunks, "retrieve")
             planned = self._directory.reserve_loads([c.key for c in chunks])
-            reads = [
-                DiskTransfer(p.key, p.slot, self._payload_bytes(c))
-                for c, p in zip(chunks, planned)
-                if p.source is Source.DISK
-            ]
-            read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
-            loaded = []
-            for chunk, plan in zip(chunks, planned):
-                if plan.source is Source.DISK:
-                    self._directory.commit(plan.key, read_ok[plan.key])
-                if not read_ok.get(plan.key, True):
-                    self._stats.failed("disk_read")
-                    break
-                loaded.append((chunk, plan))
-            self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
-            for plan in planned:
-                self._directory.release(plan.key)
+            try:
+                loaded = self._load(chunks, planned, blocks)
+            finally:
+                for plan in planned:
+                    self._directory.release(plan.key)
             for chunk, plan in loaded:
                 self._stats.loaded(plan.source.value, chunk.blocks * self._block_size, self._payload_bytes(chunk))
             return self._tokens_of([c for c, _ in loaded])
+
+    def _load(self, chunks: list[_Chunk], planned: list[PlannedLoad], blocks: list[int]) -> list[tuple[_Chunk, PlannedLoad]]:
+        """Fill the planned slots that come from disk, then scatter the leading chunks
+        whose bytes are good into their blocks; returns those chunks."""
+        reads = [
+            DiskTransfer(p.key, p.slot, self._payload_bytes(c))
+            for c, p in zip(chunks, planned)
+            if p.source is Source.DISK
+        ]
+        try:
+            read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
+        except BaseException:
+            for r in reads:
+                self._directory.commit(r.key, False)
+            raise
+        for read in reads:
+            ok = read_ok[read.key]
+            self._directory.commit(read.key, ok)
+            if not ok:
+                self._stats.failed("disk_read")
+        loaded = list(itertools.takewhile(lambda cp: read_ok.get(cp[1].key, True), zip(chunks, planned)))
+        self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
+        return loaded
 
     def stats(self) -> dict[str, Any]:
         """Counters of this engine plus the current state of its tiers."""
@@ -230,8 +247,8 @@ class CacheEngine:
         return chunks
 
     def _block_list(self, block_ids: Sequence[int] | torch.Tensor, chunks: list[_Chunk], what: str) -> list[int]:
-        """block_ids as ints, long enough for `chunks` and free of repeats (a repeat would
-        make two chunks write the same block)."""
+        """The blocks that hold `chunks`, checked: enough of them, in range, and no
+        repeats (a repeat would make two chunks write the same block)."""
         ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
         need = sum(c.blocks for c in chunks)
         if len(ids) < need:
@@ -239,8 +256,9 @@ class CacheEngine:
                 f"{what}: len(block_ids) = {len(ids)} is too short: the tokens fill {need} blocks "
                 f"of {self._block_size} tokens"
             )
+        ids = ops.check_block_ids(self._kv, ids[:need]).tolist()
         seen: dict[int, int] = {}
-        for i, b in enumerate(ids[:need]):
+        for i, b in enumerate(ids):
             if b in seen:
                 raise ValueError(f"{what}: block_ids[{i}] = {b} repeats block_ids[{seen[b]}]")
             seen[b] = i

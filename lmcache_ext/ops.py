@@ -126,7 +126,7 @@ class PagedLayers:
         return self.num_layers * blocks * self.page_bytes
 
 
-def _block_id_tensor(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
+def check_block_ids(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
     """block_ids as a CPU int64 tensor, each checked against the cache size."""
     if isinstance(block_ids, torch.Tensor):
         if block_ids.dim() != 1 or block_ids.dtype not in (torch.int32, torch.int64):
@@ -181,7 +181,7 @@ def _copy(
     layer: int | None,
     staging: torch.Tensor | None,
 ) -> None:
-    ids = _block_id_tensor(kv, block_ids)
+    ids = check_block_ids(kv, block_ids)
     n = ids.numel()
     name = "out" if direction == "gather" else "src"
     single = isinstance(chunks, torch.Tensor)

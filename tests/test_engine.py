@@ -13,6 +13,7 @@ from kv_layouts import make_layers, page_view
 
 from lmcache_ext.config import GB, CacheConfig
 from lmcache_ext.engine import CacheEngine
+from lmcache_ext.keys import chunk_keys
 
 LAYERS, BLOCKS, BLOCK = 4, 96, 16
 CHUNK = 64  # 4 blocks a chunk
@@ -126,7 +127,8 @@ def test_a_restarted_engine_finds_the_disk_cache(tmp_path):
 
 
 def stored_files(tmp_path: Path) -> list[Path]:
-    return sorted(p for p in (tmp_path / "kv").rglob("*") if p.is_file())
+    """The chunk files: named by their key's 32 hex digits."""
+    return sorted(p for p in (tmp_path / "kv").rglob("*") if p.is_file() and len(p.name) == 32)
 
 
 @pytest.mark.parametrize("damage", ["flip_payload_byte", "truncate", "flip_header_byte"])
@@ -135,11 +137,10 @@ def test_a_damaged_file_is_a_miss_never_wrong_bytes(tmp_path, damage):
     tokens = prompt(3 * CHUNK, seed=30)
     with CacheEngine(config(tmp_path), cache, BLOCK) as engine:
         engine.store(tokens, list(range(12)))
-    with CacheEngine(config(tmp_path), new_cache(8), BLOCK) as probe:
-        keys = probe._chunks(tokens)  # find the second chunk's file by its key
+        second = chunk_keys(tokens, engine.namespace)[1]
     files = stored_files(tmp_path)
     assert len(files) == 3
-    victim = next(f for f in files if keys[1].key.hex() in f.name)
+    (victim,) = [f for f in files if f.name == second.hex()]
     data = bytearray(victim.read_bytes())
     if damage == "flip_payload_byte":
         data[-100] ^= 0xFF
@@ -218,14 +219,19 @@ def test_threads_storing_and_retrieving_different_prompts(tmp_path):
             if rng.random() < 0.5:
                 engine.flush()
 
-    with CacheEngine(config(tmp_path, host_chunks=6), cache, BLOCK) as engine:
+    # 12 slots: room for every thread's chunks in flight (pinned until their disk write
+    # ends), but far fewer than the 48 chunks stored, so slots are evicted and reused.
+    with CacheEngine(config(tmp_path, host_chunks=12), cache, BLOCK) as engine:
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         assert errors == []
-        assert engine.stats()["pinned_slots"] == 0
+        engine.flush()
+        stats = engine.stats()
+        assert stats["pinned_slots"] == 0 and stats["evictions_host"] > 0
+        assert stats["stored_tokens_disk"] == 48 * CHUNK
 
 
 def test_bad_calls_are_refused_before_anything_moves():
