@@ -77,22 +77,21 @@ class CacheDirectory:
     def lookup(self, keys: Sequence[Key]) -> list[Source]:
         """The tier of each leading available key; stops at the first miss."""
         found = []
+        host = self._host
         with self._lock:
             for key in keys:
-                source = self._where(key)
+                entry = host.get(key)
+                if entry is not None and entry.ready:
+                    found.append(Source.HOST)
+                    continue
+                source = self._lower_source(key)
                 if source is None:
                     break
                 found.append(source)
         return found
 
-    def _where(self, key: Key) -> Source | None:
-        entry = self._host.get(key)
-        if entry is not None and entry.ready:
-            return Source.HOST
-        for source, tier in self._lower:
-            if tier.contains(key):
-                return source
-        return None
+    def _lower_source(self, key: Key) -> Source | None:
+        return next((source for source, tier in self._lower if tier.contains(key)), None)
 
     def pinned_slots(self) -> int:
         with self._lock:
@@ -108,7 +107,7 @@ class CacheDirectory:
     def reserve_store(self, key: Key) -> int | Reserve:
         """A pinned slot to gather `key` into, or why there is none."""
         with self._lock:
-            if key in self._host or any(tier.contains(key) for _, tier in self._lower):
+            if key in self._host or self._lower_source(key) is not None:
                 return Reserve.PRESENT
             slot = self._take_slot()
             if slot is None:
@@ -132,7 +131,7 @@ class CacheDirectory:
                     continue
                 if entry is not None:  # being written: not loadable yet
                     break
-                source = next((s for s, tier in self._lower if tier.contains(key)), None)
+                source = self._lower_source(key)
                 if source is None:
                     break
                 slot = self._take_slot()

@@ -13,8 +13,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -37,8 +36,7 @@ STAGING_SLOTS = 8
 """Host slots kept when ``local_cpu`` is off: enough to stage transfers to and from disk."""
 
 
-@dataclass(frozen=True)
-class _Chunk:
+class _Chunk(NamedTuple):
     key: ChunkKey
     index: int  # position in the request: its blocks start at index * blocks_per_chunk
     blocks: int  # full blocks it holds (fewer than a chunk only for a partial chunk)
@@ -100,14 +98,16 @@ class CacheEngine:
     def lookup(self, tokens: Tokens) -> int:
         """Length of the longest cached prefix of `tokens`, in tokens (whole chunks)."""
         self._check_open()
-        chunks = self._chunks(tokens)
-        found = self._directory.lookup([c.key for c in chunks])
-        hit = self._tokens_of(chunks[: len(found)])
+        keys, tail_blocks = self._keys(tokens)
+        found = self._directory.lookup(keys)
+        tokens_per_chunk = [self._config.chunk_size] * len(found)
+        if found and len(found) == len(keys) and tail_blocks:
+            tokens_per_chunk[-1] = tail_blocks * self._block_size
         by_tier: dict[str, int] = {}
-        for chunk, source in zip(chunks, found):
-            by_tier[source.value] = by_tier.get(source.value, 0) + chunk.blocks * self._block_size
-        self._stats.lookup(len(tokens), by_tier)
-        return hit
+        for source, n in zip(found, tokens_per_chunk):
+            by_tier[source] = by_tier.get(source, 0) + n
+        self._stats.lookup(len(tokens), {source.value: n for source, n in by_tier.items()})
+        return sum(tokens_per_chunk)
 
     def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
         """Store the chunks of `tokens` held in `block_ids`; returns how many leading
@@ -230,20 +230,21 @@ class CacheEngine:
         if self._closed:
             raise RuntimeError("the cache engine is closed")
 
+    def _keys(self, tokens: Tokens) -> tuple[list[ChunkKey], int]:
+        """The keys of the chunks of `tokens` this engine stores — full chunks, then with
+        save_unfull_chunk the block-aligned remainder — and the blocks of that
+        remainder (0 when there is none)."""
+        if not self._config.save_unfull_chunk:
+            return chunk_keys(tokens, self._namespace), 0
+        usable = len(tokens) - len(tokens) % self._block_size
+        tail_blocks = usable % self._config.chunk_size // self._block_size
+        return chunk_keys(tokens[:usable], self._namespace, include_partial=True), tail_blocks
+
     def _chunks(self, tokens: Tokens) -> list[_Chunk]:
-        """The chunks of `tokens` this engine stores: full chunks, then with
-        save_unfull_chunk the block-aligned remainder."""
-        usable = len(tokens)
-        if self._config.save_unfull_chunk:
-            usable -= usable % self._block_size
-            keys = chunk_keys(tokens[:usable], self._namespace, include_partial=True)
-        else:
-            keys = chunk_keys(tokens, self._namespace)
-        full = usable // self._config.chunk_size
-        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys[:full])]
-        if len(keys) > full:
-            tail_blocks = (usable - full * self._config.chunk_size) // self._block_size
-            chunks.append(_Chunk(keys[full], full, tail_blocks))
+        keys, tail_blocks = self._keys(tokens)
+        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys)]
+        if tail_blocks:
+            chunks[-1] = chunks[-1]._replace(blocks=tail_blocks)
         return chunks
 
     def _block_list(self, block_ids: Sequence[int] | torch.Tensor, chunks: list[_Chunk], what: str) -> list[int]:
