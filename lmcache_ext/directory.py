@@ -19,6 +19,14 @@ from typing import Protocol
 Key = bytes
 
 
+class SlotAllocator(Protocol):
+    """Hands out host slot ids: the pinned pool's own allocator (O(1), in C++)."""
+
+    def alloc(self) -> int | None: ...
+
+    def free(self, slot: int) -> None: ...
+
+
 class LowerTier(Protocol):
     """What the directory asks of a tier below host memory."""
 
@@ -54,23 +62,23 @@ class _HostEntry:
 
 
 class CacheDirectory:
-    """Host slots of one pool, plus presence in lower tiers, for chunk keys."""
+    """Host slots of one pool, plus presence in lower tiers, for chunk keys.
+
+    Slot ids come from `slots`; an evicted entry's slot passes straight to its new
+    owner, and a dropped entry's slot goes back to `slots`."""
 
     def __init__(
         self,
-        num_slots: int,
+        slots: SlotAllocator,
         lower_tiers: Sequence[tuple[Source, LowerTier]] = (),
         on_evict: Callable[[Key], None] | None = None,
     ) -> None:
         """`on_evict(key)` runs under the directory's lock: it must not call back into it."""
-        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0:
-            raise ValueError(f"num_slots = {num_slots!r}: expected an int >= 0")
         self._lock = threading.Lock()
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._slots = slots
         self._host: OrderedDict[Key, _HostEntry] = OrderedDict()  # oldest use first
         self._lower = list(lower_tiers)
         self._on_evict = on_evict
-        self.num_slots = num_slots
 
     # -- queries (no side effects: vLLM may ask the same thing many times) --
 
@@ -145,23 +153,20 @@ class CacheDirectory:
 
     def commit(self, key: Key, ok: bool) -> None:
         """The reserved slot of `key` was filled (ok) or not. A filled slot becomes
-        visible and keeps its pin until release(); a failed one is dropped with its
-        pin (only its filler held it) and the slot freed."""
+        visible; a failed one stays invisible and is dropped, its slot freed, when its
+        pin is released. Either way the filler still holds its pin: call release()."""
         with self._lock:
             entry = self._host[key]
+            entry.ready = ok
             if ok:
-                entry.ready = True
                 self._host.move_to_end(key)
-            else:
-                self._drop(key)
 
     def release(self, key: Key) -> None:
-        """Drop one pin taken by reserve_store / reserve_loads; a key dropped since is a no-op."""
+        """Drop one pin taken by reserve_store / reserve_loads. An entry is dropped only
+        here, when its last pin goes, so a release never reaches another reservation."""
         with self._lock:
             entry = self._host.get(key)
-            if entry is None:
-                return
-            if entry.pins <= 0:
+            if entry is None or entry.pins <= 0:
                 raise ValueError(f"key {key.hex()} is not pinned: release() without a reservation")
             entry.pins -= 1
             if entry.pins == 0 and not entry.ready:
@@ -170,8 +175,9 @@ class CacheDirectory:
     # -- slots --
 
     def _take_slot(self) -> int | None:
-        if self._free:
-            return self._free.pop()
+        slot = self._slots.alloc()
+        if slot is not None:
+            return slot
         for key, entry in self._host.items():  # oldest first
             if entry.ready and entry.pins == 0:
                 del self._host[key]
@@ -181,5 +187,4 @@ class CacheDirectory:
         return None
 
     def _drop(self, key: Key) -> None:
-        entry = self._host.pop(key)
-        self._free.append(entry.slot)
+        self._slots.free(self._host.pop(key).slot)

@@ -84,7 +84,7 @@ class CacheEngine:
             else None
         )
         lower = [(Source.DISK, self._disk)] if self._disk else []
-        self._directory = CacheDirectory(self._pool.num_slots, lower, on_evict=lambda key: self._stats.evicted("host"))
+        self._directory = CacheDirectory(self._pool, lower, on_evict=lambda key: self._stats.evicted("host"))
         self._executor = TransferExecutor(self._kv, self._pool, self._disk, read_threads=config.disk_io_threads)
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
@@ -130,7 +130,7 @@ class CacheEngine:
                 result = self._executor.run(Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills)))
             except BaseException:
                 for chunk, _ in fills:
-                    self._directory.commit(chunk.key, False)
+                    self._directory.release(chunk.key)  # never committed: dropped with its pin
                 raise
             writes = []
             for (chunk, slot), ok in zip(fills, result.gathers):
@@ -138,6 +138,8 @@ class CacheEngine:
                 if ok:
                     self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
                     writes.append(DiskTransfer(chunk.key, slot, self._payload_bytes(chunk)))
+                else:
+                    self._directory.release(chunk.key)
             if self._disk is not None:
                 self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
             else:
@@ -171,12 +173,7 @@ class CacheEngine:
             for c, p in zip(chunks, planned)
             if p.source is Source.DISK
         ]
-        try:
-            read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
-        except BaseException:
-            for r in reads:
-                self._directory.commit(r.key, False)
-            raise
+        read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
         for read in reads:
             ok = read_ok[read.key]
             self._directory.commit(read.key, ok)
