@@ -11,6 +11,7 @@ is the whole block, so its chunks read ``[block][layer][page_bytes]``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -230,21 +231,22 @@ def _copy(
     if on_cuda:
         ids = ids.to(kv.device, non_blocking=True)
         table = table.to(kv.device, non_blocking=True) if table is not None else None
-    _C.page_copy(
-        direction=direction,
-        device=kv.device.type,
-        layer_ptrs=list(layer_ptrs),
-        block_stride=kv.block_stride,
-        page_bytes=page_bytes,
-        block_ids_ptr=ids.data_ptr(),
-        num_blocks=n,
-        chunk_ptr=chunk_list[0].data_ptr() if single else 0,
-        chunk_table_ptr=table.data_ptr() if table is not None else 0,
-        blocks_per_chunk=blocks_per_chunk,
-        chunk_layer_stride=layer_stride,
-        chunk_first_layer=first_layer,
-        stream=torch.cuda.current_stream(kv.device).cuda_stream if on_cuda else 0,
-    )
+    with _on_device(kv.device):
+        _C.page_copy(
+            direction=direction,
+            device=kv.device.type,
+            layer_ptrs=list(layer_ptrs),
+            block_stride=kv.block_stride,
+            page_bytes=page_bytes,
+            block_ids_ptr=ids.data_ptr(),
+            num_blocks=n,
+            chunk_ptr=chunk_list[0].data_ptr() if single else 0,
+            chunk_table_ptr=table.data_ptr() if table is not None else 0,
+            blocks_per_chunk=blocks_per_chunk,
+            chunk_layer_stride=layer_stride,
+            chunk_first_layer=first_layer,
+            stream=torch.cuda.current_stream(kv.device).cuda_stream if on_cuda else 0,
+        )
 
 
 def _copy_staged(
@@ -269,19 +271,25 @@ def _copy_staged(
     if staging.numel() * staging.element_size() < nbytes:
         raise ValueError(f"staging has {staging.numel() * staging.element_size()} bytes; expected at least {nbytes}")
     ids = ids.to(kv.device, non_blocking=True)
-    _C.page_copy_staged(
-        direction=direction,
-        layer_ptrs=list(layer_ptrs),
-        block_stride=kv.block_stride,
-        page_bytes=page_bytes,
-        block_ids_ptr=ids.data_ptr(),
-        num_blocks=ids.numel(),
-        staging_ptr=staging.data_ptr(),
-        chunk_layer_stride=layer_stride,
-        host_ptr=host.data_ptr(),
-        bytes=nbytes,
-        stream=torch.cuda.current_stream(kv.device).cuda_stream,
-    )
+    with _on_device(kv.device):
+        _C.page_copy_staged(
+            direction=direction,
+            layer_ptrs=list(layer_ptrs),
+            block_stride=kv.block_stride,
+            page_bytes=page_bytes,
+            block_ids_ptr=ids.data_ptr(),
+            num_blocks=ids.numel(),
+            staging_ptr=staging.data_ptr(),
+            chunk_layer_stride=layer_stride,
+            host_ptr=host.data_ptr(),
+            bytes=nbytes,
+            stream=torch.cuda.current_stream(kv.device).cuda_stream,
+        )
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The CUDA launch needs the cache's device current; CPU copies need nothing."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def gather(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from kv_layouts import make_layers, page_view
 
+from lmcache_ext import ops
 from lmcache_ext.config import GB, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
@@ -250,3 +251,21 @@ def test_bad_calls_are_refused_before_anything_moves():
         assert engine.stats()["pinned_slots"] == 0
     with pytest.raises(RuntimeError, match="the cache engine is closed"):
         engine.lookup(tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ops.cuda_available(), reason="needs a CUDA device and a CUDA build")
+def test_cuda_cache_round_trip_through_pinned_slots(tmp_path):
+    cache = make_layers("LBNHC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, device="cuda", seed=15)
+    original = [page_view(kv).clone() for kv in cache]
+    tokens = prompt(3 * CHUNK, seed=70)
+    with CacheEngine(config(tmp_path), cache, BLOCK) as engine:
+        assert engine._pool.is_page_locked
+        assert engine.store(tokens, list(range(12))) == 3 * CHUNK
+        engine.flush()
+    for kv in cache:
+        kv.zero_()
+    with CacheEngine(config(tmp_path), cache, BLOCK) as engine:  # from disk, through a slot
+        assert engine.retrieve(tokens, list(range(40, 52))) == 3 * CHUNK
+    for layer, kv in enumerate(cache):
+        assert torch.equal(page_view(kv)[40:52], original[layer][:12])
