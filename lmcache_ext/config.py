@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 GB = 1024**3
 """Bytes in one GB of a size setting (LMCache's "GB" is a GiB)."""
 
+MAX_CPU_COPY_THREADS = 256
+"""The CPU copy twins' thread pool takes at most this many threads (csrc/page_copy_cpu.cpp)."""
+
 CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
 ENV_PREFIX = "LMCACHE_"
 EXTRA_CONFIG_PREFIX = "lmcache."
@@ -130,8 +133,9 @@ def _parse_bool(key: str, value: Any, source: str) -> bool:
     raise _fail(key, value, source, "a boolean: true/false, 1/0 or yes/no")
 
 
-def _int_parser(minimum: int, meaning: str) -> Callable[[str, Any, str], int]:
-    expected = f"an integer >= {minimum}{meaning}"
+def _int_parser(minimum: int, meaning: str, maximum: int | None = None) -> Callable[[str, Any, str], int]:
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    expected = f"an integer {bounds}{meaning}"
 
     def parse(key: str, value: Any, source: str) -> int:
         if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
@@ -140,7 +144,7 @@ def _int_parser(minimum: int, meaning: str) -> Callable[[str, Any, str], int]:
             number = value
         else:
             raise _fail(key, value, source, expected)
-        if number < minimum:
+        if number < minimum or (maximum is not None and number > maximum):
             raise _fail(key, value, source, expected)
         return number
 
@@ -244,7 +248,7 @@ class CacheConfig:
     cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
     disk_o_direct: bool = field(default=False, metadata={"parse": _parse_bool})
     disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
-    cpu_copy_threads: int = field(default=0, metadata={"parse": _int_parser(0, " (0 = the default)")})
+    cpu_copy_threads: int = field(default=0, metadata={"parse": _int_parser(0, " (0 = the default)", MAX_CPU_COPY_THREADS)})
     pin_host_memory: str = field(default="auto", metadata={"parse": _choice_parser(PIN_HOST_MEMORY_MODES)})
     sources: InitVar[Mapping[str, str] | None] = None
 

@@ -274,6 +274,8 @@ class CacheEngine:
 
     def _write_done(self, write: DiskTransfer, ok: bool) -> None:
         self._directory.release(write.key)
+        if self._disk is not None:
+            self._stats.usage("disk", self._disk.usage_bytes)
         if ok:
             self._stats.stored("disk", write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes)
         else:

@@ -4,6 +4,9 @@ prefix hits, eviction to disk and reload, restart, corruption, disk full, thread
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -269,3 +272,42 @@ def test_cuda_cache_round_trip_through_pinned_slots(tmp_path):
         assert engine.retrieve(tokens, list(range(40, 52))) == 3 * CHUNK
     for layer, kv in enumerate(cache):
         assert torch.equal(page_view(kv)[40:52], original[layer][:12])
+
+
+KILLED_WRITER = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_engine as t
+from lmcache_ext.engine import CacheEngine
+engine = CacheEngine(t.big_chunk_config(t.Path({root!r})), t.big_chunk_cache(), t.BLOCK)
+for i in range(6):
+    engine.store(t.prompt(4 * t.CHUNK, seed=80 + i), list(range(16 * i, 16 * i + 16)))
+print("stored", flush=True)
+engine.flush()
+"""
+
+
+def big_chunk_cache() -> list[torch.Tensor]:
+    """8 layers of 64 KiB pages: 2 MiB chunks, so disk writes take long enough to be cut."""
+    return make_layers("LBHNC", 8, BLOCKS, 8, BLOCK, 256, torch.bfloat16, seed=16)
+
+
+def big_chunk_config(tmp_path: Path) -> CacheConfig:
+    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.25, local_disk=str(tmp_path / "kv"), max_local_disk_size=1.0)
+
+
+def test_a_killed_writer_leaves_nothing_a_later_engine_would_misread(tmp_path):
+    """SIGKILL while disk writes are in flight: a new engine on the same directory
+    sees whole files only; each prompt hits with exact bytes or misses."""
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "stored"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    source, restored = big_chunk_cache(), [torch.zeros_like(kv) for kv in big_chunk_cache()]
+    with CacheEngine(big_chunk_config(tmp_path), restored, BLOCK) as engine:
+        assert not list((tmp_path / "kv").rglob("*.tmp"))
+        for i in range(6):
+            got = engine.retrieve(prompt(4 * CHUNK, seed=80 + i), list(range(16 * i, 16 * i + 16)))
+            blocks = list(range(16 * i, 16 * i + got // BLOCK))
+            assert_same_blocks(restored, blocks, source, blocks)
