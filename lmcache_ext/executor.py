@@ -67,18 +67,30 @@ class TransferExecutor:
         return [f.result() for f in futures]
 
     def _copy(self, copy: Callable[..., None], items: Sequence[SlotCopy], skip: set[int]) -> list[bool]:
-        """One launch per distinct block count; items whose slot is in `skip` fail."""
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            if item.slot not in skip:
-                groups[len(item.block_ids)].append(i)
+        """One launch per distinct block count of whole-chunk copies, one per partial
+        copy; items whose slot is in `skip` fail."""
+        groups: dict[int, list[SlotCopy]] = defaultdict(list)
+        for item in items:
+            if item.slot in skip:
+                continue
+            if item.whole:
+                groups[len(item.block_ids)].append(item)
+            else:
+                self._copy_part(copy, item)
         for blocks, members in groups.items():
-            block_ids = [b for i in members for b in items[i].block_ids]
-            chunks = [self._slots.view(items[i].slot) for i in members]
+            block_ids = [b for item in members for b in item.block_ids]
+            chunks = [self._slots.view(item.slot) for item in members]
             copy(self._kv, block_ids, chunks, blocks_per_chunk=blocks)
-        if groups and self._kv.device.type == "cuda":
+        if items and self._kv.device.type == "cuda":
             torch.cuda.current_stream(self._kv.device).synchronize()
         return [item.slot not in skip for item in items]
+
+    def _copy_part(self, copy: Callable[..., None], item: SlotCopy) -> None:
+        """Blocks first.. of a chunk: the slot seen from block `first`, layers still
+        chunk_blocks pages apart."""
+        offset = item.first * self._kv.chunk_geometry()[1]
+        chunk = self._slots.view(item.slot)[offset:]
+        copy(self._kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks)
 
     def _write(self, w: DiskTransfer, filled: bool, on_done: WriteDone | None) -> None:
         report = (lambda ok: on_done(w, ok)) if on_done else (lambda ok: None)

@@ -11,11 +11,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SlotCopy:
-    """The pages of `block_ids` (every layer) to or from host slot `slot`, laid out
-    [layer][block][page] at the start of the slot."""
+    """The pages of `block_ids` (every layer) to or from host slot `slot`. The slot
+    holds a chunk of `chunk_blocks` blocks laid out [layer][block][page] from its
+    start; `block_ids` are that chunk's blocks `first`, `first + 1`, ... (a load may
+    skip blocks vLLM already has, or stop short of the request's last token)."""
 
     slot: int
     block_ids: tuple[int, ...]
+    chunk_blocks: int = 0  # 0: len(block_ids)
+    first: int = 0
+
+    @property
+    def whole(self) -> bool:
+        """True when the copy covers the chunk's every block."""
+        return self.first == 0 and self.chunk_blocks in (0, len(self.block_ids))
 
 
 @dataclass(frozen=True)

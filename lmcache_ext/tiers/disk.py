@@ -199,6 +199,13 @@ def _move_all(move: Mover, fd: int, bufs: Sequence[memoryview], offset: int) -> 
     return total
 
 
+def chunk_path(root: Path, key: bytes) -> Path:
+    """Where the file of `key` lives under `root`: fanned out by the key's first byte.
+    Another process can test a key's presence with it without opening the tier."""
+    hex_key = _check_key(key).hex()
+    return root / hex_key[:2] / hex_key
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -308,8 +315,7 @@ class DiskTier:
 
     def path_of(self, key: bytes) -> Path:
         """Where the file of `key` lives (whether or not it exists)."""
-        hex_key = _check_key(key).hex()
-        return self._root / hex_key[:2] / hex_key
+        return chunk_path(self._root, key)
 
     def contains(self, key: bytes) -> bool:
         """Whether a complete file of `key` is stored (its contents are checked on read)."""
