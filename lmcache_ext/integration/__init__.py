@@ -1,0 +1,1 @@
+"""Integrations of lmcache_ext with serving engines."""

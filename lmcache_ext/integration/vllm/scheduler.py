@@ -1,0 +1,222 @@
+"""The connector's scheduler half: finds hits, owns the directory, plans each step.
+
+It decides everything — which chunks exist, which host slot holds them, what to
+evict, what each worker copies — and the workers only execute the plan, so TP
+ranks cannot disagree. Slot ids come from an accounting twin of the workers'
+pools (same slot count, no bytes); disk presence is read from rank 0's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcache_ext import _C
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.directory import CacheDirectory, Reserve, Source
+from lmcache_ext.integration.vllm.metadata import KeyedCopy, StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.keys import ChunkKey, chunk_keys
+from lmcache_ext.plans import DiskTransfer, SlotCopy
+from lmcache_ext.tiers.disk import chunk_path
+
+logger = logging.getLogger(__name__)
+
+
+class DiskPresence:
+    """Whether rank 0 holds a complete file for a key (files appear only by rename)."""
+
+    def __init__(self, root: Path, geometry: Geometry) -> None:
+        self._root = root
+        self._geometry = geometry
+
+    def contains(self, key: ChunkKey) -> bool:
+        return chunk_path(self._root, rank_key(key, 0, self._geometry)).exists()
+
+
+@dataclass
+class _Request:
+    """What the scheduler half remembers of one request."""
+
+    tokens: Any  # the request's token list (vLLM's, growing with decode tokens)
+    namespace: Any
+    keys: list[ChunkKey] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    prompt_len: int = 0
+    stored: int = 0  # chunks [0, stored) are stored or were found present
+    asked: int = 0  # num_computed_tokens of the last hit query (vLLM's local prefix-cache hit)
+
+
+class SchedulerSide:
+    def __init__(self, config: CacheConfig, geometry: Geometry) -> None:
+        self._config = config
+        self._geometry = geometry
+        g = geometry
+        slot_stride = _C.HostSlotPool.stride_for(g.chunk_bytes(g.blocks_per_chunk))
+        self._slots = _C.HostSlotPool(1, max(config.host_bytes // slot_stride, 1), pin="never")
+        lower = []
+        if config.local_disk:
+            lower.append((Source.DISK, DiskPresence(rank_root(Path(config.local_disk), 0), g)))
+        self._directory = CacheDirectory(self._slots, lower)
+        self._requests: dict[str, _Request] = {}
+        self._next = StepPlan()
+        self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
+        self._promoting: set[ChunkKey] = set()  # disk hits being read into host slots
+        self._writing: set[ChunkKey] = set()  # slots still read by disk writes
+
+    # -- hits --
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+        """Cached tokens beyond vLLM's own hit, leaving at least one token to compute."""
+        state = self._state(request)
+        state.asked = num_computed_tokens
+        found = self._directory.lookup(self._keys(state, len(request.all_token_ids)))
+        bs = self._geometry.block_size
+        hit = min(len(found) * self._config.chunk_size, (request.num_tokens - 1) // bs * bs)
+        return max(hit - num_computed_tokens, 0)
+
+    def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        """Pin the chunks behind `num_external_tokens` and plan their copy into `block_ids`
+        (all of the request's blocks: vLLM's hit first, then ours)."""
+        if num_external_tokens <= 0:
+            return
+        state = self._state(request)
+        g = self._geometry
+        first_block = state.asked // g.block_size
+        end_block = (state.asked + num_external_tokens) // g.block_size
+        first_chunk = first_block // g.blocks_per_chunk
+        keys = state.keys[first_chunk : (end_block - 1) // g.blocks_per_chunk + 1]
+        covered = first_block
+        for c, load in enumerate(self._directory.reserve_loads(keys), start=first_chunk):
+            lo, hi = max(c * g.blocks_per_chunk, first_block), min((c + 1) * g.blocks_per_chunk, end_block)
+            copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), g.blocks_per_chunk, lo - c * g.blocks_per_chunk)
+            self._next.loads.append(KeyedCopy(load.key, copy))
+            if load.source is Source.DISK:
+                self._promoting.add(load.key)
+                self._next.reads.append(DiskTransfer(load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)))
+            covered = hi
+        if covered < end_block:  # evicted since the lookup, or no slot to promote into
+            logger.info("request %s: %d promised blocks are no longer cached; vLLM recomputes them",
+                        request.request_id, end_block - covered)
+            self._next.failed_blocks.extend(block_ids[covered:end_block])
+
+    # -- stores --
+
+    def build_plan(self, scheduler_output: Any) -> StepPlan:
+        """This step's plan: the loads planned since the last one, and stores of every
+        chunk whose tokens are all computed by the end of this step."""
+        plan, self._next = self._next, StepPlan()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan_stores(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids and new_blocks is not None:
+                state.block_ids = list(new_blocks[0])
+            elif new_blocks is not None:
+                state.block_ids.extend(new_blocks[0])
+            self._plan_stores(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan)
+        return plan
+
+    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
+        g = self._geometry
+        limit = len(state.tokens) if self._config.save_decode_cache else state.prompt_len
+        full = min(computed, limit) // self._config.chunk_size
+        keys = self._keys(state, full * self._config.chunk_size)
+        while state.stored < full:
+            c = state.stored
+            blocks = state.block_ids[c * g.blocks_per_chunk : (c + 1) * g.blocks_per_chunk]
+            if len(blocks) < g.blocks_per_chunk:
+                return
+            slot = self._directory.reserve_store(keys[c])
+            if slot is Reserve.NO_SLOT:
+                return  # try again next step
+            state.stored += 1
+            if slot is Reserve.PRESENT:
+                continue
+            plan.stores.append(KeyedCopy(keys[c], SlotCopy(slot, tuple(blocks))))
+            if self._config.local_disk:
+                plan.writes.append(DiskTransfer(keys[c], slot, g.chunk_bytes(g.blocks_per_chunk)))
+
+    # -- results --
+
+    def apply_report(self, report: WorkerReport | None) -> None:
+        """Act on keys that every rank that works on them has reported."""
+        if report is None:
+            return
+        for name in self._tally:
+            self._tally[name].update(getattr(report, name))
+        g, tally = self._geometry, self._tally
+        for key in list(tally["stored"] | tally["store_failed"]):
+            if tally["stored"][key] + tally["store_failed"][key] < g.tp_size:
+                continue
+            ok = not tally["store_failed"].pop(key, 0)
+            tally["stored"].pop(key, None)
+            self._directory.commit(key, ok)
+            if ok and self._config.local_disk:
+                self._writing.add(key)
+            else:
+                self._directory.release(key)
+        for key in list(tally["written"]):
+            if tally["written"][key] >= g.tp_size and key in self._writing:
+                tally["written"].pop(key)
+                self._writing.discard(key)
+                self._directory.release(key)
+        for key in list(tally["loaded"] | tally["load_failed"]):
+            failed = tally["load_failed"].pop(key, 0)
+            total = tally["loaded"].pop(key, 0) + failed
+            loads, left = divmod(total, g.tp_size)  # one report per rank per planned load
+            if left:
+                tally["loaded"][key] = left
+            if not loads:
+                continue
+            if key in self._promoting:
+                self._promoting.discard(key)
+                self._directory.commit(key, failed == 0)
+            for _ in range(loads):
+                self._directory.release(key)
+
+    def finished(self, request_id: str) -> None:
+        """The request is done (or aborted): forget it. Its stores were copied to host
+        slots inside the steps that planned them, so its blocks can be freed now."""
+        self._requests.pop(request_id, None)
+
+    def stats(self) -> dict[str, int]:
+        return {"host_chunks": self._directory.host_chunks(), "pinned_slots": self._directory.pinned_slots()}
+
+    # -- helpers --
+
+    def _state(self, request: Any) -> _Request:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            lora = getattr(request, "lora_request", None)
+            namespace = self._geometry.namespace.for_request(
+                getattr(request, "cache_salt", None), lora.lora_int_id if lora is not None else None
+            )
+            state = _Request(request.all_token_ids, namespace, prompt_len=request.num_prompt_tokens)
+            self._requests[request.request_id] = state
+        return state
+
+    def _keys(self, state: _Request, upto: int) -> list[ChunkKey]:
+        """Keys of the full chunks among the first `upto` tokens, hashing only new ones."""
+        chunk = self._config.chunk_size
+        want = min(upto, len(state.tokens)) // chunk
+        if want > len(state.keys):
+            state.keys += chunk_keys(
+                state.tokens[: want * chunk],
+                state.namespace,
+                start=len(state.keys) * chunk,
+                prev_key=state.keys[-1] if state.keys else None,
+            )
+        return state.keys[:want]

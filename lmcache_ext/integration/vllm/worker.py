@@ -1,0 +1,128 @@
+"""The connector's worker half: a data mover. It runs each step's plan on its own
+TP shard — loads before the forward, stores after it, disk writes in the
+background — and reports per key what happened."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from lmcache_ext import ops
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.executor import TransferExecutor
+from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.plans import DiskTransfer, Plan
+from lmcache_ext.tiers.disk import DiskTier
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    def __init__(self, config: CacheConfig, geometry: Geometry, tp_rank: int) -> None:
+        self._config = config
+        self._geometry = geometry
+        self._rank = tp_rank
+        self._executor: TransferExecutor | None = None
+        self._disk: DiskTier | None = None
+        self._lock = threading.Lock()
+        self._report = WorkerReport()
+        self._load_errors: set[int] = set()
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Take vLLM's per-layer views; build the slot pool and the disk tier."""
+        g = self._geometry
+        kv = ops.PagedLayers.from_tensors(kv_caches)
+        if (kv.num_layers, kv.page_bytes) != (g.num_layers, g.page_bytes):
+            raise ValueError(
+                f"register_kv_caches got {kv.num_layers} layers of {kv.page_bytes}-byte pages; the KV cache "
+                f"config says {g.num_layers} layers of {g.page_bytes}-byte pages"
+            )
+        pool = PinnedSlotPool.for_budget(
+            self._config.host_bytes, kv.chunk_bytes(g.blocks_per_chunk), pin=self._config.pin_host_memory
+        )
+        if self._config.local_disk:
+            self._disk = DiskTier(
+                rank_root(Path(self._config.local_disk), self._rank),
+                max(self._config.disk_bytes // g.tp_size, 1),
+                threads=self._config.disk_io_threads,
+                o_direct=self._config.disk_o_direct,
+            )
+        self._executor = TransferExecutor(kv, pool, self._disk, read_threads=self._config.disk_io_threads)
+        if self._config.cpu_copy_threads:
+            ops.set_cpu_copy_options(threads=self._config.cpu_copy_threads)
+        logger.info("lmcache_ext worker %d: %d host slots of %d bytes, disk tier: %s", self._rank, pool.num_slots,
+                    pool.slot_bytes, self._config.local_disk or "off")
+
+    def load(self, plan: StepPlan) -> None:
+        """Disk reads into slots, then slots into the planned blocks; failures become
+        load errors, so vLLM recomputes those blocks."""
+        with self._lock:
+            self._load_errors.update(plan.failed_blocks)
+        if not plan.loads:
+            return
+        result = self._run(Plan(reads=tuple(self._on_rank(plan.reads)), scatters=tuple(k.copy for k in plan.loads)))
+        with self._lock:
+            for keyed, ok in zip(plan.loads, result.scatters):
+                (self._report.loaded if ok else self._report.load_failed)[keyed.key] += 1
+                if not ok:
+                    self._load_errors.update(keyed.copy.block_ids)
+
+    def save(self, plan: StepPlan) -> None:
+        """Gather the planned chunks into their slots (done before this returns, so the
+        blocks are free again), then start their disk writes."""
+        if not plan.stores:
+            return
+        result = self._run(Plan(gathers=tuple(k.copy for k in plan.stores)))
+        filled = set()
+        with self._lock:
+            for keyed, ok in zip(plan.stores, result.gathers):
+                (self._report.stored if ok else self._report.store_failed)[keyed.key] += 1
+                if ok:
+                    filled.add(keyed.key)
+        base_key = {self._shard(w).key: w.key for w in plan.writes if w.key in filled}
+        shards = tuple(self._on_rank([w for w in plan.writes if w.key in filled]))
+        self._executor_checked().run(Plan(writes=shards), on_write_done=lambda w, ok: self._written(base_key[w.key], ok))
+
+    def take_report(self) -> WorkerReport | None:
+        with self._lock:
+            report, self._report = self._report, WorkerReport()
+        return None if report.is_empty() else report
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def close(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+        if self._executor is not None:
+            self._executor.close()
+
+    def _written(self, key: bytes, ok: bool) -> None:
+        """A disk write ended; either way its slot is free to evict (a failed write costs
+        the disk copy only)."""
+        with self._lock:
+            self._report.written[key] += 1
+        if not ok:
+            logger.debug("disk write of %s failed on rank %d", key.hex(), self._rank)
+
+    def _run(self, plan: Plan):
+        return self._executor_checked().run(plan)
+
+    def _executor_checked(self) -> TransferExecutor:
+        if self._executor is None:
+            raise RuntimeError("register_kv_caches was not called before the first transfer")
+        return self._executor
+
+    def _shard(self, t: DiskTransfer) -> DiskTransfer:
+        return DiskTransfer(rank_key(t.key, self._rank, self._geometry), t.slot, t.nbytes)
+
+    def _on_rank(self, transfers: list[DiskTransfer]) -> list[DiskTransfer]:
+        return [self._shard(t) for t in transfers]
+
