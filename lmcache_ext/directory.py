@@ -59,6 +59,7 @@ class _HostEntry:
     slot: int
     ready: bool = False
     pins: int = 1
+    loading: bool = False  # being filled from a lower tier for a load planned this step
 
 
 class CacheDirectory:
@@ -125,19 +126,23 @@ class CacheDirectory:
 
     # -- loads --
 
-    def reserve_loads(self, keys: Sequence[Key]) -> list[PlannedLoad]:
+    def reserve_loads(self, keys: Sequence[Key], *, share_pending: bool = False) -> list[PlannedLoad]:
         """Pin the leading available keys for loading; a disk hit gets a fresh slot to be
-        read into (promotion). Stops at the first miss or when no slot is free."""
+        read into (promotion). Stops at the first miss or when no slot is free.
+
+        With `share_pending`, a key whose slot an earlier reservation is filling from
+        disk is pinned too: only for loads executed in the same plan as that read,
+        which runs every read before any slot is copied out."""
         plans = []
         with self._lock:
             for key in keys:
                 entry = self._host.get(key)
-                if entry is not None and entry.ready:
+                if entry is not None and (entry.ready or (share_pending and entry.loading)):
                     entry.pins += 1
                     self._host.move_to_end(key)
                     plans.append(PlannedLoad(key, entry.slot, Source.HOST))
                     continue
-                if entry is not None:  # being written: not loadable yet
+                if entry is not None:  # being filled: not loadable yet
                     break
                 source = self._lower_source(key)
                 if source is None:
@@ -145,7 +150,7 @@ class CacheDirectory:
                 slot = self._take_slot()
                 if slot is None:
                     break
-                self._host[key] = _HostEntry(slot)
+                self._host[key] = _HostEntry(slot, loading=True)
                 plans.append(PlannedLoad(key, slot, source))
         return plans
 
@@ -157,7 +162,7 @@ class CacheDirectory:
         pin is released. Either way the filler still holds its pin: call release()."""
         with self._lock:
             entry = self._host[key]
-            entry.ready = ok
+            entry.ready, entry.loading = ok, False
             if ok:
                 self._host.move_to_end(key)
 

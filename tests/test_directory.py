@@ -103,6 +103,25 @@ def test_eviction_keeps_the_disk_copy_and_promotion_brings_it_back():
     assert d.lookup([k(1)]) == [Source.HOST]
 
 
+def test_a_second_load_shares_a_slot_being_filled_from_disk():
+    disk = FakeDisk([k(1)])
+    d = CacheDirectory(slots(2), [(Source.DISK, disk)])
+    (first,) = d.reserve_loads([k(1)])
+    assert d.reserve_loads([k(1)]) == []  # another thread's load must not read it early
+    (second,) = d.reserve_loads([k(1)], share_pending=True)
+    assert (first.source, second.source, second.slot) == (Source.DISK, Source.HOST, first.slot)
+    d.commit(k(1), True)
+    d.release(k(1))
+    d.release(k(1))
+    assert d.lookup([k(1)]) == [Source.HOST] and d.pinned_slots() == 0
+
+
+def test_a_chunk_being_stored_is_not_loadable_yet():
+    d = CacheDirectory(slots(2))
+    d.reserve_store(k(1))
+    assert d.reserve_loads([k(1)], share_pending=True) == []
+
+
 def test_failed_disk_read_drops_the_host_reservation():
     disk = FakeDisk([k(7)])
     d = CacheDirectory(slots(1), [(Source.DISK, disk)])

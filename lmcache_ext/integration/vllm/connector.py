@@ -22,10 +22,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
 from lmcache_ext.config import load_config
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry
+from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats
 from lmcache_ext.integration.vllm.worker import WorkerSide
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
 
 class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     """lmcache_ext as a vLLM KV connector: host memory, then local disk, keyed by prefix chunks."""
+
+    _cache_hit_source = CacheHitSource.HOST
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -87,6 +93,16 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         return self._worker_side().take_report()
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        counts = self._worker.take_counts()
+        return LMCacheConnectorStats(data=counts) if counts else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return LMCacheConnectorStats(data=dict(data or {}))
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
@@ -95,6 +111,11 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens), False
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """Our hit tokens split by the tier that holds them (vLLM's cached-by-source metric)."""
+        sources = self._scheduler_side().hit_sources(request, num_external_tokens)
+        return {CacheHitSource(source.value): tokens for source, tokens in sources.items()}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._scheduler_side().plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)

@@ -3,7 +3,7 @@
 It decides everything — which chunks exist, which host slot holds them, what to
 evict, what each worker copies — and the workers only execute the plan, so TP
 ranks cannot disagree. Slot ids come from an accounting twin of the workers'
-pools (same slot count, no bytes); disk presence is read from rank 0's files.
+pools (same slot count, no bytes); disk presence is read from every rank's files.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ logger = logging.getLogger(__name__)
 
 
 class DiskPresence:
-    """Whether rank 0 holds a complete file for a key (files appear only by rename)."""
+    """Whether every rank holds a complete file of a key's shard (files appear only by
+    rename, so an existing file is a whole one)."""
 
     def __init__(self, root: Path, geometry: Geometry) -> None:
-        self._root = root
+        self._roots = [rank_root(root, rank) for rank in range(geometry.tp_size)]
         self._geometry = geometry
 
     def contains(self, key: ChunkKey) -> bool:
-        return chunk_path(self._root, rank_key(key, 0, self._geometry)).exists()
+        return all(chunk_path(root, rank_key(key, rank, self._geometry)).exists() for rank, root in enumerate(self._roots))
 
 
 @dataclass
@@ -59,7 +60,7 @@ class SchedulerSide:
         self._slots = _C.HostSlotPool(1, max(config.host_bytes // slot_stride, 1), pin="never")
         lower = []
         if config.local_disk:
-            lower.append((Source.DISK, DiskPresence(rank_root(Path(config.local_disk), 0), g)))
+            lower.append((Source.DISK, DiskPresence(Path(config.local_disk), g)))
         self._directory = CacheDirectory(self._slots, lower)
         self._requests: dict[str, _Request] = {}
         self._next = StepPlan()
@@ -78,6 +79,17 @@ class SchedulerSide:
         hit = min(len(found) * self._config.chunk_size, (request.num_tokens - 1) // bs * bs)
         return max(hit - num_computed_tokens, 0)
 
+    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
+        """Tokens [asked, asked + num_external_tokens) of the request, by the tier of their chunk."""
+        state = self._state(request)
+        chunk, start, end = self._config.chunk_size, state.asked, state.asked + num_external_tokens
+        sources: dict[Source, int] = {}
+        for c, source in enumerate(self._directory.lookup(state.keys)):
+            tokens = min((c + 1) * chunk, end) - max(c * chunk, start)
+            if tokens > 0:
+                sources[source] = sources.get(source, 0) + tokens
+        return sources
+
     def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         """Pin the chunks behind `num_external_tokens` and plan their copy into `block_ids`
         (all of the request's blocks: vLLM's hit first, then ours)."""
@@ -90,7 +102,7 @@ class SchedulerSide:
         first_chunk = first_block // g.blocks_per_chunk
         keys = state.keys[first_chunk : (end_block - 1) // g.blocks_per_chunk + 1]
         covered = first_block
-        for c, load in enumerate(self._directory.reserve_loads(keys), start=first_chunk):
+        for c, load in enumerate(self._directory.reserve_loads(keys, share_pending=True), start=first_chunk):
             lo, hi = max(c * g.blocks_per_chunk, first_block), min((c + 1) * g.blocks_per_chunk, end_block)
             copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), g.blocks_per_chunk, lo - c * g.blocks_per_chunk)
             self._next.loads.append(KeyedCopy(load.key, copy))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
+        self._counts: Counter[str] = Counter()
+        self._bad_slots: set[int] = set()  # slots whose last fill was a failed disk read
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take vLLM's per-layer views; build the slot pool and the disk tier."""
@@ -65,10 +68,20 @@ class WorkerSide:
             self._load_errors.update(plan.failed_blocks)
         if not plan.loads:
             return
-        result = self._run(Plan(reads=tuple(self._on_rank(plan.reads)), scatters=tuple(k.copy for k in plan.loads)))
+        # A slot whose read failed in an earlier step holds no chunk; a load planned on
+        # it before the scheduler heard of the failure (async scheduling) fails here.
+        stale = self._bad_slots - {r.slot for r in plan.reads}
+        runnable = [k for k in plan.loads if k.copy.slot not in stale]
+        result = self._run(Plan(reads=tuple(self._on_rank(plan.reads)), scatters=tuple(k.copy for k in runnable)))
+        for read, ok in zip(plan.reads, result.reads):
+            (self._bad_slots.discard if ok else self._bad_slots.add)(read.slot)
+        done = {id(k): ok for k, ok in zip(runnable, result.scatters)}
+        bs = self._geometry.block_size
         with self._lock:
-            for keyed, ok in zip(plan.loads, result.scatters):
+            for keyed in plan.loads:
+                ok = done.get(id(keyed), False)
                 (self._report.loaded if ok else self._report.load_failed)[keyed.key] += 1
+                self._counts["loaded_tokens" if ok else "failed_load_tokens"] += len(keyed.copy.block_ids) * bs
                 if not ok:
                     self._load_errors.update(keyed.copy.block_ids)
 
@@ -78,10 +91,14 @@ class WorkerSide:
         if not plan.stores:
             return
         result = self._run(Plan(gathers=tuple(k.copy for k in plan.stores)))
+        bs = self._geometry.block_size
         filled = set()
         with self._lock:
             for keyed, ok in zip(plan.stores, result.gathers):
+                if ok:
+                    self._bad_slots.discard(keyed.copy.slot)
                 (self._report.stored if ok else self._report.store_failed)[keyed.key] += 1
+                self._counts["stored_tokens" if ok else "failed_store_tokens"] += len(keyed.copy.block_ids) * bs
                 if ok:
                     filled.add(keyed.key)
         base_key = {self._shard(w).key: w.key for w in plan.writes if w.key in filled}
@@ -92,6 +109,12 @@ class WorkerSide:
         with self._lock:
             report, self._report = self._report, WorkerReport()
         return None if report.is_empty() else report
+
+    def take_counts(self) -> dict[str, int]:
+        """Transfer counts since the last call."""
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        return dict(counts)
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
@@ -109,6 +132,7 @@ class WorkerSide:
         the disk copy only)."""
         with self._lock:
             self._report.written[key] += 1
+            self._counts["disk_writes" if ok else "failed_disk_writes"] += 1
         if not ok:
             logger.debug("disk write of %s failed on rank %d", key.hex(), self._rank)
 

@@ -1,0 +1,205 @@
+"""The connector's scheduler and worker halves driven directly, without an engine:
+stores, hits, partial and shared loads, TP ranks, failures. Fast and exact."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kv_layouts import make_layers, page_view
+
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.scheduler import SchedulerSide
+from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.integration.vllm.worker import WorkerSide
+from lmcache_ext.keys import Namespace, chunk_keys
+
+LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
+HEADS, WIDTH = 2, 32  # 2 KiB pages (bf16)
+PAGE = HEADS * BLOCK * WIDTH * 2
+
+
+def geometry(tp_size: int = 1) -> Geometry:
+    ns = Namespace(model="m", revision="", dtype="bfloat16", layout="LBHNC", block_size=BLOCK, page_bytes=PAGE,
+                   num_layers=LAYERS, tp_size=tp_size, tp_rank=0, chunk_size=CHUNK)
+    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
+
+
+def config(tmp_path: Path | None = None) -> CacheConfig:
+    disk = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01) if tmp_path else {}
+    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001, **disk)
+
+
+class Rig:
+    """A scheduler half and `tp` worker halves, each worker with its own random cache."""
+
+    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0) -> None:
+        self.scheduler = SchedulerSide(config(tmp_path), geometry(tp))
+        self.caches = [make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r)
+                       for r in range(tp)]
+        self.workers = [WorkerSide(config(tmp_path), geometry(tp), r) for r in range(tp)]
+        for w, cache in zip(self.workers, self.caches):
+            w.register({f"layer.{i}": t for i, t in enumerate(cache)})
+
+    def step(self, new: list[tuple[SimpleNamespace, list[int], int]], loads: bool = True) -> StepPlan:
+        """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
+        run the plan on every worker, deliver the aggregated report."""
+        for request, blocks, local in new:
+            external = self.scheduler.num_new_matched_tokens(request, local)
+            self.scheduler.plan_load(request, blocks, external if loads else 0)
+            request.external = external
+        output = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
+                                for r, b, local in new],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
+            num_scheduled_tokens={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
+        )
+        plan = self.scheduler.build_plan(output)
+        report = None
+        for w in self.workers:
+            w.load(plan)
+            w.save(plan)
+            self.flush()
+            part = w.take_report()
+            report = part if report is None else report.aggregate(part) if part else report
+        self.scheduler.apply_report(report)
+        return plan
+
+    def flush(self) -> None:
+        for w in self.workers:
+            if w._disk is not None:
+                w._disk.flush()
+
+
+def request(rid: str, tokens: list[int]) -> SimpleNamespace:
+    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_prompt_tokens=len(tokens),
+                           cache_salt=None, lora_request=None)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000) for _ in range(n)]
+
+
+def same_pages(cache, dst: list[int], src_cache, src: list[int]) -> bool:
+    return all(torch.equal(page_view(a)[dst], page_view(b)[src]) for a, b in zip(cache, src_cache))
+
+
+def test_store_then_hit_loads_exact_bytes_leaving_the_last_token():
+    rig = Rig()
+    tokens = prompt(3 * CHUNK, seed=1)  # exactly 3 chunks: a hit must leave one token to compute
+    plan = rig.step([(request("a", tokens), list(range(12)), 0)])
+    assert [len(s.copy.block_ids) for s in plan.stores] == [4, 4, 4] and not plan.loads
+    b = request("b", tokens)
+    assert rig.scheduler.num_new_matched_tokens(b, 0) == 3 * CHUNK - BLOCK
+    plan = rig.step([(b, list(range(20, 32)), 0)])
+    assert [(k.copy.first, len(k.copy.block_ids)) for k in plan.loads] == [(0, 4), (0, 4), (0, 3)]
+    assert not plan.stores  # all three chunks are present
+    assert same_pages(rig.caches[0], list(range(20, 31)), rig.caches[0], list(range(11)))
+    assert rig.scheduler.stats() == {"host_chunks": 3, "pinned_slots": 0}
+
+
+def test_a_local_prefix_hit_is_not_loaded_again():
+    rig = Rig()
+    tokens = prompt(2 * CHUNK + 10, seed=2)
+    rig.step([(request("a", tokens), list(range(9)), 0)])
+    b = request("b", tokens)
+    assert rig.scheduler.num_new_matched_tokens(b, 3 * BLOCK) == 2 * CHUNK - 3 * BLOCK
+    before = page_view(rig.caches[0][0])[[30, 31, 32]].clone()
+    plan = rig.step([(b, list(range(30, 39)), 3 * BLOCK)])
+    assert [(k.copy.first, k.copy.block_ids) for k in plan.loads] == [(3, (33,)), (0, (34, 35, 36, 37))]
+    assert torch.equal(page_view(rig.caches[0][0])[[30, 31, 32]], before)
+    assert same_pages(rig.caches[0], list(range(33, 38)), rig.caches[0], list(range(3, 8)))
+
+
+def test_disk_hits_after_a_restart_and_a_shared_promotion(tmp_path):
+    rig = Rig(tmp_path)
+    tokens = prompt(2 * CHUNK + 1, seed=3)
+    rig.step([(request("a", tokens), list(range(9)), 0)])
+    source = [t.clone() for t in rig.caches[0]]
+    for w in rig.workers:
+        w.close()
+    fresh = Rig(tmp_path, seed=10)  # a new engine: empty host tier, same disk
+    b, c = request("b", tokens), request("c", tokens)
+    plan = fresh.step([(b, list(range(10, 19)), 0), (c, list(range(20, 29)), 0)])
+    assert len(plan.reads) == 2 and len(plan.loads) == 4  # c shares the slots b's reads fill
+    assert same_pages(fresh.caches[0], list(range(10, 18)), source, list(range(8)))
+    assert same_pages(fresh.caches[0], list(range(20, 28)), source, list(range(8)))
+    assert fresh.scheduler.stats() == {"host_chunks": 2, "pinned_slots": 0}
+
+
+def test_a_bad_disk_file_becomes_load_errors_then_is_stored_again(tmp_path):
+    rig = Rig(tmp_path)
+    tokens = prompt(2 * CHUNK + 1, seed=4)
+    rig.step([(request("a", tokens), list(range(9)), 0)])
+    for w in rig.workers:
+        w.close()
+    key = chunk_keys(tokens, geometry().namespace)[1]
+    path = rank_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    fresh = Rig(tmp_path, seed=20)
+    b = request("b", tokens)
+    plan = fresh.step([(b, list(range(10, 19)), 0)])
+    assert len(plan.loads) == 2
+    assert fresh.workers[0].take_load_errors() == {14, 15, 16, 17}
+    assert not path.exists()
+    # vLLM recomputes those blocks; the next step stores the chunk again
+    plan = fresh.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={"b": 1},
+                                                      scheduled_cached_reqs=SimpleNamespace(
+                                                          req_ids=["b"], new_block_ids=[None], resumed_req_ids=set(),
+                                                          num_computed_tokens=[2 * CHUNK])))
+    assert [k.key for k in plan.stores] == [key]
+
+
+def test_tp_ranks_store_their_own_shards_and_a_chunk_waits_for_every_rank(tmp_path):
+    rig = Rig(tmp_path, tp=2)
+    tokens = prompt(CHUNK + 1, seed=5)
+    a = request("a", tokens)
+    rig.scheduler.num_new_matched_tokens(a, 0)
+    plan = rig.scheduler.build_plan(SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=(list(range(5)),), num_computed_tokens=0)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
+        num_scheduled_tokens={"a": CHUNK + 1}))
+    rig.workers[0].save(plan)
+    rig.flush()
+    rig.scheduler.apply_report(rig.workers[0].take_report())
+    assert rig.scheduler.num_new_matched_tokens(request("b", tokens), 0) == 0  # rank 1 has not stored it
+    rig.workers[1].save(plan)
+    rig.flush()
+    rig.scheduler.apply_report(rig.workers[1].take_report())
+    assert rig.scheduler.num_new_matched_tokens(request("c", tokens), 0) == CHUNK
+    key = chunk_keys(tokens, geometry(2).namespace)[0]
+    for w in rig.workers:
+        w.close()
+    restarted = SchedulerSide(config(tmp_path), geometry(2))  # sees the disk only
+    assert restarted.num_new_matched_tokens(request("d", tokens), 0) == CHUNK
+    shard1 = rank_key(key, 1, geometry(2))
+    (rank_root(tmp_path / "kv", 1) / shard1.hex()[:2] / shard1.hex()).unlink()
+    assert restarted.num_new_matched_tokens(request("e", tokens), 0) == 0  # one rank's shard is gone
+    shard0 = rank_key(key, 0, geometry(2))
+    assert (rank_root(tmp_path / "kv", 0) / shard0.hex()[:2] / shard0.hex()).exists()
+    assert rank_key(key, 0, geometry(2)) != rank_key(key, 1, geometry(2))
+
+
+def test_report_aggregation_sums_ranks():
+    a = WorkerReport()
+    a.stored[b"k" * 16] += 1
+    b = WorkerReport()
+    b.stored[b"k" * 16] += 1
+    b.written[b"k" * 16] += 1
+    both = a.aggregate(b)
+    assert both.stored[b"k" * 16] == 2 and both.written[b"k" * 16] == 1 and not both.is_empty()
+    assert WorkerReport().is_empty()
+
+
+def test_a_worker_refuses_caches_that_do_not_match_the_config():
+    w = WorkerSide(config(), geometry(), 0)
+    wrong = make_layers("LBHNC", LAYERS + 1, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"got 3 layers of 2048-byte pages; the KV cache config says 2 layers"):
+        w.register({f"l{i}": t for i, t in enumerate(wrong)})
