@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from vllm_harness import run_vllm_script
 
+from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
 
 PROMPT = "kaba lomi 12. " * 20

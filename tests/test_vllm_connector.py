@@ -8,8 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
-from vllm_harness import run_vllm_script
 
+from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.vllm
