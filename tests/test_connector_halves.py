@@ -29,16 +29,16 @@ def geometry(tp_size: int = 1) -> Geometry:
     return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
 
 
-def config(tmp_path: Path | None = None) -> CacheConfig:
+def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
     disk = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01) if tmp_path else {}
-    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001, **disk)
+    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001, **disk, **kw)
 
 
 class Rig:
     """A scheduler half and `tp` worker halves, each worker with its own random cache."""
 
-    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0) -> None:
-        self.scheduler = SchedulerSide(config(tmp_path), geometry(tp))
+    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, **kw: object) -> None:
+        self.scheduler = SchedulerSide(config(tmp_path, **kw), geometry(tp))
         self.caches = [make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r)
                        for r in range(tp)]
         self.workers = [WorkerSide(config(tmp_path), geometry(tp), r) for r in range(tp)]
@@ -203,3 +203,40 @@ def test_a_worker_refuses_caches_that_do_not_match_the_config():
     wrong = make_layers("LBHNC", LAYERS + 1, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
     with pytest.raises(ValueError, match=r"got 3 layers of 2048-byte pages; the KV cache config says 2 layers"):
         w.register({f"l{i}": t for i, t in enumerate(wrong)})
+
+
+def decode_step(rig: Rig, req: SimpleNamespace, computed: int, new_blocks: list[int] | None,
+                resumed: bool = False) -> StepPlan:
+    """A step that computes one more token of a running (or resumed) request."""
+    output = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={req.request_id: 1},
+                             scheduled_cached_reqs=SimpleNamespace(
+                                 req_ids=[req.request_id], new_block_ids=[(new_blocks,) if new_blocks else None],
+                                 resumed_req_ids={req.request_id} if resumed else set(), num_computed_tokens=[computed]))
+    return rig.scheduler.build_plan(output)
+
+
+@pytest.mark.parametrize("save_decode", [False, True])
+def test_decode_tokens_are_stored_only_with_save_decode_cache(save_decode):
+    rig = Rig(save_decode_cache=save_decode)
+    tokens = prompt(CHUNK + 10, seed=6)
+    a = request("a", tokens)
+    rig.step([(a, list(range(5)), 0)])
+    tokens.extend(prompt(2 * CHUNK, seed=7)[: CHUNK + 10])  # decoding grows the request's token list
+    plan = decode_step(rig, a, 2 * CHUNK - 1, [5, 6, 7, 8])
+    assert [k.copy.block_ids for k in plan.stores] == ([(4, 5, 6, 7)] if save_decode else [])
+
+
+def test_a_resumed_request_replaces_its_block_list():
+    rig = Rig()
+    tokens = prompt(2 * CHUNK + 5, seed=8)
+    a = request("a", tokens)
+    a.num_prompt_tokens = len(tokens)
+    rig.scheduler.num_new_matched_tokens(a, 0)
+    plan = rig.scheduler.build_plan(SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=(list(range(9)),), num_computed_tokens=0)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
+        num_scheduled_tokens={"a": CHUNK}))  # chunked prefill: the first chunk only
+    assert [k.copy.block_ids for k in plan.stores] == [(0, 1, 2, 3)]
+    # preempted, then resumed with all new blocks: the second chunk comes from those
+    plan = decode_step(rig, a, 2 * CHUNK - 1, list(range(40, 49)), resumed=True)
+    assert [k.copy.block_ids for k in plan.stores] == [(44, 45, 46, 47)]

@@ -18,14 +18,19 @@ CHUNK = 256  # two of vLLM's 128-token CPU blocks
 
 GENERATE = """
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=4096, enable_prefix_caching=False, seed=0, **{kwargs!r})
+llm = LLM(model={model!r}, max_model_len=4096, enable_prefix_caching=False, seed=0, disable_log_stats=False,
+          **{kwargs!r})
 params = SamplingParams(temperature=0, max_tokens=8)
 results = []
 for batch in {batches!r}:
     outs = llm.generate([{{"prompt_token_ids": p}} for p in batch], params, use_tqdm=False)
     results.append([{{"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens}} for o in outs])
+by_source = {{}}
+for metric in llm.get_metrics():
+    if metric.name == "vllm:prompt_tokens_cached_by_source" and metric.value:
+        by_source[metric.labels["source"]] = by_source.get(metric.labels["source"], 0) + metric.value
 del llm
-return {{"results": results}}
+return {{"results": results, "by_source": by_source}}
 """
 
 
@@ -60,8 +65,14 @@ def connector(disk: Path, **extra: object) -> dict:
 
 
 def generate(model: Path, batches: list[list[list[int]]], kwargs: dict, **env: str) -> list[list[dict]]:
+    return run(model, batches, kwargs, **env)["results"]
+
+
+def run(model: Path, batches: list[list[list[int]]], kwargs: dict, **env: str) -> dict:
+    """One engine process: per batch, each prompt's output tokens and cached tokens; and
+    vLLM's count of cached prompt tokens by the tier that supplied them."""
     code = GENERATE.format(model=str(model), kwargs=kwargs, batches=batches)
-    return run_vllm_script(code, env_extra=env)["results"]
+    return run_vllm_script(code, env_extra=env)
 
 
 def chunk_files(disk: Path) -> list[Path]:
@@ -102,15 +113,17 @@ def cached_of(run: list[list[dict]]) -> list[list[int]]:
 
 def test_hits_in_one_engine_then_after_a_restart_with_identical_outputs(model, baseline, tmp_path):
     disk = tmp_path / "kv"
-    first = generate(model, FIRST_RUN, connector(disk))
-    assert cached_of(first) == [[0], [3 * CHUNK, 3 * CHUNK, 0], [0], [384]]
-    assert tokens_of(first) == baseline[0]
+    first = run(model, FIRST_RUN, connector(disk))
+    assert cached_of(first["results"]) == [[0], [3 * CHUNK, 3 * CHUNK, 0], [0], [384]]
+    assert tokens_of(first["results"]) == baseline[0]
+    assert first["by_source"] == {"host": 6 * CHUNK + 384}
     # a's 3 chunks, b's 4th, other's 2, exact's 2: each stored once, and on disk
     assert len(chunk_files(disk)) == 8
 
-    second = generate(model, RESTART_RUN, connector(disk))
-    assert cached_of(second) == [[4 * CHUNK, 3 * CHUNK, 384, 2 * CHUNK]]
-    assert tokens_of(second) == baseline[1]
+    second = run(model, RESTART_RUN, connector(disk))
+    assert cached_of(second["results"]) == [[4 * CHUNK, 3 * CHUNK, 384, 2 * CHUNK]]
+    assert tokens_of(second["results"]) == baseline[1]
+    assert sum(second["by_source"].values()) == 9 * CHUNK + 384 and second["by_source"]["disk"] >= 6 * CHUNK + 384
 
 
 def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_path):
