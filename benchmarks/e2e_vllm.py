@@ -3,7 +3,9 @@ connector, and with vLLM's ExampleConnector, all in one run (each engine in its 
 process), on the benchmark preset of the local tiny Llama and 4k-token documents.
 
 One JSON line per figure:
-- cold TTFT with the connector vs without (the cost of storing; bar <= 1.05);
+- cold TTFT with the connector vs without (the cost of storing; bar <= 1.05), across
+  engine processes (whose speed differs by up to 2x on this VM, so the pair is run in
+  both orders) and within the process (the time spent inside the connector's hooks);
 - warm TTFT from host memory and, after a restart, from disk, as a fraction of the
   cold TTFT without a connector (bar <= 0.05);
 - ExampleConnector: its cold and warm TTFT, and its hits on prompts that share only
@@ -23,6 +25,28 @@ from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
+
+
+# Runs in the engine process before vLLM starts: adds up the time spent inside the
+# connector's hooks, the part of the store overhead that sits on the request's path.
+HOOK_TIMER = """
+import time as _time
+from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic as _Connector
+_spent = [0.0]
+def _timed(hook):
+    def timed(*args, **kwargs):
+        start = _time.perf_counter()
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            _spent[0] += _time.perf_counter() - start
+    return timed
+for _name in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+              "update_connector_output", "request_finished", "start_load_kv", "wait_for_save",
+              "get_block_ids_with_load_errors", "build_connector_worker_meta", "get_kv_connector_stats"):
+    setattr(_Connector, _name, _timed(getattr(_Connector, _name)))
+connector_seconds = lambda: _spent[0]
+"""
 
 
 def emit(figure: dict) -> None:
@@ -62,7 +86,7 @@ def main() -> None:
         # (the main run goes none, ours) and the two ratios are averaged.
         fresh = [("ask", [rng.randrange(3, BENCH.vocab) for _ in range(len(p))]) for _, p in asks]
         none = serve(model, asks, {})
-        first = serve(model, asks + [("warm", p) for _, p in asks] + others, ours)
+        first = serve(model, asks + [("warm", p) for _, p in asks] + others, ours, prelude=HOOK_TIMER)
         ours_again = serve(model, fresh, {"kv_transfer_config": connector_config(work / "kv2")})
         none_again = serve(model, fresh, {})
         restarted = serve(model, [("disk", p) for _, p in asks] + later, ours)
@@ -74,6 +98,11 @@ def main() -> None:
                  summary(ours_again, "ask")["ttft_ms"] / summary(none_again, "ask")["ttft_ms"]]
     emit({**common, "figure": "store_overhead_cold_ttft", "ratios_by_order": [round(r, 3) for r in overheads],
           "ratio_vs_no_connector": round(statistics.mean(overheads), 3)})
+    spent = [b["connector_s"] - a["connector_s"] for a, b in zip([{"connector_s": 0.0}] + first, first)]
+    cold_rows = [(r, t) for r, t in zip(first, spent) if r["request"] == "ask"]
+    emit({**common, "figure": "store_overhead_in_hooks",
+          "hook_ms_per_cold_request": round(statistics.median(t for _, t in cold_rows) * 1e3, 2),
+          "ratio_vs_same_request_without_hooks": round(statistics.median(r["ttft_s"] / (r["ttft_s"] - t) for r, t in cold_rows), 4)})
     for engine, rows, phases in (
         ("ours", first, ("ask", "warm", "other")),
         ("ours_restarted", restarted, ("disk", "later")),

@@ -16,6 +16,11 @@ namespace lmc {
 namespace {
 
 constexpr int64_t kMaxInt64 = std::numeric_limits<int64_t>::max();
+#ifdef MADV_POPULATE_WRITE
+constexpr int kMadvPopulateWrite = MADV_POPULATE_WRITE;
+#else
+constexpr int kMadvPopulateWrite = 23;  // Linux 5.14 uapi value; older headers lack the name
+#endif
 
 std::string slot_name(int64_t slot) { return "slot " + std::to_string(slot); }
 
@@ -89,6 +94,10 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
 
   // A hint only: without transparent huge pages the pool works the same.
   if (huge) (void)madvise(base, static_cast<size_t>(arena), MADV_HUGEPAGE);
+  // Fault every page in now, in the kernel (~4 GB/s here), instead of on the first
+  // store into each slot: first touches from user space run at well under 1 GB/s on
+  // VMs and would land in the serving path. Kernels before 5.14 lack it: lazy then.
+  pool->populated_ = madvise(base, static_cast<size_t>(arena), kMadvPopulateWrite) == 0;
   if (lock) {
     // Not permitted (RLIMIT_MEMLOCK, no CAP_IPC_LOCK) is not an error: the pool
     // just stays swappable. A failure may have locked a part, so undo it.

@@ -29,8 +29,9 @@ class HostPool {
   // Arenas of at least this size ask for transparent huge pages.
   static constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 
-  // Maps slot_stride(slot_bytes) * num_slots bytes. With `lock`, also tries
-  // mlock and stays unlocked (see is_mlocked) when that is not permitted.
+  // Maps slot_stride(slot_bytes) * num_slots bytes and faults them in (see
+  // is_populated). With `lock`, also tries mlock and stays unlocked (see
+  // is_mlocked) when that is not permitted.
   static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
                        std::unique_ptr<HostPool>* out);
   // The stride that create() would use for slot_bytes (rounded up to
@@ -61,6 +62,7 @@ class HostPool {
   char* base() const { return base_; }
   bool is_page_locked() const { return page_locked_; }
   bool is_mlocked() const { return mlocked_; }
+  bool is_populated() const { return populated_; }
 
  private:
   HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
@@ -76,6 +78,7 @@ class HostPool {
   const int64_t num_slots_;
   bool page_locked_ = false;
   bool mlocked_ = false;
+  bool populated_ = false;  // every page faulted in at creation
 
   mutable std::mutex mutex_;
   std::vector<int64_t> free_slots_;  // a stack: the next alloc takes the back

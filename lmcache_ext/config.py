@@ -292,6 +292,15 @@ class CacheConfig:
                 f"expected a chunk_size of whole blocks, e.g. {block_size * max(1, self.chunk_size // block_size)}"
             )
 
+    def warn_unimplemented(self) -> None:
+        """Log the settings a user may carry over from LMCache that this version accepts
+        but does not act on."""
+        if self.remote_url:
+            logger.warning("remote_url = %s is set, but this version has no remote tier: ignored",
+                           self.to_dict()["remote_url"])
+        if self.use_layerwise:
+            logger.warning("use_layerwise is set: lmcache_ext loads and stores whole steps, not layer by layer")
+
     def to_dict(self) -> dict[str, Any]:
         """The settings by key, for logs; a password in remote_url is masked."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -22,6 +22,7 @@ from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
 
 ENGINE = """
+{prelude}
 import time
 from vllm import LLM, SamplingParams
 llm = LLM(model={model!r}, max_model_len=8192, enable_prefix_caching=False, seed=0, **{kwargs!r})
@@ -32,13 +33,14 @@ for name, prompt in {prompts!r}:
     start = time.perf_counter()
     out = llm.generate([{{"prompt_token_ids": prompt}}], first, use_tqdm=False)[0]
     rows.append({{"request": name, "ttft_s": time.perf_counter() - start, "prompt_tokens": len(prompt),
-                 "cached_tokens": out.num_cached_tokens, "first_token": out.outputs[0].token_ids[0]}})
+                 "cached_tokens": out.num_cached_tokens, "first_token": out.outputs[0].token_ids[0],
+                 "connector_s": connector_seconds()}})
 del llm
 return {{"rows": rows}}
 """
 
 
-def connector_config(disk: Path, chunk_size: int = 256) -> dict:
+def connector_config(disk: Path, chunk_size: int = 256, **extra: object) -> dict:
     """The kv_transfer_config a user passes to vLLM (here as LLM(..., kv_transfer_config=...))."""
     return {
         "kv_connector": "LMCacheConnectorV1Dynamic",
@@ -50,15 +52,20 @@ def connector_config(disk: Path, chunk_size: int = 256) -> dict:
             "max_local_cpu_size": 1,
             "local_disk": str(disk),
             "max_local_disk_size": 4,
+            **extra,
         },
     }
 
 
-def serve(model: Path, prompts: list[tuple[str, list[int]]], kwargs: dict) -> list[dict]:
+NO_TIMER = "connector_seconds = lambda: 0.0"
+
+
+def serve(model: Path, prompts: list[tuple[str, list[int]]], kwargs: dict, prelude: str = NO_TIMER) -> list[dict]:
     """Run the prompts one at a time in a fresh engine process, after a warm-up prompt
-    as long as the longest of them (its first long prefill is slower)."""
+    as long as the longest of them (its first long prefill is slower). `prelude` runs
+    first and defines `connector_seconds()`, reported after each request."""
     warmup = [3 + i % 997 for i in range(max(len(p) for _, p in prompts))]
-    code = ENGINE.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup)
+    code = ENGINE.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup, prelude=prelude)
     return run_vllm_script(code, env_extra={"VLLM_CPU_KVCACHE_SPACE": "2"}, timeout=600)["rows"]
 
 

@@ -10,7 +10,6 @@ written through to disk in the background when a disk tier is configured.
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Union
@@ -27,7 +26,6 @@ from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
 from lmcache_ext.plans import DiskTransfer, Plan, SlotCopy
 from lmcache_ext.tiers.disk import DiskTier
 
-logger = logging.getLogger(__name__)
 
 KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Tokens = Union[Sequence[int], torch.Tensor]
@@ -88,8 +86,7 @@ class CacheEngine:
         self._executor = TransferExecutor(self._kv, self._pool, self._disk, read_threads=config.disk_io_threads)
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
-        if config.remote_url:
-            logger.warning("remote_url = %s is set, but this version has no remote tier: ignored", config.remote_url)
+        config.warn_unimplemented()
         self._closed = False
         self._close_lock = threading.Lock()
 

@@ -118,6 +118,8 @@ void bind_host_pool(py::module_& m) {
                              "Registered with cudaHostRegister (fast and zero-copy DMA).")
       .def_property_readonly("is_mlocked", &HostPool::is_mlocked,
                              "lock=True was asked for and mlock was permitted.")
+      .def_property_readonly("is_populated", &HostPool::is_populated,
+                             "Every page was faulted in at creation (MADV_POPULATE_WRITE).")
       .def("__repr__",
            [](py::handle self) {
              const auto& pool = self.cast<const HostPool&>();

@@ -480,3 +480,13 @@ def test_config_file_that_is_not_yaml(tmp_path):
     env = file_env(tmp_path, "chunk_size: [256\n")
     with raises_with(f"LMCACHE_CONFIG_FILE = '{env['LMCACHE_CONFIG_FILE']}': not valid YAML"):
         load_config(environ=env)
+
+
+def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
+    config = load_config({"remote_url": "redis://user:secret@cache:6379", "use_layerwise": True}, environ={})
+    with caplog.at_level("WARNING", logger="lmcache_ext.config"):
+        config.warn_unimplemented()
+    text = caplog.text
+    assert "remote_url = redis://user:***@cache:6379 is set, but this version has no remote tier" in text
+    assert "secret" not in text
+    assert "use_layerwise is set" in text

@@ -360,3 +360,16 @@ def test_lock_true_stays_unlocked_when_mlock_is_not_permitted() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", str(7 * 4096)]
+
+
+def test_the_arena_is_faulted_in_at_creation():
+    """A first store into a slot must not pay page faults on the serving path."""
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
+
+    before = rss()
+    pool = PinnedSlotPool(1 << 20, 64, pin="never")
+    assert pool.is_populated
+    assert rss() - before >= 60 << 20

@@ -11,7 +11,6 @@ disk in the background. A load that fails its checks is reported through
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import vllm
@@ -32,7 +31,6 @@ from lmcache_ext.integration.vllm.shards import Geometry
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats
 from lmcache_ext.integration.vllm.worker import WorkerSide
 
-logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
 
@@ -55,6 +53,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         check_vllm_version()
         self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
+        if role == KVConnectorRole.SCHEDULER:
+            self._config.warn_unimplemented()
         geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
