@@ -140,3 +140,23 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     outs = generate(model, CORRUPT_RUN, connector(disk), VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert tokens_of(outs) == baseline[2]
     assert len(chunk_files(disk)) == 3 + 2  # the bad files were dropped and stored again, plus other's
+
+
+TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # one core per rank
+
+
+def test_tensor_parallel_ranks_store_and_load_their_own_shards(model, tmp_path):
+    """TP=2 on the real engine: each rank keeps its shard under its own key and directory;
+    hits in the engine and after a restart, outputs as TP=2 without the connector."""
+    disk = tmp_path / "kv"
+    batches = [[ASK_A], [ASK_A, OTHER]]
+    plain = generate(model, batches, TP2, **TP2_ENV)
+    first = run(model, batches, {**connector(disk), **TP2}, **TP2_ENV)
+    assert cached_of(first["results"]) == [[0], [3 * CHUNK, 0]]
+    assert tokens_of(first["results"]) == tokens_of(plain)
+    ranks = {rank: {p.name for p in chunk_files(disk / f"rank{rank}")} for rank in (0, 1)}
+    assert len(ranks[0]) == len(ranks[1]) == 5 and not ranks[0] & ranks[1]
+    restarted = generate(model, batches[1:], {**connector(disk), **TP2}, **TP2_ENV)
+    assert cached_of(restarted) == [[3 * CHUNK, 2 * CHUNK]]
+    assert tokens_of(restarted) == tokens_of(plain)[1:]
