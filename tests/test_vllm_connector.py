@@ -18,8 +18,8 @@ CHUNK = 256  # two of vLLM's 128-token CPU blocks
 
 GENERATE = """
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=4096, enable_prefix_caching=False, seed=0, disable_log_stats=False,
-          **{kwargs!r})
+llm = LLM(model={model!r}, max_model_len=4096, seed=0, disable_log_stats=False,
+          **{{"enable_prefix_caching": False, **{kwargs!r}}})
 params = SamplingParams(temperature=0, max_tokens=8)
 results = []
 for batch in {batches!r}:
@@ -160,3 +160,17 @@ def test_tensor_parallel_ranks_store_and_load_their_own_shards(model, tmp_path):
     restarted = generate(model, batches[1:], {**connector(disk), **TP2}, **TP2_ENV)
     assert cached_of(restarted) == [[3 * CHUNK, 2 * CHUNK]]
     assert tokens_of(restarted) == tokens_of(plain)[1:]
+
+
+def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model, tmp_path):
+    """vLLM's own prefix cache holds b's first 7 blocks (a's document) after a; ours
+    then loads only the 8th block, the rest of b's 4th chunk, after a restart."""
+    disk, local = tmp_path / "kv", {"enable_prefix_caching": True}
+    batches = [[ASK_A], [ASK_B]]
+    plain = generate(model, batches, local)
+    assert cached_of(plain) == [[0], [7 * 128]]
+    first = generate(model, batches, {**connector(disk), **local})
+    assert cached_of(first) == [[0], [7 * 128]] and tokens_of(first) == tokens_of(plain)
+    again = generate(model, batches, {**connector(disk), **local})
+    assert cached_of(again) == [[3 * CHUNK], [4 * CHUNK]] and tokens_of(again) == tokens_of(plain)
+
