@@ -240,3 +240,33 @@ def test_a_resumed_request_replaces_its_block_list():
     # preempted, then resumed with all new blocks: the second chunk comes from those
     plan = decode_step(rig, a, 2 * CHUNK - 1, list(range(40, 49)), resumed=True)
     assert [k.copy.block_ids for k in plan.stores] == [(44, 45, 46, 47)]
+
+
+def test_an_untested_vllm_version_fails_at_start_up_saying_what_is_supported():
+    from lmcache_ext.integration.vllm.connector import check_vllm_version
+
+    check_vllm_version("0.32.0")
+    check_vllm_version("0.33.1")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0.32 and 0.33 .*this is vLLM 0.34.0"):
+        check_vllm_version("0.34.0")
+    with pytest.raises(RuntimeError, match=r"this is vLLM 0.3"):
+        check_vllm_version("0.3")
+
+
+def fake_vllm(groups: int, block_size: int = BLOCK):
+    spec = SimpleNamespace(block_size=block_size, dtype=torch.bfloat16, page_size_bytes=PAGE)
+    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["a", "b"])] * groups,
+                                      kv_cache_layout="LBHNC")
+    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="m", revision=None),
+                                  parallel_config=SimpleNamespace(tensor_parallel_size=2), cache_config=SimpleNamespace())
+    return vllm_config, kv_cache_config
+
+
+def test_geometry_from_vllm_and_what_it_refuses():
+    g = Geometry.from_vllm(*fake_vllm(1), config())
+    assert (g.block_size, g.blocks_per_chunk, g.num_layers, g.page_bytes, g.tp_size) == (BLOCK, 4, 2, PAGE, 2)
+    assert (g.namespace.layout, g.namespace.dtype, g.namespace.tp_rank) == ("LBHNC", "bfloat16", 0)
+    with pytest.raises(ValueError, match=r"the model has 2 KV cache groups .* supports models with one group"):
+        Geometry.from_vllm(*fake_vllm(2), config())
+    with pytest.raises(ValueError, match=r"chunk_size = 64 is not a multiple of block_size = 48"):
+        Geometry.from_vllm(*fake_vllm(1, block_size=48), config())
