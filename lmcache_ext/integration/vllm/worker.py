@@ -17,7 +17,7 @@ from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.memory import PinnedSlotPool
-from lmcache_ext.plans import DiskTransfer, Plan
+from lmcache_ext.plans import DiskTransfer, Plan, PlanResult
 from lmcache_ext.tiers.disk import DiskTier
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class WorkerSide:
         if not ok:
             logger.debug("disk write of %s failed on rank %d", key.hex(), self._rank)
 
-    def _run(self, plan: Plan):
+    def _run(self, plan: Plan) -> PlanResult:
         return self._executor_checked().run(plan)
 
     def _executor_checked(self) -> TransferExecutor:
