@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 GB = 1024**3
 """Bytes in one GB of a size setting (LMCache's "GB" is a GiB)."""
 
+STAGING_SLOTS = 8
+"""Host slots kept when ``local_cpu`` is off: enough to stage transfers to and from disk."""
+
 MAX_CPU_COPY_THREADS = 256
 """The CPU copy twins' thread pool takes at most this many threads (csrc/page_copy_cpu.cpp)."""
 
@@ -230,8 +233,9 @@ class CacheConfig:
     """The cache's settings, checked and immutable; build it with `load_config`.
 
     Direct construction runs the same checks, naming the source ``CacheConfig()``.
-    `host_bytes` sizes the host slot pool whether or not ``local_cpu`` keeps chunks
-    there, since every transfer to or from a lower tier is staged through it.
+    `host_pool_bytes` sizes the host slot pool: `host_bytes` when ``local_cpu`` keeps
+    chunks there, else a few slots, since every transfer to or from a lower tier is
+    staged through one.
     """
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
@@ -274,8 +278,13 @@ class CacheConfig:
 
     @property
     def host_bytes(self) -> int:
-        """Bytes of the host slot pool (max_local_cpu_size GB of 1024**3 bytes)."""
+        """max_local_cpu_size in bytes (GB of 1024**3 bytes)."""
         return round(self.max_local_cpu_size * GB)
+
+    def host_pool_bytes(self, slot_bytes: int) -> int:
+        """Bytes for a host pool of `slot_bytes` slots: the host tier's budget, or with
+        local_cpu off just STAGING_SLOTS slots to stage disk transfers through."""
+        return self.host_bytes if self.local_cpu else STAGING_SLOTS * slot_bytes
 
     @property
     def disk_bytes(self) -> int:

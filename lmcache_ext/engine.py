@@ -30,9 +30,6 @@ from lmcache_ext.tiers.disk import DiskTier
 KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Tokens = Union[Sequence[int], torch.Tensor]
 
-STAGING_SLOTS = 8
-"""Host slots kept when ``local_cpu`` is off: enough to stage transfers to and from disk."""
-
 
 class _Chunk(NamedTuple):
     key: ChunkKey
@@ -73,8 +70,7 @@ class CacheEngine:
             chunk_size=config.chunk_size,
         )
         slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
-        budget = config.host_bytes if config.local_cpu else STAGING_SLOTS * slot_bytes
-        self._pool = PinnedSlotPool.for_budget(budget, slot_bytes, pin=config.pin_host_memory)
+        self._pool = PinnedSlotPool.for_budget(config.host_pool_bytes(slot_bytes), slot_bytes, pin=config.pin_host_memory)
         self._stats = EngineStats()
         self._disk = (
             DiskTier(config.local_disk, config.disk_bytes, threads=config.disk_io_threads, o_direct=config.disk_o_direct)

@@ -23,10 +23,9 @@ class PinnedSlotPool(_C.HostSlotPool):
     """
 
     @classmethod
-    def for_budget(
-        cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False
-    ) -> PinnedSlotPool:
-        """As many slots as fit in ``total_bytes``, counting each slot's padded stride."""
+    def slots_for(cls, total_bytes: int, slot_bytes: int) -> int:
+        """How many slots of `slot_bytes` fit in `total_bytes`, counting each slot's padded
+        stride (also what the scheduler's accounting twin of a worker's pool uses)."""
         if isinstance(total_bytes, bool) or not isinstance(total_bytes, int):
             raise TypeError(f"total_bytes = {total_bytes!r}: expected an int number of bytes")
         stride = cls.stride_for(slot_bytes)
@@ -35,7 +34,14 @@ class PinnedSlotPool(_C.HostSlotPool):
                 f"total_bytes = {total_bytes} holds no slot: slot_bytes = {slot_bytes} "
                 f"takes {stride} bytes (a 4096-aligned stride)"
             )
-        return cls(slot_bytes, total_bytes // stride, pin=pin, lock=lock)
+        return total_bytes // stride
+
+    @classmethod
+    def for_budget(
+        cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False
+    ) -> PinnedSlotPool:
+        """As many slots as fit in ``total_bytes`` (`slots_for`)."""
+        return cls(slot_bytes, cls.slots_for(total_bytes, slot_bytes), pin=pin, lock=lock)
 
     def view(self, slot: int) -> torch.Tensor:
         """The slot's ``slot_bytes`` as a writable uint8 tensor, zero-copy.

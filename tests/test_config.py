@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from lmcache_ext.config import GB, IGNORED_LMCACHE_KEYS, CacheConfig, ConfigError, load_config
+from lmcache_ext.config import GB, IGNORED_LMCACHE_KEYS, STAGING_SLOTS, CacheConfig, ConfigError, load_config
 
 NO_ENV: dict[str, str] = {}
 
@@ -490,3 +490,10 @@ def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
     assert "remote_url = redis://user:***@cache:6379 is set, but this version has no remote tier" in text
     assert "secret" not in text
     assert "use_layerwise is set" in text
+
+
+def test_the_host_pool_is_the_host_tier_or_only_staging_slots():
+    on = load_config({"max_local_cpu_size": 1}, environ={})
+    off = load_config({"max_local_cpu_size": 1, "local_cpu": False}, environ={})
+    assert on.host_pool_bytes(1 << 20) == GB
+    assert off.host_pool_bytes(1 << 20) == STAGING_SLOTS << 20

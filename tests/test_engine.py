@@ -15,7 +15,7 @@ import torch
 from kv_layouts import make_layers, page_view
 
 from lmcache_ext import ops
-from lmcache_ext.config import GB, CacheConfig
+from lmcache_ext.config import GB, STAGING_SLOTS, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
 
@@ -311,3 +311,18 @@ def test_a_killed_writer_leaves_nothing_a_later_engine_would_misread(tmp_path):
             got = engine.retrieve(prompt(4 * CHUNK, seed=80 + i), list(range(16 * i, 16 * i + 16)))
             blocks = list(range(16 * i, 16 * i + got // BLOCK))
             assert_same_blocks(restored, blocks, source, blocks)
+
+
+def test_without_the_host_tier_a_few_staging_slots_serve_the_disk(tmp_path):
+    cache = new_cache(18)
+    prompts = [prompt(2 * CHUNK, seed=90 + i) for i in range(6)]
+    with CacheEngine(config(tmp_path, local_cpu=False), cache, BLOCK) as engine:
+        assert engine.stats()["host_slots"] == STAGING_SLOTS
+        for i, p in enumerate(prompts):
+            assert engine.store(p, list(range(8 * i, 8 * i + 8))) == 2 * CHUNK
+            engine.flush()
+        expected = blocks_of(cache, list(range(8)))
+        assert engine.retrieve(prompts[0], list(range(80, 88))) == 2 * CHUNK
+        for layer, kv in enumerate(cache):
+            assert torch.equal(page_view(kv)[80:88], expected[layer])
+        assert engine.stats()["loaded_tokens_disk"] == 2 * CHUNK

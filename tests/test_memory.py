@@ -373,3 +373,10 @@ def test_the_arena_is_faulted_in_at_creation():
     pool = PinnedSlotPool(1 << 20, 64, pin="never")
     assert pool.is_populated
     assert rss() - before >= 60 << 20
+
+
+def test_slots_for_a_budget_count_the_padded_stride():
+    assert PinnedSlotPool.slots_for(10 * 8192, 4097) == 10
+    assert PinnedSlotPool.slots_for(8191, 4096) == 1
+    with pytest.raises(ValueError, match=r"total_bytes = 4095 holds no slot: slot_bytes = 1 takes 4096 bytes"):
+        PinnedSlotPool.slots_for(4095, 1)

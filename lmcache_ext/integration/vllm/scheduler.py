@@ -20,6 +20,7 @@ from lmcache_ext.directory import CacheDirectory, Reserve, Source
 from lmcache_ext.integration.vllm.metadata import KeyedCopy, StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, chunk_keys
+from lmcache_ext.memory import PinnedSlotPool
 from lmcache_ext.plans import DiskTransfer, SlotCopy
 from lmcache_ext.tiers.disk import chunk_path
 
@@ -49,6 +50,7 @@ class _Request:
     prompt_len: int = 0
     stored: int = 0  # chunks [0, stored) are stored or were found present
     asked: int = 0  # num_computed_tokens of the last hit query (vLLM's local prefix-cache hit)
+    found: list[Source] = field(default_factory=list)  # tiers of the leading cached chunks, as last looked up
 
 
 class SchedulerSide:
@@ -56,8 +58,9 @@ class SchedulerSide:
         self._config = config
         self._geometry = geometry
         g = geometry
-        slot_stride = _C.HostSlotPool.stride_for(g.chunk_bytes(g.blocks_per_chunk))
-        self._slots = _C.HostSlotPool(1, max(config.host_bytes // slot_stride, 1), pin="never")
+        slot_bytes = g.chunk_bytes(g.blocks_per_chunk)
+        num_slots = PinnedSlotPool.slots_for(config.host_pool_bytes(slot_bytes), slot_bytes)
+        self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
         lower = []
         if config.local_disk:
             lower.append((Source.DISK, DiskPresence(Path(config.local_disk), g)))
@@ -74,17 +77,18 @@ class SchedulerSide:
         """Cached tokens beyond vLLM's own hit, leaving at least one token to compute."""
         state = self._state(request)
         state.asked = num_computed_tokens
-        found = self._directory.lookup(self._keys(state, len(request.all_token_ids)))
+        state.found = self._directory.lookup(self._keys(state, len(request.all_token_ids)))
         bs = self._geometry.block_size
-        hit = min(len(found) * self._config.chunk_size, (request.num_tokens - 1) // bs * bs)
+        hit = min(len(state.found) * self._config.chunk_size, (request.num_tokens - 1) // bs * bs)
         return max(hit - num_computed_tokens, 0)
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
-        """Tokens [asked, asked + num_external_tokens) of the request, by the tier of their chunk."""
+        """Tokens [asked, asked + num_external_tokens) of the request, by the tier that held
+        their chunk at the hit query (vLLM asks right after it)."""
         state = self._state(request)
         chunk, start, end = self._config.chunk_size, state.asked, state.asked + num_external_tokens
         sources: dict[Source, int] = {}
-        for c, source in enumerate(self._directory.lookup(state.keys)):
+        for c, source in enumerate(state.found):
             tokens = min((c + 1) * chunk, end) - max(c * chunk, start)
             if tokens > 0:
                 sources[source] = sources.get(source, 0) + tokens

@@ -45,9 +45,8 @@ class WorkerSide:
                 f"register_kv_caches got {kv.num_layers} layers of {kv.page_bytes}-byte pages; the KV cache "
                 f"config says {g.num_layers} layers of {g.page_bytes}-byte pages"
             )
-        pool = PinnedSlotPool.for_budget(
-            self._config.host_bytes, kv.chunk_bytes(g.blocks_per_chunk), pin=self._config.pin_host_memory
-        )
+        slot_bytes = kv.chunk_bytes(g.blocks_per_chunk)
+        pool = PinnedSlotPool.for_budget(self._config.host_pool_bytes(slot_bytes), slot_bytes, pin=self._config.pin_host_memory)
         if self._config.local_disk:
             self._disk = DiskTier(
                 rank_root(Path(self._config.local_disk), self._rank),
