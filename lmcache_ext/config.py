@@ -210,6 +210,17 @@ def _parse_local_disk(key: str, value: Any, source: str) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _parse_cache_namespace(key: str, value: Any, source: str) -> str:
+    """"" (none), or a printable label of up to 256 characters; a YAML number is read as its text."""
+    if _is_null(value):
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or len(value.strip()) > 256 or not value.strip().isprintable():
+        raise _fail(key, value, source, "a printable label of at most 256 characters (e.g. a weights version), or null")
+    return value.strip()
+
+
 def _parse_remote_url(key: str, value: Any, source: str) -> str | None:
     """None, or a Redis/Valkey URL with a host (its form only: nothing is contacted)."""
     if _is_null(value):
@@ -233,9 +244,8 @@ class CacheConfig:
     """The cache's settings, checked and immutable; build it with `load_config`.
 
     Direct construction runs the same checks, naming the source ``CacheConfig()``.
-    `host_pool_bytes` sizes the host slot pool: `host_bytes` when ``local_cpu`` keeps
-    chunks there, else a few slots, since every transfer to or from a lower tier is
-    staged through one.
+    ``cache_namespace`` enters every key: operators who change a
+    model's weights without a cache reset set a new one per weights version.
     """
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
@@ -254,6 +264,7 @@ class CacheConfig:
     disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
     cpu_copy_threads: int = field(default=0, metadata={"parse": _int_parser(0, " (0 = the default)", MAX_CPU_COPY_THREADS)})
     pin_host_memory: str = field(default="auto", metadata={"parse": _choice_parser(PIN_HOST_MEMORY_MODES)})
+    cache_namespace: str = field(default="", metadata={"parse": _parse_cache_namespace})
     sources: InitVar[Mapping[str, str] | None] = None
 
     def __post_init__(self, sources: Mapping[str, str] | None) -> None:
@@ -280,11 +291,6 @@ class CacheConfig:
     def host_bytes(self) -> int:
         """max_local_cpu_size in bytes (GB of 1024**3 bytes)."""
         return round(self.max_local_cpu_size * GB)
-
-    def host_pool_bytes(self, slot_bytes: int) -> int:
-        """Bytes for a host pool of `slot_bytes` slots: the host tier's budget, or with
-        local_cpu off just STAGING_SLOTS slots to stage disk transfers through."""
-        return self.host_bytes if self.local_cpu else STAGING_SLOTS * slot_bytes
 
     @property
     def disk_bytes(self) -> int:

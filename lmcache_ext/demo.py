@@ -46,7 +46,6 @@ def connector_config(disk: Path, chunk_size: int = 256, **extra: object) -> dict
         "kv_connector": "LMCacheConnectorV1Dynamic",
         "kv_connector_module_path": "lmcache_ext.integration.vllm",
         "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "chunk_size": chunk_size,
             "max_local_cpu_size": 1,

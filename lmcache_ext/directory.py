@@ -5,6 +5,11 @@ A host entry becomes visible to lookups only once its bytes are complete
 (``commit``), and a pinned entry (a transfer is reading or writing its slot) is
 never evicted: invariants 1 and 2 of the design. Eviction is LRU over ready,
 unpinned host entries; a chunk that is also on disk only loses its host copy.
+
+A lookup answers only what a load could pin right now: a chunk in a lower tier
+counts only while a host slot can be had to promote it into (a free slot, or one
+taken from an unpinned entry that the same load does not use), so every hit that
+is promised can be loaded, whatever earlier reservations already hold.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ class SlotAllocator(Protocol):
     def alloc(self) -> int | None: ...
 
     def free(self, slot: int) -> None: ...
+
+    @property
+    def num_free(self) -> int: ...
 
 
 class LowerTier(Protocol):
@@ -60,6 +68,7 @@ class _HostEntry:
     ready: bool = False
     pins: int = 1
     loading: bool = False  # being filled from a lower tier for a load planned this step
+    retired: bool = False  # cleared while pinned: never visible again, dropped at its last release
 
 
 class CacheDirectory:
@@ -83,21 +92,44 @@ class CacheDirectory:
 
     # -- queries (no side effects: vLLM may ask the same thing many times) --
 
-    def lookup(self, keys: Sequence[Key]) -> list[Source]:
-        """The tier of each leading available key; stops at the first miss."""
-        found = []
-        host = self._host
+    def lookup(self, keys: Sequence[Key], *, share_pending: bool = False) -> list[Source]:
+        """The tier of each leading key that `reserve_loads(keys, share_pending=...)`
+        would pin now; stops at the first miss or where no slot could be had."""
         with self._lock:
-            for key in keys:
-                entry = host.get(key)
-                if entry is not None and entry.ready:
-                    found.append(Source.HOST)
-                    continue
-                source = self._lower_source(key)
-                if source is None:
+            return [source for _, source in self._loadable(keys, share_pending)]
+
+    def _loadable(self, keys: Sequence[Key], share_pending: bool) -> list[tuple[Key, Source]]:
+        """The leading keys a load can pin, with their tier. Host entries are pinned
+        before slots are taken, so a lower-tier key counts while the free slots plus
+        the unpinned ready entries outside this load outnumber the lower-tier keys
+        before it."""
+        found: list[tuple[Key, Source]] = []
+        for key in keys:
+            entry = self._host.get(key)
+            if entry is not None:
+                if not (entry.ready or (share_pending and entry.loading)):
+                    break  # being filled: not loadable yet
+                found.append((key, Source.HOST))
+                continue
+            source = self._lower_source(key)
+            if source is None:
+                break
+            found.append((key, source))
+        lower = [i for i, (_, source) in enumerate(found) if source is not Source.HOST]
+        spare = self._spare_slots(len(lower), {key for key, source in found if source is Source.HOST})
+        return found if spare >= len(lower) else found[: lower[spare]]
+
+    def _spare_slots(self, wanted: int, used: set[Key]) -> int:
+        """Slots that can be taken now without evicting `used`, counted up to `wanted`."""
+        spare = self._slots.num_free
+        if spare >= wanted:
+            return spare
+        for key, entry in self._host.items():  # oldest first, as _take_slot evicts
+            if entry.ready and entry.pins == 0 and key not in used:
+                spare += 1
+                if spare == wanted:
                     break
-                found.append(source)
-        return found
+        return spare
 
     def _lower_source(self, key: Key) -> Source | None:
         return next((source for source, tier in self._lower if tier.contains(key)), None)
@@ -127,32 +159,40 @@ class CacheDirectory:
     # -- loads --
 
     def reserve_loads(self, keys: Sequence[Key], *, share_pending: bool = False) -> list[PlannedLoad]:
-        """Pin the leading available keys for loading; a disk hit gets a fresh slot to be
-        read into (promotion). Stops at the first miss or when no slot is free.
+        """Pin the leading loadable keys (`lookup` names them); a lower-tier hit gets a
+        fresh slot to be read into (promotion).
 
         With `share_pending`, a key whose slot an earlier reservation is filling from
         disk is pinned too: only for loads executed in the same plan as that read,
         which runs every read before any slot is copied out."""
-        plans = []
         with self._lock:
-            for key in keys:
-                entry = self._host.get(key)
-                if entry is not None and (entry.ready or (share_pending and entry.loading)):
-                    entry.pins += 1
+            loadable = self._loadable(keys, share_pending)
+            for key, source in loadable:  # pin host hits first: no slot taken below evicts them
+                if source is Source.HOST:
+                    self._host[key].pins += 1
                     self._host.move_to_end(key)
-                    plans.append(PlannedLoad(key, entry.slot, Source.HOST))
-                    continue
-                if entry is not None:  # being filled: not loadable yet
-                    break
-                source = self._lower_source(key)
-                if source is None:
-                    break
-                slot = self._take_slot()
-                if slot is None:
-                    break
-                self._host[key] = _HostEntry(slot, loading=True)
-                plans.append(PlannedLoad(key, slot, source))
+            plans = []
+            for key, source in loadable:
+                if source is not Source.HOST:
+                    slot = self._take_slot()
+                    assert slot is not None, "_loadable counted a slot that _take_slot could not find"
+                    self._host[key] = _HostEntry(slot, loading=True)
+                plans.append(PlannedLoad(key, self._host[key].slot, source))
         return plans
+
+    def clear(self) -> int:
+        """Forget every entry (a cache reset): an unpinned one frees its slot now, a
+        pinned one turns invisible and is dropped at its last release. Returns how
+        many are still pinned."""
+        with self._lock:
+            pinned = 0
+            for key, entry in list(self._host.items()):
+                if entry.pins == 0:
+                    self._drop(key)
+                else:
+                    entry.ready, entry.loading, entry.retired = False, False, True
+                    pinned += 1
+            return pinned
 
     # -- completion --
 
@@ -162,8 +202,8 @@ class CacheDirectory:
         pin is released. Either way the filler still holds its pin: call release()."""
         with self._lock:
             entry = self._host[key]
-            entry.ready, entry.loading = ok, False
-            if ok:
+            entry.ready, entry.loading = ok and not entry.retired, False
+            if entry.ready:
                 self._host.move_to_end(key)
 
     def release(self, key: Key) -> None:

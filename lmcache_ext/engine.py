@@ -19,13 +19,13 @@ import torch
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
+from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
 from lmcache_ext.memory import PinnedSlotPool
 from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
 from lmcache_ext.plans import DiskTransfer, Plan, SlotCopy
 from lmcache_ext.tiers.disk import DiskTier
-
 
 KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Tokens = Union[Sequence[int], torch.Tensor]
@@ -68,9 +68,11 @@ class CacheEngine:
             tp_size=tp_size,
             tp_rank=tp_rank,
             chunk_size=config.chunk_size,
+            cache_namespace=config.cache_namespace,
+            epoch=read_epoch(config.local_disk),
         )
         slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
-        self._pool = PinnedSlotPool.for_budget(config.host_pool_bytes(slot_bytes), slot_bytes, pin=config.pin_host_memory)
+        self._pool = PinnedSlotPool.for_config(config, slot_bytes)
         self._stats = EngineStats()
         self._disk = (
             DiskTier(config.local_disk, config.disk_bytes, threads=config.disk_io_threads, o_direct=config.disk_o_direct)
@@ -175,6 +177,23 @@ class CacheEngine:
         loaded = list(itertools.takewhile(lambda cp: read_ok.get(cp[1].key, True), zip(chunks, planned)))
         self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
         return loaded
+
+    def reset(self) -> bool:
+        """Drop everything cached before this call, e.g. after the model's weights changed
+        in place: no later lookup hits a chunk stored before it, in host memory or on
+        disk, after a restart too (a new epoch enters every key; see lmcache_ext.epoch).
+        Host slots not in use are freed at once, the disk files are deleted in the
+        background. False, with nothing changed, when the new epoch cannot be written
+        to the disk tier's directory."""
+        self._check_open()
+        epoch = next_epoch(self._config.local_disk)
+        if epoch is None:
+            return False
+        self._namespace = self._namespace.with_epoch(epoch)
+        self._directory.clear()
+        if self._disk is not None:
+            self._disk.clear()
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Counters of this engine plus the current state of its tiers."""

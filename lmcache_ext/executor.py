@@ -4,6 +4,10 @@ and reports each item done or failed. It decides nothing.
 Copies of the same block count go out as one kernel launch over all their slots.
 Disk writes run on the disk tier's threads and report through a callback, so a
 plan never waits on one (the slot stays pinned by the directory until then).
+
+The paged cache can be unbound and bound again (vLLM's sleep mode releases its
+memory): `bind(None)` waits for a copy in progress, and until the next `bind` a
+plan with copies raises instead of touching released memory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
+
+import threading
 
 import torch
 
@@ -35,16 +41,30 @@ class TransferExecutor:
     """Runs plans against one paged cache, one slot pool and an optional disk tier."""
 
     def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, disk: DiskFiles | None, read_threads: int = 2) -> None:
-        self._kv = kv
+        self._kv: ops.PagedLayers | None = kv
+        self._kv_lock = threading.Lock()  # held by copies; bind() waits for them
         self._slots = slots
         self._disk = disk
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if disk else None
 
+    def bind(self, kv: ops.PagedLayers | None) -> None:
+        """Copy to and from `kv` from now on; None: no paged cache until the next bind."""
+        with self._kv_lock:
+            self._kv = kv
+
     def run(self, plan: Plan, on_write_done: WriteDone | None = None) -> PlanResult:
-        reads = self._read(plan.reads)
-        unreadable = {r.slot for r, ok in zip(plan.reads, reads) if not ok}
-        scatters = self._copy(ops.scatter, plan.scatters, unreadable)
-        gathers = self._copy(ops.gather, plan.gathers, set())
+        with self._kv_lock:
+            kv = self._kv
+            if (plan.scatters or plan.gathers) and kv is None:
+                raise RuntimeError(
+                    f"the plan copies {len(plan.scatters) + len(plan.gathers)} chunks to or from the paged KV "
+                    "cache, but none is bound: vLLM unregistered it for sleep mode (unregister_kv_caches) and "
+                    "has not restored it (restore_kv_caches)"
+                )
+            reads = self._read(plan.reads)
+            unreadable = {r.slot for r, ok in zip(plan.reads, reads) if not ok}
+            scatters = self._copy(kv, ops.scatter, plan.scatters, unreadable)
+            gathers = self._copy(kv, ops.gather, plan.gathers, set())
         unfilled = {g.slot for g, ok in zip(plan.gathers, gathers) if not ok}
         for w in plan.writes:
             self._write(w, w.slot not in unfilled, on_write_done)
@@ -66,7 +86,8 @@ class TransferExecutor:
         futures = [self._readers.submit(disk.read_into, r.key, self._payload(r.slot, r.nbytes)) for r in reads]
         return [f.result() for f in futures]
 
-    def _copy(self, copy: Callable[..., None], items: Sequence[SlotCopy], skip: set[int]) -> list[bool]:
+    def _copy(self, kv: ops.PagedLayers | None, copy: Callable[..., None], items: Sequence[SlotCopy],
+              skip: set[int]) -> list[bool]:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
         groups: dict[int, list[SlotCopy]] = defaultdict(list)
@@ -76,21 +97,21 @@ class TransferExecutor:
             if item.whole:
                 groups[len(item.block_ids)].append(item)
             else:
-                self._copy_part(copy, item)
+                self._copy_part(kv, copy, item)
         for blocks, members in groups.items():
             block_ids = [b for item in members for b in item.block_ids]
             chunks = [self._slots.view(item.slot) for item in members]
-            copy(self._kv, block_ids, chunks, blocks_per_chunk=blocks)
-        if items and self._kv.device.type == "cuda":
-            torch.cuda.current_stream(self._kv.device).synchronize()
+            copy(kv, block_ids, chunks, blocks_per_chunk=blocks)
+        if items and kv is not None and kv.device.type == "cuda":
+            torch.cuda.current_stream(kv.device).synchronize()
         return [item.slot not in skip for item in items]
 
-    def _copy_part(self, copy: Callable[..., None], item: SlotCopy) -> None:
+    def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy) -> None:
         """Blocks first.. of a chunk: the slot seen from block `first`, layers still
         chunk_blocks pages apart."""
-        offset = item.first * self._kv.chunk_geometry()[1]
+        offset = item.first * kv.chunk_geometry()[1]
         chunk = self._slots.view(item.slot)[offset:]
-        copy(self._kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks)
+        copy(kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks)
 
     def _write(self, w: DiskTransfer, filled: bool, on_done: WriteDone | None) -> None:
         report = (lambda ok: on_done(w, ok)) if on_done else (lambda ok: None)

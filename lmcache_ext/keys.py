@@ -14,6 +14,14 @@ byte makes its length differ from every full chunk's input (a multiple of 4
 bytes), and the input length differs between partial lengths, so a partial key
 never comes from the same bytes as a full or another partial chunk's key.
 
+What tokens alone do not say about a chunk (the images or prompt embeddings behind
+its placeholder tokens, say) enters its key as *extra* bytes: ``extra_of(begin,
+end)`` gives them for the chunk of tokens ``[begin, end)``, and the hashed input
+becomes ``h_{i-1} || tokens || b"X" || xxh3_128(extra) [|| b"P" || length]``. The
+inputs' lengths tell the four kinds apart: modulo 4 a full chunk's is 0 without
+extras and 1 with them, a partial chunk's 1 without and 2 with; and a full chunk
+with extras would need C+3 tokens to match a plain partial chunk's length.
+
 Growing requests (chunked prefill, decode) extend their key list without
 rehashing the earlier chunks::
 
@@ -30,8 +38,8 @@ import json
 import operator
 import struct
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 import xxhash
@@ -50,9 +58,13 @@ TOKEN_LIMIT = 2**32
 _TOKEN_BYTES = 4
 _FINGERPRINT_DOMAIN = b"lmcache_ext.namespace.v1\n"
 _PARTIAL_TAG = b"P"
+_EXTRA_TAG = b"X"
+_OPTIONAL_FIELDS = ("cache_namespace", "epoch")
 _digest = xxhash.xxh3_128_digest
 
 Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
+ExtraOf = Callable[[int, int], Optional[bytes]]
+"""``extra_of(begin, end)``: what besides its tokens tells the chunk ``[begin, end)`` apart, or None."""
 
 
 def _check_str(name: str, value: object, *, allow_empty: bool) -> None:
@@ -74,7 +86,9 @@ class Namespace:
     ``layout`` are names as the caller spells them (e.g. ``"bfloat16"``, ``"LBNHC"``):
     spell them the same way everywhere that shares a cache. ``cache_salt`` and
     ``lora_id`` are per request (see ``for_request``); ``None`` differs from ``""``
-    and the int 1 from the str ``"1"``.
+    and the int 1 from the str ``"1"``. ``cache_namespace`` is the operator's own
+    separator (e.g. a weights version) and ``epoch`` changes at each cache reset, so
+    chunks stored before a reset are never hit after it.
     """
 
     model: str
@@ -90,11 +104,14 @@ class Namespace:
     cache_salt: str | None = None
     lora_id: str | int | None = None
     format_version: int = FORMAT_VERSION
+    cache_namespace: str = ""
+    epoch: str = ""
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "layout"):
             _check_str(name, getattr(self, name), allow_empty=False)
-        _check_str("revision", self.revision, allow_empty=True)
+        for name in ("revision", *_OPTIONAL_FIELDS):
+            _check_str(name, getattr(self, name), allow_empty=True)
         for name in ("block_size", "page_bytes", "num_layers", "tp_size", "chunk_size", "format_version"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("tp_rank", self.tp_rank, minimum=0)
@@ -115,14 +132,24 @@ class Namespace:
 
     @functools.cached_property
     def fingerprint(self) -> bytes:
-        """16 bytes: xxh3-128 of a domain tag and the sorted-key JSON of every field."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """16 bytes: xxh3-128 of a domain tag and the sorted-key JSON of every field.
+        Fields added after format 1 (`_OPTIONAL_FIELDS`) enter only when set, so the
+        keys of caches written before they existed stay the same."""
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in _OPTIONAL_FIELDS or getattr(self, f.name)
+        }
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return _digest(_FINGERPRINT_DOMAIN + canonical)
 
     def for_request(self, cache_salt: str | None = None, lora_id: str | int | None = None) -> Namespace:
         """This namespace with a request's cache salt and LoRA id (both replaced, ``None`` included)."""
         return dataclasses.replace(self, cache_salt=cache_salt, lora_id=lora_id)
+
+    def with_epoch(self, epoch: str) -> Namespace:
+        """This namespace in another cache epoch (see `lmcache_ext.epoch`)."""
+        return dataclasses.replace(self, epoch=epoch)
 
 
 def _bad_token_message(tokens: Sequence[Any], offset: int) -> str:
@@ -196,6 +223,7 @@ def chunk_keys(
     start: int = 0,
     prev_key: ChunkKey | None = None,
     include_partial: bool = False,
+    extra_of: ExtraOf | None = None,
 ) -> list[ChunkKey]:
     """Keys of the chunks of ``tokens`` from token ``start`` on, one per full chunk.
 
@@ -209,6 +237,8 @@ def chunk_keys(
     To extend earlier keys, pass ``start`` (a multiple of ``C``: the tokens already
     keyed) and ``prev_key``, the key of the full chunk ending at ``start``; the result
     equals the tail of a one-shot computation. ``start = 0`` needs ``prev_key = None``.
+    ``extra_of`` (see the module docstring) is asked once per key, with the chunk's
+    absolute token range.
     """
     source = _checked_source(tokens)
     chunk_size = namespace.chunk_size
@@ -231,9 +261,22 @@ def chunk_keys(
     chunk_bytes = chunk_size * _TOKEN_BYTES
     full_bytes = (num_tokens - start) // chunk_size * chunk_bytes
     for offset in range(0, full_bytes, chunk_bytes):
-        prev_key = _digest(prev_key + data[offset : offset + chunk_bytes])
+        begin = start + offset // _TOKEN_BYTES
+        tail = _extra_tail(extra_of, begin, begin + chunk_size)
+        prev_key = _digest(prev_key + data[offset : offset + chunk_bytes] + tail)
         keys.append(prev_key)
     if include_partial and len(data) > full_bytes:
         length = struct.pack("<I", (len(data) - full_bytes) // _TOKEN_BYTES)
-        keys.append(_digest(prev_key + data[full_bytes:] + _PARTIAL_TAG + length))
+        tail = _extra_tail(extra_of, start + full_bytes // _TOKEN_BYTES, num_tokens)
+        keys.append(_digest(prev_key + data[full_bytes:] + tail + _PARTIAL_TAG + length))
     return keys
+
+
+def _extra_tail(extra_of: ExtraOf | None, begin: int, end: int) -> bytes:
+    """The tagged digest of the chunk's extra bytes, or nothing when it has none."""
+    extra = extra_of(begin, end) if extra_of is not None else None
+    if extra is None:
+        return b""
+    if not isinstance(extra, bytes):
+        raise ValueError(f"extra_of({begin}, {end}) returned a {type(extra).__name__}; expected bytes or None")
+    return _EXTRA_TAG + _digest(extra)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmcache_ext import _C
+from lmcache_ext.config import STAGING_SLOTS, CacheConfig
 
 
 class PinnedSlotPool(_C.HostSlotPool):
@@ -42,6 +43,19 @@ class PinnedSlotPool(_C.HostSlotPool):
     ) -> PinnedSlotPool:
         """As many slots as fit in ``total_bytes`` (`slots_for`)."""
         return cls(slot_bytes, cls.slots_for(total_bytes, slot_bytes), pin=pin, lock=lock)
+
+    @classmethod
+    def slots_for_config(cls, config: CacheConfig, slot_bytes: int) -> int:
+        """Slots of `slot_bytes` in the host pool that `config` asks for: as many as fit in
+        max_local_cpu_size, or with local_cpu off STAGING_SLOTS to stage lower-tier
+        transfers through. The engine, the connector's workers and the scheduler's
+        accounting twin of their pools are all sized here."""
+        return cls.slots_for(config.host_bytes, slot_bytes) if config.local_cpu else STAGING_SLOTS
+
+    @classmethod
+    def for_config(cls, config: CacheConfig, slot_bytes: int) -> PinnedSlotPool:
+        """The host pool that `config` asks for (`slots_for_config`)."""
+        return cls(slot_bytes, cls.slots_for_config(config, slot_bytes), pin=config.pin_host_memory)
 
     def view(self, slot: int) -> torch.Tensor:
         """The slot's ``slot_bytes`` as a writable uint8 tensor, zero-copy.

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from lmcache_ext.config import GB, IGNORED_LMCACHE_KEYS, STAGING_SLOTS, CacheConfig, ConfigError, load_config
+from lmcache_ext.memory import PinnedSlotPool
 
 NO_ENV: dict[str, str] = {}
 
@@ -48,6 +49,7 @@ def test_defaults_match_lmcache_and_our_additions():
         "disk_io_threads": 2,
         "cpu_copy_threads": 0,
         "pin_host_memory": "auto",
+        "cache_namespace": "",
     }
     assert config == CacheConfig()
     assert config.host_bytes == 5 * 1024**3 == 5 * GB
@@ -90,6 +92,7 @@ def test_env_alone(tmp_path):
             "LMCACHE_DISK_IO_THREADS": "3",
             "LMCACHE_CPU_COPY_THREADS": "2",
             "LMCACHE_PIN_HOST_MEMORY": "always",
+            "LMCACHE_CACHE_NAMESPACE": " weights-v17 ",
         }
     )
     assert config.to_dict() == {
@@ -107,6 +110,7 @@ def test_env_alone(tmp_path):
         "disk_io_threads": 3,
         "cpu_copy_threads": 2,
         "pin_host_memory": "always",
+        "cache_namespace": "weights-v17",
     }
 
 
@@ -280,6 +284,7 @@ REMOTE_URL = (
     "or 'valkeys://host[:port]', or null"
 )
 DISK_PATH = "a directory path or 'file:///path', or null for no disk tier"
+NAMESPACE = "a printable label of at most 256 characters (e.g. a weights version), or null"
 
 # (key, bad value, what the message says is allowed), each given in the extra config.
 BAD_EXTRA_CONFIG_VALUES = [
@@ -311,6 +316,9 @@ BAD_EXTRA_CONFIG_VALUES = [
     ("local_disk", 5, DISK_PATH),
     ("local_disk", "file://host/kv", "'file:///absolute/path' (three slashes: no host)"),
     ("local_disk", "/a/,/b/", "one directory: the disk tier does not span several paths"),
+    ("cache_namespace", "v1\nv2", NAMESPACE),
+    ("cache_namespace", "x" * 257, NAMESPACE),
+    ("cache_namespace", 1.5, NAMESPACE),
 ]
 
 
@@ -358,7 +366,7 @@ def test_unknown_extra_config_key_suggests_and_lists_the_keys(key, hint):
         f"unknown config key {key!r} (= 1) from kv_connector_extra_config: {hint}expected one of chunk_size, "
         "local_cpu, max_local_cpu_size, local_disk, max_local_disk_size, remote_url, save_unfull_chunk, "
         "save_decode_cache, use_layerwise, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
-        "pin_host_memory, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
+        "pin_host_memory, cache_namespace, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
     ):
         load_config({key: 1}, environ=NO_ENV)
 
@@ -495,5 +503,9 @@ def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
 def test_the_host_pool_is_the_host_tier_or_only_staging_slots():
     on = load_config({"max_local_cpu_size": 1}, environ={})
     off = load_config({"max_local_cpu_size": 1, "local_cpu": False}, environ={})
-    assert on.host_pool_bytes(1 << 20) == GB
-    assert off.host_pool_bytes(1 << 20) == STAGING_SLOTS << 20
+    assert PinnedSlotPool.slots_for_config(on, 1 << 20) == GB >> 20
+    assert PinnedSlotPool.slots_for_config(off, 1 << 20) == STAGING_SLOTS
+    # slots smaller than a page still sit on a 4096-byte stride: staging needs whole strides
+    assert PinnedSlotPool.slots_for_config(off, 100) == STAGING_SLOTS
+    pool = PinnedSlotPool.for_config(off, 100)
+    assert (pool.num_slots, pool.slot_bytes) == (STAGING_SLOTS, 100)

@@ -3,90 +3,19 @@ stores, hits, partial and shared loads, TP ranks, failures. Fast and exact."""
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, config, first_step, geometry, prompt,
+                           request, same_pages)
 from kv_layouts import make_layers, page_view
 
-from lmcache_ext.config import CacheConfig
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.integration.vllm.worker import WorkerSide
-from lmcache_ext.keys import Namespace, chunk_keys
-
-LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
-HEADS, WIDTH = 2, 32  # 2 KiB pages (bf16)
-PAGE = HEADS * BLOCK * WIDTH * 2
-
-
-def geometry(tp_size: int = 1) -> Geometry:
-    ns = Namespace(model="m", revision="", dtype="bfloat16", layout="LBHNC", block_size=BLOCK, page_bytes=PAGE,
-                   num_layers=LAYERS, tp_size=tp_size, tp_rank=0, chunk_size=CHUNK)
-    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
-
-
-def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
-    disk = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01) if tmp_path else {}
-    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001, **disk, **kw)
-
-
-class Rig:
-    """A scheduler half and `tp` worker halves, each worker with its own random cache."""
-
-    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, **kw: object) -> None:
-        self.scheduler = SchedulerSide(config(tmp_path, **kw), geometry(tp))
-        self.caches = [make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r)
-                       for r in range(tp)]
-        self.workers = [WorkerSide(config(tmp_path), geometry(tp), r) for r in range(tp)]
-        for w, cache in zip(self.workers, self.caches):
-            w.register({f"layer.{i}": t for i, t in enumerate(cache)})
-
-    def step(self, new: list[tuple[SimpleNamespace, list[int], int]], loads: bool = True) -> StepPlan:
-        """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
-        run the plan on every worker, deliver the aggregated report."""
-        for request, blocks, local in new:
-            external = self.scheduler.num_new_matched_tokens(request, local)
-            self.scheduler.plan_load(request, blocks, external if loads else 0)
-            request.external = external
-        output = SimpleNamespace(
-            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
-                                for r, b, local in new],
-            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
-            num_scheduled_tokens={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
-        )
-        plan = self.scheduler.build_plan(output)
-        report = None
-        for w in self.workers:
-            w.load(plan)
-            w.save(plan)
-            self.flush()
-            part = w.take_report()
-            report = part if report is None else report.aggregate(part) if part else report
-        self.scheduler.apply_report(report)
-        return plan
-
-    def flush(self) -> None:
-        for w in self.workers:
-            if w._disk is not None:
-                w._disk.flush()
-
-
-def request(rid: str, tokens: list[int]) -> SimpleNamespace:
-    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_prompt_tokens=len(tokens),
-                           cache_salt=None, lora_request=None)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(1000) for _ in range(n)]
-
-
-def same_pages(cache, dst: list[int], src_cache, src: list[int]) -> bool:
-    return all(torch.equal(page_view(a)[dst], page_view(b)[src]) for a, b in zip(cache, src_cache))
+from lmcache_ext.keys import chunk_keys
 
 
 def test_store_then_hit_loads_exact_bytes_leaving_the_last_token():
@@ -160,12 +89,7 @@ def test_a_bad_disk_file_becomes_load_errors_then_is_stored_again(tmp_path):
 def test_tp_ranks_store_their_own_shards_and_a_chunk_waits_for_every_rank(tmp_path):
     rig = Rig(tmp_path, tp=2)
     tokens = prompt(CHUNK + 1, seed=5)
-    a = request("a", tokens)
-    rig.scheduler.num_new_matched_tokens(a, 0)
-    plan = rig.scheduler.build_plan(SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=(list(range(5)),), num_computed_tokens=0)],
-        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
-        num_scheduled_tokens={"a": CHUNK + 1}))
+    plan = first_step(rig.scheduler, request("a", tokens), list(range(5)), CHUNK + 1)
     rig.workers[0].save(plan)
     rig.flush()
     rig.scheduler.apply_report(rig.workers[0].take_report())
@@ -231,11 +155,7 @@ def test_a_resumed_request_replaces_its_block_list():
     tokens = prompt(2 * CHUNK + 5, seed=8)
     a = request("a", tokens)
     a.num_prompt_tokens = len(tokens)
-    rig.scheduler.num_new_matched_tokens(a, 0)
-    plan = rig.scheduler.build_plan(SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=(list(range(9)),), num_computed_tokens=0)],
-        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[]),
-        num_scheduled_tokens={"a": CHUNK}))  # chunked prefill: the first chunk only
+    plan = first_step(rig.scheduler, a, list(range(9)), CHUNK)  # chunked prefill: the first chunk only
     assert [k.copy.block_ids for k in plan.stores] == [(0, 1, 2, 3)]
     # preempted, then resumed with all new blocks: the second chunk comes from those
     plan = decode_step(rig, a, 2 * CHUNK - 1, list(range(40, 49)), resumed=True)

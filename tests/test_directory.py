@@ -93,11 +93,13 @@ def test_eviction_keeps_the_disk_copy_and_promotion_brings_it_back():
     stored(d, k(1))
     disk.keys.add(k(1))  # the write-through finished
     stored(d, k(2))  # evicts k(1) from host
-    assert d.lookup([k(1), k(2)]) == [Source.DISK, Source.HOST]
+    assert d.lookup([k(1), k(2)]) == []  # the one slot holds k(2), which the same load needs
+    assert d.lookup([k(1)]) == [Source.DISK]  # k(2) gives up its slot for it
     assert d.reserve_store(k(1)) is Reserve.PRESENT
     loads = d.reserve_loads([k(1)])
     assert [(p.key, p.source) for p in loads] == [(k(1), Source.DISK)]
-    assert d.lookup([k(1)]) == [Source.DISK]  # host copy not ready until the read completes
+    assert d.lookup([k(1)]) == []  # host copy not ready until the read completes
+    assert d.lookup([k(1)], share_pending=True) == [Source.HOST]  # unless loaded in the read's plan
     d.commit(k(1), True)
     d.release(k(1))
     assert d.lookup([k(1)]) == [Source.HOST]
@@ -214,3 +216,47 @@ def test_concurrent_stores_and_loads_never_share_a_pinned_slot():
     assert d.pinned_slots() == 0
     assert 0 < d.host_chunks() <= 8
     assert pool.num_free == 8 - d.host_chunks()
+
+
+def test_a_lookup_counts_only_lower_tier_keys_that_can_get_a_slot():
+    disk = FakeDisk([k(i) for i in range(10, 16)])
+    d = CacheDirectory(slots(4), [(Source.DISK, disk)])
+    stored(d, k(1))
+    keys = [k(1)] + [k(i) for i in range(10, 16)]
+    assert d.lookup(keys) == [Source.HOST] + [Source.DISK] * 3  # k(1) stays: its load uses it
+    first = d.reserve_loads(keys)
+    assert [(p.key, p.source) for p in first] == [(k(1), Source.HOST)] + [(k(i), Source.DISK) for i in (10, 11, 12)]
+    assert d.lookup([k(i) for i in range(13, 16)]) == []  # every slot is pinned by that load
+    for p in first:
+        if p.source is Source.DISK:
+            d.commit(p.key, True)
+        d.release(p.key)
+    assert d.lookup([k(i) for i in range(13, 16)]) == [Source.DISK] * 3  # unpinned entries give way
+
+
+def test_a_reservation_never_evicts_a_host_hit_of_the_same_load():
+    disk = FakeDisk([k(2)])
+    d = CacheDirectory(slots(2), [(Source.DISK, disk)])
+    stored(d, k(9))  # the oldest entry: the one eviction takes
+    stored(d, k(3))
+    assert d.lookup([k(2), k(3)]) == [Source.DISK, Source.HOST]
+    loads = d.reserve_loads([k(2), k(3)])
+    assert [(p.key, p.source) for p in loads] == [(k(2), Source.DISK), (k(3), Source.HOST)]
+    assert loads[0].slot != loads[1].slot
+    assert d.lookup([k(9)]) == []  # k(9) gave its slot
+
+
+def test_clear_frees_idle_slots_now_and_pinned_ones_at_their_last_release():
+    pool = slots(4)
+    d = CacheDirectory(pool)
+    stored(d, k(1))
+    d.reserve_loads([k(1)])  # a load in flight
+    d.reserve_store(k(2))  # a store in flight
+    stored(d, k(3))
+    assert d.clear() == 2 and pool.num_free == 2
+    assert d.lookup([k(1)]) == [] and d.host_chunks() == 0
+    d.commit(k(2), True)  # the store completes after the reset: never visible
+    assert d.lookup([k(2)]) == []
+    d.release(k(1))
+    d.release(k(2))
+    assert pool.num_free == 4 and d.pinned_slots() == 0

@@ -228,6 +228,20 @@ def test_remove(make_tier, root):
     assert tier.remove(key(0)) is False
 
 
+def test_clear_forgets_every_key_at_once_and_deletes_the_files_in_the_background(make_tier, root):
+    tier = make_tier()
+    for i in range(5):
+        store(tier, key(i), slot(5000, seed=i))
+    assert tier.clear() == 5
+    assert tier.keys() == [] and tier.usage_bytes == 0 and read_back(tier, key(0), 5000) is None
+    tier.flush()
+    assert chunk_files(root) == [] and tier.stats()["cleared"] == 5
+    store(tier, key(0), slot(5000, seed=9))  # the tier keeps working
+    assert torch.equal(read_back(tier, key(0), 5000), slot(5000, seed=9))
+    tier.close()
+    assert make_tier(at=root).keys() == [key(0)]
+
+
 def flip(path: Path, at: int) -> None:
     with open(path, "r+b") as f:
         f.seek(at)

@@ -326,3 +326,39 @@ def test_without_the_host_tier_a_few_staging_slots_serve_the_disk(tmp_path):
         for layer, kv in enumerate(cache):
             assert torch.equal(page_view(kv)[80:88], expected[layer])
         assert engine.stats()["loaded_tokens_disk"] == 2 * CHUNK
+
+
+def test_reset_drops_host_and_disk_chunks_for_this_engine_and_after_a_restart(tmp_path):
+    cache = new_cache(20)
+    tokens = prompt(2 * CHUNK, seed=200)
+    with CacheEngine(config(tmp_path), cache, BLOCK) as engine:
+        assert engine.store(tokens, list(range(8))) == 2 * CHUNK
+        engine.flush()
+        old_namespace = engine.namespace
+        assert engine.reset() is True
+        assert engine.namespace != old_namespace and engine.lookup(tokens) == 0
+        assert engine.retrieve(tokens, list(range(40, 48))) == 0
+        engine.flush()
+        stats = engine.stats()
+        assert (stats["host_chunks"], stats["host_slots_free"], stats["disk_files"]) == (0, 64, 0)
+        assert engine.store(tokens, list(range(8))) == 2 * CHUNK  # stored afresh, in the new epoch
+    with CacheEngine(config(tmp_path), new_cache(21), BLOCK) as restarted:
+        assert restarted.namespace == engine.namespace and restarted.lookup(tokens) == 2 * CHUNK
+
+
+def test_a_reset_that_cannot_write_its_epoch_is_refused(tmp_path):
+    with CacheEngine(config(tmp_path), new_cache(22), BLOCK) as engine:
+        tokens = prompt(CHUNK, seed=201)
+        engine.store(tokens, list(range(4)))
+        (tmp_path / "kv" / "epoch").mkdir()
+        assert engine.reset() is False and engine.lookup(tokens) == CHUNK
+
+
+def test_lookup_promises_only_what_the_host_slots_can_take(tmp_path):
+    cache = new_cache(23)
+    tokens = prompt(4 * CHUNK, seed=202)
+    with CacheEngine(config(tmp_path), cache, BLOCK) as engine:
+        engine.store(tokens, list(range(16)))
+    with CacheEngine(config(tmp_path, host_chunks=2), new_cache(24), BLOCK) as small:
+        assert small.lookup(tokens) == 2 * CHUNK  # four chunks on disk, two slots to load them through
+        assert small.retrieve(tokens, list(range(20, 36))) == 2 * CHUNK

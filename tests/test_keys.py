@@ -48,6 +48,8 @@ OTHER_VALUES = dict(
     cache_salt="tenant-a",
     lora_id=7,
     format_version=FORMAT_VERSION + 1,
+    cache_namespace="weights-v2",
+    epoch="0123456789abcdef0123456789abcdef",
 )
 
 TOKENS = [1000 + 37 * i for i in range(4 * CHUNK + 3)]  # four full chunks and three tokens
@@ -157,6 +159,43 @@ def test_partial_chunk_key_encodes_its_length():
     full_key = chunk_keys(prefix + last, NS)[-1]
     partials = [chunk_keys(prefix + last[:n], NS, include_partial=True)[-1] for n in range(1, CHUNK)]
     assert len(set(partials + [full_key])) == CHUNK
+
+
+def test_extras_follow_the_documented_chain_and_none_adds_nothing():
+    asked = []
+
+    def extra_of(begin: int, end: int) -> bytes | None:
+        asked.append((begin, end))
+        return b"image-a" if begin <= 9 < end else None  # the chunk holding token 9
+
+    keys = chunk_keys(TOKENS, NS, include_partial=True, extra_of=extra_of)
+    assert asked == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 19)]
+    plain = chunk_keys(TOKENS, NS, include_partial=True)
+    assert keys[:2] == plain[:2] and keys[2] != plain[2] and keys[3:] != plain[3:]
+    tagged = b"X" + xxhash.xxh3_128_digest(b"image-a")
+    assert keys[2] == xxhash.xxh3_128_digest(keys[1] + struct.pack("<4I", *TOKENS[8:12]) + tagged)
+    assert keys[3] == spec_keys(TOKENS[12:16], keys[2], CHUNK)[0]
+    assert keys == chunk_keys(TOKENS, NS, include_partial=True, extra_of=lambda b, e: extra_of(b, e) or None)
+    extended = chunk_keys(TOKENS, NS, start=2 * CHUNK, prev_key=keys[1], include_partial=True, extra_of=extra_of)
+    assert extended == keys[2:]
+
+
+def test_a_partial_chunk_with_extras_differs_from_every_full_and_plain_key():
+    tokens = TOKENS[: CHUNK + 3]
+    extra = lambda b, e: b"e"  # noqa: E731
+    keys = {
+        chunk_keys(tokens, NS, include_partial=True)[-1],
+        chunk_keys(tokens, NS, include_partial=True, extra_of=extra)[-1],
+        chunk_keys(TOKENS[: 2 * CHUNK], NS)[-1],
+        chunk_keys(TOKENS[: 2 * CHUNK], NS, extra_of=extra)[-1],
+        chunk_keys(tokens, NS, include_partial=True, extra_of=lambda b, e: b"f")[-1],
+    }
+    assert len(keys) == 5
+
+
+def test_extra_of_must_give_bytes_or_none():
+    with pytest.raises(ValueError, match=r"extra_of\(0, 4\) returned a str; expected bytes or None"):
+        chunk_keys(TOKENS, NS, extra_of=lambda b, e: "text")
 
 
 def test_include_partial_adds_nothing_when_the_tokens_end_on_a_chunk():

@@ -401,8 +401,23 @@ class DiskTier:
         self._stamp(key)
         return True
 
+    def clear(self) -> int:
+        """Forget every stored chunk and delete its file in the background (a cache
+        reset); returns how many. `flush` waits for the deletions too. A write already
+        in flight still commits its file afterwards."""
+        with self._lock:
+            self._check_open()
+            keys = list(self._index)
+            self._index.clear()
+            self._usage = 0
+            self._counts["cleared"] += len(keys)
+            future = self._pool.submit(self._delete_files, keys)
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        return len(keys)
+
     def flush(self) -> None:
-        """Wait until every write submitted before this call has finished."""
+        """Wait until every write (and deletion) submitted before this call has finished."""
         with self._lock:
             self._check_open()
             pending = list(self._pending)
@@ -433,6 +448,7 @@ class DiskTier:
                 "reads_corrupt": dict(self._reads_corrupt),
                 "reads_failed": dict(self._reads_failed),
                 "evictions": self._counts["evictions"],
+                "cleared": self._counts["cleared"],
                 "removed_at_start": self._counts["removed_at_start"],
                 "direct_writes": self._counts["direct_writes"],
                 "direct_reads": self._counts["direct_reads"],
@@ -481,6 +497,11 @@ class DiskTier:
         while self._index and self._usage > limit:
             self._drop(next(iter(self._index)))
             self._counts["evictions"] += 1
+
+    def _delete_files(self, keys: list[bytes]) -> bool:
+        for key in keys:
+            _unlink_quietly(self.path_of(key))
+        return True
 
     def _disable_direct(self, exc: OSError) -> None:
         if self._direct:

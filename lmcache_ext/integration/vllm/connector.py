@@ -4,13 +4,18 @@ vLLM makes one instance per role: in the scheduler process it is the
 `SchedulerSide` (hits, directory, plans), in each worker the `WorkerSide`
 (copies and disk I/O). Loads are synchronous, in `start_load_kv` before the
 forward; stores are gathered into host slots in `wait_for_save` and written to
-disk in the background. A load that fails its checks is reported through
-`get_block_ids_with_load_errors`: run vLLM with `kv_load_failure_policy:
-"recompute"` so those blocks are recomputed instead of failing the request.
+disk in the background. A hit promises only chunks that can be loaded, so under
+vLLM's default `kv_load_failure_policy: "fail"` no request fails for want of a
+host slot; a chunk that fails its checks on load (a corrupt file) is reported
+through `get_block_ids_with_load_errors`, which only `"recompute"` turns into
+recomputation. `reset_cache` (vLLM's `reset_prefix_cache(reset_connector=True)`)
+drops everything stored before it; sleep mode unregisters and restores the KV
+cache's views. A model without KV cache groups leaves the connector idle.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import vllm
@@ -25,12 +30,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.config import load_config
+from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats
 from lmcache_ext.integration.vllm.worker import WorkerSide
 
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
 
@@ -56,14 +64,24 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._config.warn_unimplemented()
         geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
-        self._scheduler: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._scheduler: SchedulerSide | IdleSide | None = None
+        self._worker: WorkerSide | IdleSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(self._config, geometry)
-        else:
+            self._scheduler = SchedulerSide(self._config, geometry) if geometry else IdleSide()
+        elif geometry is not None:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank())
+        else:
+            self._worker = IdleSide()
+        if geometry is None:
+            logger.warning("lmcache_ext: the model has no KV cache groups (an encoder-only or attention-free "
+                           "model): nothing to cache, the connector stays idle")
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
+        """True: the worker unregisters and restores the KV cache's views (vLLM 0.33)."""
+        return True
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -74,6 +92,14 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._worker_side().register(kv_caches)
+
+    def unregister_kv_caches(self) -> None:
+        """Sleep mode: vLLM releases the KV cache's memory after this returns."""
+        self._worker_side().unregister()
+
+    def restore_kv_caches(self) -> None:
+        """Sleep mode: the KV cache's memory is back (wake-up)."""
+        self._worker_side().restore()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._worker_side().load(self._plan())
@@ -127,6 +153,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         report = connector_output.kv_connector_worker_meta
         self._scheduler_side().apply_report(report if isinstance(report, WorkerReport) else None)
 
+    def reset_cache(self) -> bool:
+        """Drop everything stored before this call (see `SchedulerSide.reset`)."""
+        return self._scheduler_side().reset()
+
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Stores copy a request's blocks into host slots within the step that planned
         them, so no save still reads its blocks: they can be freed at once."""
@@ -140,11 +170,11 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         assert isinstance(plan, StepPlan), f"connector metadata is a {type(plan).__name__}, expected StepPlan"
         return plan
 
-    def _worker_side(self) -> WorkerSide:
+    def _worker_side(self) -> WorkerSide | IdleSide:
         assert self._worker is not None, "a worker-side hook was called on the scheduler's connector"
         return self._worker
 
-    def _scheduler_side(self) -> SchedulerSide:
+    def _scheduler_side(self) -> SchedulerSide | IdleSide:
         assert self._scheduler is not None, "a scheduler-side hook was called on a worker's connector"
         return self._scheduler
 

@@ -33,6 +33,7 @@ class StepPlan(KVConnectorMetadata):
     stores: list[KeyedCopy] = field(default_factory=list)  # paged -> slot
     writes: list[DiskTransfer] = field(default_factory=list)  # slot -> disk, after the stores
     failed_blocks: list[int] = field(default_factory=list)  # promised but not loadable: recompute
+    clear_disk: bool = False  # a cache reset: delete every disk file before anything else
 
 
 @dataclass

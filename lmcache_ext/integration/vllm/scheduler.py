@@ -4,10 +4,17 @@ It decides everything — which chunks exist, which host slot holds them, what t
 evict, what each worker copies — and the workers only execute the plan, so TP
 ranks cannot disagree. Slot ids come from an accounting twin of the workers'
 pools (same slot count, no bytes); disk presence is read from every rank's files.
+
+A hit promises only chunks that can be loaded: the lookup counts the host slots a
+load would need (see `CacheDirectory.lookup`), after the loads already planned in
+this step, so vLLM never has to recompute a promised block for want of a slot.
+Keys chain vLLM's own block-hash extras (request_keys), and `reset` starts a new
+cache epoch (lmcache_ext.epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,9 +24,11 @@ from typing import Any
 from lmcache_ext import _C
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.directory import CacheDirectory, Reserve, Source
+from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.integration.vllm.metadata import KeyedCopy, StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
-from lmcache_ext.keys import ChunkKey, chunk_keys
+from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
 from lmcache_ext.memory import PinnedSlotPool
 from lmcache_ext.plans import DiskTransfer, SlotCopy
 from lmcache_ext.tiers.disk import chunk_path
@@ -44,13 +53,16 @@ class _Request:
     """What the scheduler half remembers of one request."""
 
     tokens: Any  # the request's token list (vLLM's, growing with decode tokens)
-    namespace: Any
+    namespace: Namespace
+    extra: ExtraOf  # what besides tokens enters each chunk's key (vLLM's block-hash extras)
     keys: list[ChunkKey] = field(default_factory=list)
+    keyable: bool = True  # False: an extra key could not be encoded; never hit nor stored
     block_ids: list[int] = field(default_factory=list)
     prompt_len: int = 0
     stored: int = 0  # chunks [0, stored) are stored or were found present
     asked: int = 0  # num_computed_tokens of the last hit query (vLLM's local prefix-cache hit)
-    found: list[Source] = field(default_factory=list)  # tiers of the leading cached chunks, as last looked up
+    found: list[Source] = field(default_factory=list)  # tiers of the loadable chunks from found_from on
+    found_from: int = 0  # the chunk holding token `asked`: the first one a load may need
 
 
 class SchedulerSide:
@@ -59,12 +71,15 @@ class SchedulerSide:
         self._geometry = geometry
         g = geometry
         slot_bytes = g.chunk_bytes(g.blocks_per_chunk)
-        num_slots = PinnedSlotPool.slots_for(config.host_pool_bytes(slot_bytes), slot_bytes)
+        num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
         self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
         lower = []
         if config.local_disk:
             lower.append((Source.DISK, DiskPresence(Path(config.local_disk), g)))
         self._directory = CacheDirectory(self._slots, lower)
+        self._namespace = dataclasses.replace(
+            geometry.namespace, cache_namespace=config.cache_namespace, epoch=read_epoch(config.local_disk)
+        )
         self._requests: dict[str, _Request] = {}
         self._next = StepPlan()
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
@@ -74,12 +89,17 @@ class SchedulerSide:
     # -- hits --
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
-        """Cached tokens beyond vLLM's own hit, leaving at least one token to compute."""
+        """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
+        one token to compute. Chunks inside vLLM's hit need not be cached: the chained
+        key of a later chunk names its whole prefix."""
         state = self._state(request)
+        chunk = self._config.chunk_size
         state.asked = num_computed_tokens
-        state.found = self._directory.lookup(self._keys(state, len(request.all_token_ids)))
+        state.found_from = num_computed_tokens // chunk
+        keys = self._keys(state, len(request.all_token_ids))
+        state.found = self._directory.lookup(keys[state.found_from :], share_pending=True)
         bs = self._geometry.block_size
-        hit = min(len(state.found) * self._config.chunk_size, (request.num_tokens - 1) // bs * bs)
+        hit = min((state.found_from + len(state.found)) * chunk, (request.num_tokens - 1) // bs * bs)
         return max(hit - num_computed_tokens, 0)
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
@@ -88,7 +108,7 @@ class SchedulerSide:
         state = self._state(request)
         chunk, start, end = self._config.chunk_size, state.asked, state.asked + num_external_tokens
         sources: dict[Source, int] = {}
-        for c, source in enumerate(state.found):
+        for c, source in enumerate(state.found, start=state.found_from):
             tokens = min((c + 1) * chunk, end) - max(c * chunk, start)
             if tokens > 0:
                 sources[source] = sources.get(source, 0) + tokens
@@ -114,7 +134,7 @@ class SchedulerSide:
                 self._promoting.add(load.key)
                 self._next.reads.append(DiskTransfer(load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)))
             covered = hi
-        if covered < end_block:  # evicted since the lookup, or no slot to promote into
+        if covered < end_block:  # a disk file vanished since the lookup (the workers' disk tier evicts on its own)
             logger.info("request %s: %d promised blocks are no longer cached; vLLM recomputes them",
                         request.request_id, end_block - covered)
             self._next.failed_blocks.extend(block_ids[covered:end_block])
@@ -148,9 +168,8 @@ class SchedulerSide:
     def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
         g = self._geometry
         limit = len(state.tokens) if self._config.save_decode_cache else state.prompt_len
-        full = min(computed, limit) // self._config.chunk_size
-        keys = self._keys(state, full * self._config.chunk_size)
-        while state.stored < full:
+        keys = self._keys(state, min(computed, limit))
+        while state.stored < len(keys):
             c = state.stored
             blocks = state.block_ids[c * g.blocks_per_chunk : (c + 1) * g.blocks_per_chunk]
             if len(blocks) < g.blocks_per_chunk:
@@ -203,6 +222,26 @@ class SchedulerSide:
             for _ in range(loads):
                 self._directory.release(key)
 
+    def reset(self) -> bool:
+        """Drop everything cached before this call (vLLM's `reset_prefix_cache(
+        reset_connector=True)`, e.g. after a weight update): a new epoch enters every
+        key, so no later lookup hits a chunk stored before it, on any tier, after a
+        restart too, and stores still in flight land under old keys nobody asks for.
+        Requests known so far are forgotten (their KV may predate the update: they
+        store nothing more, and a preempted one is keyed afresh when it comes back).
+        Unpinned host slots are freed now, pinned ones at their last release; each
+        worker deletes its disk files in the next step. False, with nothing changed,
+        when the new epoch cannot be made durable in the disk tier's directory."""
+        epoch = next_epoch(self._config.local_disk)
+        if epoch is None:
+            return False
+        self._namespace = self._namespace.with_epoch(epoch)
+        self._requests.clear()
+        pinned = self._directory.clear()
+        self._next.clear_disk = self._config.local_disk is not None
+        logger.info("KV cache reset: new epoch %s; %d host chunks still in transfer drop when it ends", epoch, pinned)
+        return True
+
     def finished(self, request_id: str) -> None:
         """The request is done (or aborted): forget it. Its stores were copied to host
         slots inside the steps that planned them, so its blocks can be freed now."""
@@ -216,11 +255,7 @@ class SchedulerSide:
     def _state(self, request: Any) -> _Request:
         state = self._requests.get(request.request_id)
         if state is None:
-            lora = getattr(request, "lora_request", None)
-            namespace = self._geometry.namespace.for_request(
-                getattr(request, "cache_salt", None), lora.lora_int_id if lora is not None else None
-            )
-            state = _Request(request.all_token_ids, namespace, prompt_len=request.num_prompt_tokens)
+            state = _Request(request.all_token_ids, self._namespace, extra_of(request), prompt_len=request.num_prompt_tokens)
             self._requests[request.request_id] = state
         return state
 
@@ -228,11 +263,16 @@ class SchedulerSide:
         """Keys of the full chunks among the first `upto` tokens, hashing only new ones."""
         chunk = self._config.chunk_size
         want = min(upto, len(state.tokens)) // chunk
-        if want > len(state.keys):
-            state.keys += chunk_keys(
-                state.tokens[: want * chunk],
-                state.namespace,
-                start=len(state.keys) * chunk,
-                prev_key=state.keys[-1] if state.keys else None,
-            )
-        return state.keys[:want]
+        if want > len(state.keys) and state.keyable:
+            try:
+                state.keys += chunk_keys(
+                    state.tokens[: want * chunk],
+                    state.namespace,
+                    start=len(state.keys) * chunk,
+                    prev_key=state.keys[-1] if state.keys else None,
+                    extra_of=state.extra,
+                )
+            except UnkeyableRequest as exc:
+                logger.warning("a request's chunks cannot be keyed, so it is neither looked up nor stored: %s", exc)
+                state.keyable = False
+        return state.keys[:want] if state.keyable else []

@@ -28,8 +28,12 @@ class Geometry:
         return self.num_layers * blocks * self.page_bytes
 
     @classmethod
-    def from_vllm(cls, vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry:
+    def from_vllm(cls, vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry | None:
+        """None when the model has no KV cache at all (an encoder-only or attention-free
+        model): there is nothing to cache."""
         groups = kv_cache_config.kv_cache_groups
+        if not groups:
+            return None
         if len(groups) != 1:
             raise ValueError(
                 f"the model has {len(groups)} KV cache groups (a hybrid or sliding-window model); "

@@ -1,6 +1,13 @@
 """The connector's worker half: a data mover. It runs each step's plan on its own
 TP shard — loads before the forward, stores after it, disk writes in the
-background — and reports per key what happened."""
+background — and reports per key what happened.
+
+Sleep mode (vLLM 0.33): `unregister` lets a copy in progress end and then forgets
+the paged cache's addresses, so nothing touches memory vLLM is releasing; until
+`restore` re-reads them from the views registered at start-up, a step that would
+copy blocks raises, naming why. Every copy runs inside its hook, so no transfer
+that touches the KV cache outlives one: disk writes read host slots only.
+"""
 
 from __future__ import annotations
 
@@ -35,18 +42,19 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._counts: Counter[str] = Counter()
         self._bad_slots: set[int] = set()  # slots whose last fill was a failed disk read
+        self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Take vLLM's per-layer views; build the slot pool and the disk tier."""
+        """Take vLLM's per-layer views; build the slot pool and the disk tier (once: a
+        later call only binds the new views, keeping every cached chunk)."""
+        kv = self._paged(kv_caches)
+        self._kv_caches = dict(kv_caches)
+        if self._executor is not None:
+            self._executor.bind(kv)
+            return
         g = self._geometry
-        kv = ops.PagedLayers.from_tensors(kv_caches)
-        if (kv.num_layers, kv.page_bytes) != (g.num_layers, g.page_bytes):
-            raise ValueError(
-                f"register_kv_caches got {kv.num_layers} layers of {kv.page_bytes}-byte pages; the KV cache "
-                f"config says {g.num_layers} layers of {g.page_bytes}-byte pages"
-            )
         slot_bytes = kv.chunk_bytes(g.blocks_per_chunk)
-        pool = PinnedSlotPool.for_budget(self._config.host_pool_bytes(slot_bytes), slot_bytes, pin=self._config.pin_host_memory)
+        pool = PinnedSlotPool.for_config(self._config, slot_bytes)
         if self._config.local_disk:
             self._disk = DiskTier(
                 rank_root(Path(self._config.local_disk), self._rank),
@@ -60,9 +68,36 @@ class WorkerSide:
         logger.info("lmcache_ext worker %d: %d host slots of %d bytes, disk tier: %s", self._rank, pool.num_slots,
                     pool.slot_bytes, self._config.local_disk or "off")
 
+    def unregister(self) -> None:
+        """vLLM is about to release the KV cache's memory: wait for a copy in progress,
+        then forget its addresses until `restore`."""
+        if self._executor is None:
+            return  # never registered: nothing to forget
+        self._executor.bind(None)
+        logger.info("lmcache_ext worker %d: KV cache unregistered (sleep mode); cached chunks are kept", self._rank)
+
+    def restore(self) -> None:
+        """The KV cache's memory is back: bind the registered views again."""
+        self._executor_checked().bind(self._paged(self._kv_caches))
+        logger.info("lmcache_ext worker %d: KV cache restored", self._rank)
+
+    def _paged(self, kv_caches: dict[str, torch.Tensor]) -> ops.PagedLayers:
+        g = self._geometry
+        kv = ops.PagedLayers.from_tensors(kv_caches)
+        if (kv.num_layers, kv.page_bytes) != (g.num_layers, g.page_bytes):
+            raise ValueError(
+                f"register_kv_caches got {kv.num_layers} layers of {kv.page_bytes}-byte pages; the KV cache "
+                f"config says {g.num_layers} layers of {g.page_bytes}-byte pages"
+            )
+        return kv
+
     def load(self, plan: StepPlan) -> None:
-        """Disk reads into slots, then slots into the planned blocks; failures become
-        load errors, so vLLM recomputes those blocks."""
+        """A cache reset's disk deletion first, then disk reads into slots, then slots
+        into the planned blocks; failures become load errors, so vLLM recomputes those
+        blocks."""
+        if plan.clear_disk and self._disk is not None:
+            logger.info("lmcache_ext worker %d: cache reset, deleting %d disk files in the background",
+                        self._rank, self._disk.clear())
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
         if not plan.loads:

@@ -1,0 +1,65 @@
+"""Both halves of the connector for a model with no KV cache (no KV cache groups: an
+encoder-only or attention-free model). vLLM still calls every hook; each does nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmcache_ext.directory import Source
+from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+
+
+class IdleSide:
+    """Nothing cached, nothing planned, nothing moved; a reset has nothing to drop."""
+
+    # -- scheduler half --
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+        return 0
+
+    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
+        return {}
+
+    def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        return None
+
+    def build_plan(self, scheduler_output: Any) -> StepPlan:
+        return StepPlan()
+
+    def apply_report(self, report: WorkerReport | None) -> None:
+        return None
+
+    def finished(self, request_id: str) -> None:
+        return None
+
+    def reset(self) -> bool:
+        return True
+
+    # -- worker half --
+
+    def register(self, kv_caches: dict[str, Any]) -> None:
+        return None
+
+    def unregister(self) -> None:
+        return None
+
+    def restore(self) -> None:
+        return None
+
+    def load(self, plan: StepPlan) -> None:
+        return None
+
+    def save(self, plan: StepPlan) -> None:
+        return None
+
+    def take_report(self) -> WorkerReport | None:
+        return None
+
+    def take_counts(self) -> dict[str, int]:
+        return {}
+
+    def take_load_errors(self) -> set[int]:
+        return set()
+
+    def close(self) -> None:
+        return None

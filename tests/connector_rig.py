@@ -1,0 +1,102 @@
+"""The connector's halves driven directly, without an engine: a scheduler half, TP
+worker halves on random caches, and the requests and steps vLLM would give them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from kv_layouts import make_layers, page_view
+
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.integration.vllm.metadata import StepPlan
+from lmcache_ext.integration.vllm.scheduler import SchedulerSide
+from lmcache_ext.integration.vllm.shards import Geometry
+from lmcache_ext.integration.vllm.worker import WorkerSide
+from lmcache_ext.keys import Namespace
+
+LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
+HEADS, WIDTH = 2, 32  # 2 KiB pages (bf16)
+PAGE = HEADS * BLOCK * WIDTH * 2
+
+
+def geometry(tp_size: int = 1) -> Geometry:
+    ns = Namespace(model="m", revision="", dtype="bfloat16", layout="LBHNC", block_size=BLOCK, page_bytes=PAGE,
+                   num_layers=LAYERS, tp_size=tp_size, tp_rank=0, chunk_size=CHUNK)
+    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
+
+
+def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
+    disk = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01) if tmp_path else {}
+    return CacheConfig(**{"chunk_size": CHUNK, "max_local_cpu_size": 0.001, **disk, **kw})
+
+
+class Rig:
+    """A scheduler half and `tp` worker halves, each worker with its own random cache."""
+
+    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, **kw: object) -> None:
+        self.scheduler = SchedulerSide(config(tmp_path, **kw), geometry(tp))
+        self.caches = [make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r)
+                       for r in range(tp)]
+        self.workers = [WorkerSide(config(tmp_path, **kw), geometry(tp), r) for r in range(tp)]
+        for w, cache in zip(self.workers, self.caches):
+            w.register({f"layer.{i}": t for i, t in enumerate(cache)})
+
+    def step(self, new: list[tuple[SimpleNamespace, list[int], int]], loads: bool = True) -> StepPlan:
+        """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
+        run the plan on every worker, deliver the aggregated report."""
+        for request, blocks, local in new:
+            external = self.scheduler.num_new_matched_tokens(request, local)
+            self.scheduler.plan_load(request, blocks, external if loads else 0)
+            request.external = external
+        output = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
+                                for r, b, local in new],
+            scheduled_cached_reqs=no_cached_reqs(),
+            num_scheduled_tokens={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
+        )
+        plan = self.scheduler.build_plan(output)
+        report = None
+        for w in self.workers:
+            w.load(plan)
+            w.save(plan)
+            self.flush()
+            part = w.take_report()
+            report = part if report is None else report.aggregate(part) if part else report
+        self.scheduler.apply_report(report)
+        return plan
+
+    def flush(self) -> None:
+        for w in self.workers:
+            if w._disk is not None:
+                w._disk.flush()
+
+
+def request(rid: str, tokens: list[int]) -> SimpleNamespace:
+    """A plain text request: what the scheduler half reads of vLLM's Request."""
+    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_prompt_tokens=len(tokens),
+                           cache_salt=None, lora_request=None, mm_features=None, prompt_embeds=None)
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000) for _ in range(n)]
+
+
+def same_pages(cache, dst: list[int], src_cache, src: list[int]) -> bool:
+    return all(torch.equal(page_view(a)[dst], page_view(b)[src]) for a, b in zip(cache, src_cache))
+
+
+def no_cached_reqs() -> SimpleNamespace:
+    return SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[])
+
+
+def first_step(scheduler: SchedulerSide, req: SimpleNamespace, blocks: list[int], scheduled: int) -> StepPlan:
+    """Look `req` up (no local hit, nothing loaded) and plan the step that computes its
+    first `scheduled` tokens in `blocks`."""
+    scheduler.num_new_matched_tokens(req, 0)
+    return scheduler.build_plan(SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
+        scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={req.request_id: scheduled}))
