@@ -6,8 +6,11 @@ One JSON line per figure:
   into the same slots);
 - disk store (store + flush) / retrieve GB/s vs a plain sequential file write / read
   of the same bytes in the same directory, with the page cache dropped before reads;
-- lookup microseconds for 8k and 128k-token prompts that hit every chunk.
-Run: python benchmarks/engine.py [--disk-dir DIR]
+- lookup microseconds for 8k and 128k-token prompts that hit every chunk;
+- what a cache reset costs on a full disk tier: the reset call itself, and the
+  background deletion of every chunk file until `flush` returns, vs unlinking as many
+  files of the same size in a plain loop.
+Run: python benchmarks/engine.py [--disk-dir DIR] [--reset-files N]
 """
 
 from __future__ import annotations
@@ -160,15 +163,58 @@ def lookup_latency(reps: int) -> None:
               "list_us": round(t_list * 1e6, 1), "tensor_us": round(t_tensor * 1e6, 1)})
 
 
+def reset_cost(root: Path, files: int) -> None:
+    """A disk tier of `files` chunk files (and a full host tier), then `reset()`."""
+    chunk_tokens, prompt_chunks = 64, 64
+    blocks = prompt_chunks * chunk_tokens // BLOCK
+    layers = make_layers("LBNHC", 2, blocks, 2, BLOCK, 64, torch.float16)  # 4 KiB pages, 32 KiB chunks
+    chunk_bytes = ops.PagedLayers.from_tensors(layers).chunk_bytes(chunk_tokens // BLOCK)
+    cfg = CacheConfig(chunk_size=chunk_tokens, max_local_cpu_size=prompt_chunks * chunk_bytes / GB,
+                      local_disk=str(root / "kv"), max_local_disk_size=2 * files * (chunk_bytes + 4096) / GB)
+    with CacheEngine(cfg, layers, BLOCK) as engine:
+        for seed in range(files // prompt_chunks):
+            engine.store(prompt(prompt_chunks * chunk_tokens, seed=1000 + seed), list(range(blocks)))
+            engine.flush()  # the writes release the host slots the next store takes
+        stored = engine.stats()["disk_files"]
+        plain = root / "plain"
+        plain.mkdir()
+        payload = bytes(chunk_bytes + 4096)
+        for i in range(stored):
+            (plain / f"{i:08d}").write_bytes(payload)
+        os.sync()
+        start = time.perf_counter()
+        assert engine.reset()
+        t_call = time.perf_counter() - start
+        engine.flush()
+        t_deleted = time.perf_counter() - start
+        assert engine.stats()["disk_files"] == 0
+    os.sync()
+    start = time.perf_counter()
+    for path in plain.iterdir():
+        os.unlink(path)
+    t_plain = time.perf_counter() - start
+    emit({"op": "reset", "disk_files": stored, "file_bytes": chunk_bytes + 4096, "call_ms": round(t_call * 1e3, 2),
+          "deleted_ms": round(t_deleted * 1e3, 1), "plain_unlink_ms": round(t_plain * 1e3, 1),
+          "ratio_deleted_vs_plain_unlink": round(t_deleted / t_plain, 3)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--disk-dir", type=Path, help="where disk-tier files go (default: a temp dir)")
+    parser.add_argument("--reset-files", type=int, default=8192, help="chunk files on disk when the reset runs")
+    parser.add_argument("--only", choices=("host", "disk", "lookup", "reset"), help="run one group of figures")
     args = parser.parse_args()
-    host_tier(args.reps)
-    with tempfile.TemporaryDirectory(dir=args.disk_dir) as root:
-        disk_tier(Path(root), args.reps)
-    lookup_latency(max(args.reps, 20))
+    if args.only in (None, "host"):
+        host_tier(args.reps)
+    if args.only in (None, "disk"):
+        with tempfile.TemporaryDirectory(dir=args.disk_dir) as root:
+            disk_tier(Path(root), args.reps)
+    if args.only in (None, "lookup"):
+        lookup_latency(max(args.reps, 20))
+    if args.only in (None, "reset"):
+        with tempfile.TemporaryDirectory(dir=args.disk_dir) as root:
+            reset_cost(Path(root), args.reset_files)
 
 
 if __name__ == "__main__":
