@@ -39,9 +39,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
-
 import yaml
+
+from lmcache_ext.remote_url import FORMS, mask_password, parse_remote_url
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ EXTRA_CONFIG_SOURCE = "kv_connector_extra_config"
 DEFAULT_SOURCE = "default"
 DIRECT_SOURCE = "CacheConfig()"
 
-REMOTE_SCHEMES = ("redis", "rediss", "valkey", "valkeys")
+SECRET_KEYS = ("remote_password", "remote_integrity_key")
+"""Settings never shown: in messages, logs, to_dict() and repr() they read ``***``."""
 CACHE_POLICIES = ("LRU",)
 PIN_HOST_MEMORY_MODES = ("auto", "never", "always")
 
@@ -105,14 +106,12 @@ def _fail(key: str, value: Any, source: str, expected: str) -> ConfigError:
 
 
 def _shown(key: str, value: Any) -> str:
-    """repr of a value for messages and logs, with a URL's password masked."""
+    """repr of a value for messages and logs, with secrets and a URL's password masked."""
+    if key in SECRET_KEYS and value is not None:
+        return "'***'"
     if key == "remote_url" and isinstance(value, str):
-        return repr(_redact_password(value))
+        return repr(mask_password(value))
     return repr(value)
-
-
-def _redact_password(url: str) -> str:
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 # Parsers: (key, raw value, source) -> the typed value, or a ConfigError. Each is
@@ -222,21 +221,47 @@ def _parse_cache_namespace(key: str, value: Any, source: str) -> str:
 
 
 def _parse_remote_url(key: str, value: Any, source: str) -> str | None:
-    """None, or a Redis/Valkey URL with a host (its form only: nothing is contacted)."""
+    """None, or a Redis/Valkey URL of a form `remote_url.parse_remote_url` takes (nothing is contacted)."""
     if _is_null(value):
         return None
-    expected = "a URL " + " or ".join(f"'{s}://host[:port]'" for s in REMOTE_SCHEMES) + ", or null"
     if not isinstance(value, str):
-        raise _fail(key, value, source, expected)
-    url = value.strip()
+        raise _fail(key, value, source, f"a URL {FORMS}, or null")
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise _fail(key, value, source, expected) from None
-    if parts.scheme not in REMOTE_SCHEMES or not parts.hostname or port == 0:
-        raise _fail(key, value, source, expected)
-    return url
+        parse_remote_url(value)
+    except ValueError as exc:
+        raise _fail(key, value, source, f"a URL {FORMS}, or null ({exc})") from None
+    return value.strip()
+
+
+def _parse_secret(minimum: int) -> Callable[[str, Any, str], str | None]:
+    def parse(key: str, value: Any, source: str) -> str | None:
+        if _is_null(value):
+            return None
+        if not isinstance(value, str) or len(value) < minimum:
+            raise _fail(key, value, source, f"a string of at least {minimum} characters, or null")
+        return value
+
+    return parse
+
+
+def _parse_text(key: str, value: Any, source: str) -> str:
+    if not isinstance(value, str) or not value.isprintable() or len(value) > 256:
+        raise _fail(key, value, source, "a printable string of at most 256 characters")
+    return value
+
+
+def _parse_file(key: str, value: Any, source: str) -> str | None:
+    """None, or the absolute path of a readable file (a TLS certificate or key)."""
+    if _is_null(value):
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise _fail(key, value, source, "the path of a readable file, or null")
+    path = os.path.abspath(os.path.expanduser(value.strip()))
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise _fail(key, value, source, "the path of a readable file, or null (no such readable file)")
+    return path
 
 
 @dataclass(frozen=True)
@@ -256,6 +281,22 @@ class CacheConfig:
     local_disk: str | None = field(default=None, metadata={"parse": _parse_local_disk})
     max_local_disk_size: float = field(default=0.0, metadata={"parse": _size_parser(False, "")})
     remote_url: str | None = field(default=None, metadata={"parse": _parse_remote_url})
+    remote_password: str | None = field(default=None, metadata={"parse": _parse_secret(1)})
+    remote_tls_ca_file: str | None = field(default=None, metadata={"parse": _parse_file})
+    remote_tls_cert_file: str | None = field(default=None, metadata={"parse": _parse_file})
+    remote_tls_key_file: str | None = field(default=None, metadata={"parse": _parse_file})
+    remote_tls_verify: bool = field(default=True, metadata={"parse": _parse_bool})
+    remote_timeout_ms: int = field(default=1000, metadata={"parse": _int_parser(1, " (milliseconds)")})
+    remote_ttl_s: int = field(default=0, metadata={"parse": _int_parser(0, " (seconds; 0 = no expiry)")})
+    remote_connections: int = field(default=2, metadata={"parse": _int_parser(1, " (clients per process)", 64)})
+    remote_key_prefix: str = field(default="lmcache_ext:", metadata={"parse": _parse_text})
+    remote_max_value_bytes: int = field(
+        default=4 << 20, metadata={"parse": _int_parser(65536, " (bytes; larger chunks are stored in parts)")}
+    )
+    remote_write_backlog: int = field(
+        default=32, metadata={"parse": _int_parser(1, " (remote writes in flight; more are skipped)")}
+    )
+    remote_integrity_key: str | None = field(default=None, metadata={"parse": _parse_secret(16)})
     save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})
@@ -272,6 +313,7 @@ class CacheConfig:
         for f in fields(self):
             object.__setattr__(self, f.name, f.metadata["parse"](f.name, getattr(self, f.name), source_of[f.name]))
         self._check_disk(source_of)
+        self._check_remote(source_of)
 
     def _check_disk(self, source_of: Mapping[str, str]) -> None:
         """With a disk path: a size above 0, and a writable directory there or creatable there."""
@@ -286,6 +328,25 @@ class CacheConfig:
         problem = _unwritable_reason(self.local_disk)
         if problem:
             raise _fail("local_disk", self.local_disk, source_of["local_disk"], f"a writable directory ({problem})")
+
+    def _check_remote(self, source_of: Mapping[str, str]) -> None:
+        """TLS files only with a TLS URL, a client certificate only with its key."""
+        tls_keys = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
+        endpoint = parse_remote_url(self.remote_url) if self.remote_url else None
+        for key in tls_keys:
+            value = getattr(self, key)
+            if value is not None and (endpoint is None or not endpoint.tls):
+                raise ConfigError(
+                    f"{key} = {value!r} from {source_of[key]} needs a TLS remote_url, but remote_url = "
+                    f"{_shown('remote_url', self.remote_url)} from {source_of['remote_url']}: expected "
+                    "rediss://, valkeys:// or rediss-cluster://"
+                )
+        if (self.remote_tls_cert_file is None) != (self.remote_tls_key_file is None):
+            have = "remote_tls_cert_file" if self.remote_tls_cert_file else "remote_tls_key_file"
+            raise ConfigError(
+                f"{have} from {source_of[have]} is set without its pair: expected both remote_tls_cert_file "
+                "and remote_tls_key_file, or neither"
+            )
 
     @property
     def host_bytes(self) -> int:
@@ -310,9 +371,6 @@ class CacheConfig:
     def warn_unimplemented(self) -> None:
         """Log the settings a user may carry over from LMCache that this version accepts
         but does not act on."""
-        if self.remote_url:
-            logger.warning("remote_url = %s is set, but this version has no remote tier: ignored",
-                           self.to_dict()["remote_url"])
         if self.use_layerwise:
             logger.warning("use_layerwise is set: lmcache_ext loads and stores whole steps, not layer by layer")
 
@@ -320,8 +378,14 @@ class CacheConfig:
         """The settings by key, for logs; a password in remote_url is masked."""
         settings = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.remote_url is not None:
-            settings["remote_url"] = _redact_password(self.remote_url)
+            settings["remote_url"] = mask_password(self.remote_url)
+        for key in SECRET_KEYS:
+            if settings[key] is not None:
+                settings[key] = "***"
         return settings
+
+    def __repr__(self) -> str:
+        return "CacheConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
 
 def _unwritable_reason(path: str) -> str:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from lmcache_ext.plans import Source
+
 Key = bytes
 
 
@@ -39,11 +41,6 @@ class LowerTier(Protocol):
     """What the directory asks of a tier below host memory."""
 
     def contains(self, key: Key) -> bool: ...
-
-
-class Source(str, enum.Enum):
-    HOST = "host"
-    DISK = "disk"
 
 
 class Reserve(enum.Enum):

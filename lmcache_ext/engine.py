@@ -4,11 +4,13 @@ process, for callers outside vLLM, tests and benchmarks.
 Tokens are cut into chunks of ``chunk_size`` tokens; block ``i`` of a request's
 block list holds its tokens ``[i*block_size, (i+1)*block_size)``. A chunk is
 stored as its blocks' pages, ``[layer][block][page]``, in one host slot, and
-written through to disk in the background when a disk tier is configured.
+written through to the disk and remote tiers in the background when they are
+configured; its host slot stays pinned until every tier's write has ended.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,10 +24,9 @@ from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
 from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
-from lmcache_ext.memory import PinnedSlotPool
 from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
-from lmcache_ext.plans import DiskTransfer, Plan, SlotCopy
-from lmcache_ext.tiers.disk import DiskTier
+from lmcache_ext.plans import Plan, SlotCopy, TierTransfer
+from lmcache_ext.tiers import build_storage
 
 KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 Tokens = Union[Sequence[int], torch.Tensor]
@@ -72,16 +73,16 @@ class CacheEngine:
             epoch=read_epoch(config.local_disk),
         )
         slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
-        self._pool = PinnedSlotPool.for_config(config, slot_bytes)
+        self._storage = build_storage(config, slot_bytes, namespace=dataclasses.replace(self._namespace, epoch="").fingerprint,
+                                      rank=tp_rank, disk_root=config.local_disk, disk_bytes=config.disk_bytes)
+        self._pool = self._storage.pool
         self._stats = EngineStats()
-        self._disk = (
-            DiskTier(config.local_disk, config.disk_bytes, threads=config.disk_io_threads, o_direct=config.disk_o_direct)
-            if config.local_disk
-            else None
-        )
-        lower = [(Source.DISK, self._disk)] if self._disk else []
-        self._directory = CacheDirectory(self._pool, lower, on_evict=lambda key: self._stats.evicted("host"))
-        self._executor = TransferExecutor(self._kv, self._pool, self._disk, read_threads=config.disk_io_threads)
+        self._directory = CacheDirectory(self._pool, list(self._storage.presence.items()),
+                                         on_evict=lambda key: self._stats.evicted("host"))
+        self._executor = TransferExecutor(self._kv, self._pool, self._storage.tiers,
+                                          read_threads=max(config.disk_io_threads, config.remote_connections))
+        self._writes_left: dict[ChunkKey, int] = {}  # tier writes still running per stored chunk
+        self._writes_lock = threading.Lock()
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
         config.warn_unimplemented()
@@ -94,7 +95,7 @@ class CacheEngine:
         """Length of the longest cached prefix of `tokens`, in tokens (whole chunks)."""
         self._check_open()
         keys, tail_blocks = self._keys(tokens)
-        found = self._directory.lookup(keys)
+        found = self._lookup(keys)
         tokens_per_chunk = [self._config.chunk_size] * len(found)
         if found and len(found) == len(keys) and tail_blocks:
             tokens_per_chunk[-1] = tail_blocks * self._block_size
@@ -107,7 +108,7 @@ class CacheEngine:
     def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
         """Store the chunks of `tokens` held in `block_ids`; returns how many leading
         tokens are now cached (stored by this call or before). Full chunks only,
-        unless save_unfull_chunk. Disk copies are written in the background."""
+        unless save_unfull_chunk. Lower tiers are written in the background."""
         self._check_open()
         with STORE_SECONDS.time():
             chunks = self._chunks(tokens)
@@ -130,16 +131,17 @@ class CacheEngine:
             writes = []
             for (chunk, slot), ok in zip(fills, result.gathers):
                 self._directory.commit(chunk.key, ok)
-                if ok:
-                    self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
-                    writes.append(DiskTransfer(chunk.key, slot, self._payload_bytes(chunk)))
-                else:
+                if not ok:
                     self._directory.release(chunk.key)
-            if self._disk is not None:
-                self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
-            else:
-                for w in writes:
-                    self._directory.release(w.key)
+                    continue
+                self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
+                if not self._storage.tiers:
+                    self._directory.release(chunk.key)
+                    continue
+                with self._writes_lock:
+                    self._writes_left[chunk.key] = len(self._storage.tiers)
+                writes += [TierTransfer(tier, chunk.key, slot, self._payload_bytes(chunk)) for tier in self._storage.tiers]
+            self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
             self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes)
             return self._tokens_of(cached)
 
@@ -150,6 +152,7 @@ class CacheEngine:
         with RETRIEVE_SECONDS.time():
             chunks = self._chunks(tokens)
             blocks = self._block_list(block_ids, chunks, "retrieve")
+            self._lookup([c.key for c in chunks])  # asks the remote tier, whose answer reserve_loads uses
             planned = self._directory.reserve_loads([c.key for c in chunks])
             try:
                 loaded = self._load(chunks, planned, blocks)
@@ -161,19 +164,20 @@ class CacheEngine:
             return self._tokens_of([c for c, _ in loaded])
 
     def _load(self, chunks: list[_Chunk], planned: list[PlannedLoad], blocks: list[int]) -> list[tuple[_Chunk, PlannedLoad]]:
-        """Fill the planned slots that come from disk, then scatter the leading chunks
-        whose bytes are good into their blocks; returns those chunks."""
+        """Fill the planned slots that come from a lower tier, then scatter the leading
+        chunks whose bytes are good into their blocks; returns those chunks."""
         reads = [
-            DiskTransfer(p.key, p.slot, self._payload_bytes(c))
+            TierTransfer(p.source, p.key, p.slot, self._payload_bytes(c))
             for c, p in zip(chunks, planned)
-            if p.source is Source.DISK
+            if p.source is not Source.HOST
         ]
         read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
         for read in reads:
             ok = read_ok[read.key]
             self._directory.commit(read.key, ok)
             if not ok:
-                self._stats.failed("disk_read")
+                self._stats.failed(f"{read.tier.value}_read")
+                self._forget_remote(read)
         loaded = list(itertools.takewhile(lambda cp: read_ok.get(cp[1].key, True), zip(chunks, planned)))
         self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
         return loaded
@@ -191,8 +195,8 @@ class CacheEngine:
             return False
         self._namespace = self._namespace.with_epoch(epoch)
         self._directory.clear()
-        if self._disk is not None:
-            self._disk.clear()
+        for tier in self._storage.tiers.values():
+            tier.clear()
         return True
 
     def stats(self) -> dict[str, Any]:
@@ -204,23 +208,21 @@ class CacheEngine:
             host_chunks=self._directory.host_chunks(),
             pinned_slots=self._directory.pinned_slots(),
         )
-        if self._disk is not None:
-            out.update({f"disk_{k}": v for k, v in self._disk.stats().items()})
+        for source, tier in self._storage.tiers.items():
+            out.update({f"{source.value}_{k}": v for k, v in tier.stats().items()})
         return out
 
     def flush(self) -> None:
-        """Wait until every background disk write has finished."""
-        if self._disk is not None:
-            self._disk.flush()
+        """Wait until every background tier write has finished."""
+        self._storage.flush()
 
     def close(self) -> None:
-        """Finish pending disk writes, then release the slot pool. Idempotent."""
+        """Finish pending tier writes, then release the slot pool. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        if self._disk is not None:
-            self._disk.close()
+        self._storage.close()
         self._executor.close()
 
     def __enter__(self) -> CacheEngine:
@@ -284,12 +286,34 @@ class CacheEngine:
     def _payload_bytes(self, chunk: _Chunk) -> int:
         return self._kv.chunk_bytes(chunk.blocks)
 
-    def _write_done(self, write: DiskTransfer, ok: bool) -> None:
-        self._directory.release(write.key)
-        if self._disk is not None:
-            self._stats.usage("disk", self._disk.usage_bytes)
+    def _lookup(self, keys: list[ChunkKey]) -> list[Source]:
+        """The directory's lookup; with a remote tier, the keys past what host and disk
+        hold are first probed there (one round trip: a CacheEngine may wait on it)."""
+        found = self._directory.lookup(keys)
+        remote = self._storage.presence.get(Source.REMOTE)
+        if remote is None or len(found) == len(keys):
+            return found
+        remote.probe(keys[len(found) :])
+        return self._directory.lookup(keys)
+
+    def _forget_remote(self, read: TierTransfer) -> None:
+        remote = self._storage.presence.get(Source.REMOTE)
+        if read.tier is Source.REMOTE and remote is not None:
+            remote.forget(read.key)
+
+    def _write_done(self, write: TierTransfer, ok: bool) -> None:
+        if write.tier is Source.DISK:
+            self._stats.usage("disk", self._storage.tiers[Source.DISK].stats()["usage_bytes"])
         if ok:
-            self._stats.stored("disk", write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes)
+            self._stats.stored(write.tier.value, write.nbytes // self._kv.chunk_bytes(1) * self._block_size,
+                               write.nbytes)
         else:
-            self._stats.failed("disk_write")
+            self._stats.failed(f"{write.tier.value}_write")
+        with self._writes_lock:
+            self._writes_left[write.key] -= 1
+            last = self._writes_left[write.key] == 0
+            if last:
+                del self._writes_left[write.key]
+        if last:
+            self._directory.release(write.key)
 

@@ -1,8 +1,8 @@
-"""Worker side: carries out plans — kernels for paged <-> slot, file I/O for slot <-> disk —
-and reports each item done or failed. It decides nothing.
+"""Worker side: carries out plans — kernels for paged <-> slot, tier I/O for slot <->
+disk or remote — and reports each item done or failed. It decides nothing.
 
 Copies of the same block count go out as one kernel launch over all their slots.
-Disk writes run on the disk tier's threads and report through a callback, so a
+Tier writes run on the tiers' own threads and report through a callback, so a
 plan never waits on one (the slot stays pinned by the directory until then).
 
 The paged cache can be unbound and bound again (vLLM's sleep mode releases its
@@ -13,7 +13,7 @@ plan with copies raises instead of touching released memory.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -22,30 +22,26 @@ import threading
 import torch
 
 from lmcache_ext import ops
-from lmcache_ext.plans import DiskTransfer, Plan, PlanResult, SlotCopy
+from lmcache_ext.plans import Plan, PlanResult, SlotCopy, Source, TierTransfer
+from lmcache_ext.tiers import LowerTier
 
-WriteDone = Callable[[DiskTransfer, bool], None]
+WriteDone = Callable[[TierTransfer, bool], None]
 
 
 class SlotMemory(Protocol):
     def view(self, slot: int) -> torch.Tensor: ...
 
 
-class DiskFiles(Protocol):
-    def read_into(self, key: bytes, out: torch.Tensor) -> bool: ...
-
-    def submit_write(self, key: bytes, payload: torch.Tensor, on_done: Callable[[bool], None]) -> object: ...
-
-
 class TransferExecutor:
-    """Runs plans against one paged cache, one slot pool and an optional disk tier."""
+    """Runs plans against one paged cache, one slot pool and the tiers below it."""
 
-    def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, disk: DiskFiles | None, read_threads: int = 2) -> None:
+    def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, tiers: Mapping[Source, LowerTier],
+                 read_threads: int = 2) -> None:
         self._kv: ops.PagedLayers | None = kv
         self._kv_lock = threading.Lock()  # held by copies; bind() waits for them
         self._slots = slots
-        self._disk = disk
-        self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if disk else None
+        self._tiers = dict(tiers)
+        self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if tiers else None
 
     def bind(self, kv: ops.PagedLayers | None) -> None:
         """Copy to and from `kv` from now on; None: no paged cache until the next bind."""
@@ -77,13 +73,14 @@ class TransferExecutor:
     def _payload(self, slot: int, nbytes: int) -> torch.Tensor:
         return self._slots.view(slot)[:nbytes]
 
-    def _read(self, reads: Sequence[DiskTransfer]) -> list[bool]:
+    def _read(self, reads: Sequence[TierTransfer]) -> list[bool]:
         if not reads:
             return []
-        if self._disk is None or self._readers is None:
-            raise ValueError(f"the plan reads {len(reads)} chunks from disk but there is no disk tier")
-        disk = self._disk
-        futures = [self._readers.submit(disk.read_into, r.key, self._payload(r.slot, r.nbytes)) for r in reads]
+        missing = {r.tier.value for r in reads if r.tier not in self._tiers}
+        if missing or self._readers is None:
+            raise ValueError(f"the plan reads chunks from {sorted(missing)} but this worker has no such tier")
+        futures = [self._readers.submit(self._tiers[r.tier].read_into, r.key, self._payload(r.slot, r.nbytes))
+                   for r in reads]
         return [f.result() for f in futures]
 
     def _copy(self, kv: ops.PagedLayers | None, copy: Callable[..., None], items: Sequence[SlotCopy],
@@ -113,9 +110,10 @@ class TransferExecutor:
         chunk = self._slots.view(item.slot)[offset:]
         copy(kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks)
 
-    def _write(self, w: DiskTransfer, filled: bool, on_done: WriteDone | None) -> None:
+    def _write(self, w: TierTransfer, filled: bool, on_done: WriteDone | None) -> None:
         report = (lambda ok: on_done(w, ok)) if on_done else (lambda ok: None)
-        if not filled or self._disk is None:
+        tier = self._tiers.get(w.tier)
+        if not filled or tier is None:
             report(False)
             return
-        self._disk.submit_write(w.key, self._payload(w.slot, w.nbytes), report)
+        tier.submit_write(w.key, self._payload(w.slot, w.nbytes), report)

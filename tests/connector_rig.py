@@ -4,6 +4,7 @@ worker halves on random caches, and the requests and steps vLLM would give them.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +49,7 @@ class Rig:
         """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
         run the plan on every worker, deliver the aggregated report."""
         for request, blocks, local in new:
-            external = self.scheduler.num_new_matched_tokens(request, local)
+            external = self.matched(request, local)
             self.scheduler.plan_load(request, blocks, external if loads else 0)
             request.external = external
         output = SimpleNamespace(
@@ -68,10 +69,18 @@ class Rig:
         self.scheduler.apply_report(report)
         return plan
 
+    def matched(self, req: SimpleNamespace, local: int = 0, timeout: float = 5.0) -> int:
+        """The scheduler's hit for `req`, asking again (as vLLM does each step) while a
+        remote probe is out."""
+        deadline = time.monotonic() + timeout
+        while (hit := self.scheduler.num_new_matched_tokens(req, local)) is None:
+            assert time.monotonic() < deadline, "the remote probe never answered"
+            time.sleep(0.01)
+        return hit
+
     def flush(self) -> None:
         for w in self.workers:
-            if w._disk is not None:
-                w._disk.flush()
+            w.flush()
 
 
 def request(rid: str, tokens: list[int]) -> SimpleNamespace:

@@ -41,6 +41,18 @@ def test_defaults_match_lmcache_and_our_additions():
         "local_disk": None,
         "max_local_disk_size": 0.0,
         "remote_url": None,
+        "remote_password": None,
+        "remote_tls_ca_file": None,
+        "remote_tls_cert_file": None,
+        "remote_tls_key_file": None,
+        "remote_tls_verify": True,
+        "remote_timeout_ms": 1000,
+        "remote_ttl_s": 0,
+        "remote_connections": 2,
+        "remote_key_prefix": "lmcache_ext:",
+        "remote_max_value_bytes": 4 << 20,
+        "remote_write_backlog": 32,
+        "remote_integrity_key": None,
         "save_unfull_chunk": False,
         "save_decode_cache": False,
         "use_layerwise": False,
@@ -85,6 +97,8 @@ def test_env_alone(tmp_path):
             "LMCACHE_LOCAL_DISK": str(tmp_path),
             "LMCACHE_MAX_LOCAL_DISK_SIZE": "1.5",
             "LMCACHE_REMOTE_URL": "redis://cache:6379",
+            "LMCACHE_REMOTE_PASSWORD": "from-the-environment",
+            "LMCACHE_REMOTE_TIMEOUT_MS": "250",
             "LMCACHE_SAVE_UNFULL_CHUNK": "yes",
             "LMCACHE_SAVE_DECODE_CACHE": "1",
             "LMCACHE_USE_LAYERWISE": "TRUE",
@@ -102,6 +116,18 @@ def test_env_alone(tmp_path):
         "local_disk": str(tmp_path),
         "max_local_disk_size": 1.5,
         "remote_url": "redis://cache:6379",
+        "remote_password": "***",
+        "remote_tls_ca_file": None,
+        "remote_tls_cert_file": None,
+        "remote_tls_key_file": None,
+        "remote_tls_verify": True,
+        "remote_timeout_ms": 250,
+        "remote_ttl_s": 0,
+        "remote_connections": 2,
+        "remote_key_prefix": "lmcache_ext:",
+        "remote_max_value_bytes": 4 << 20,
+        "remote_write_backlog": 32,
+        "remote_integrity_key": None,
         "save_unfull_chunk": True,
         "save_decode_cache": True,
         "use_layerwise": True,
@@ -248,7 +274,8 @@ def test_local_disk_forms_are_normalised_to_an_absolute_path(tmp_path):
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://h", "rediss://cache.example:6380", "valkey://[::1]:6379", "valkeys://user:pw@h/0", "REDIS://H:1"],
+    ["redis://h", "rediss://cache.example:6380", "valkey://[::1]:6379", "valkeys://user:pw@h/0", "REDIS://H:1",
+     "unix:///run/redis.sock?db=2", "redis-cluster://a:7000,b:7001,c", "rediss-cluster://:pw@a:7000"],
 )
 def test_remote_urls_accepted(url):
     assert load_config({"remote_url": url}, environ=NO_ENV).remote_url == url
@@ -280,8 +307,8 @@ DISK_SIZE = "a size in GB >= 0, as a number or with a unit like '512M' or '8G'"
 HOST_SIZE = "a size in GB > 0, as a number or with a unit like '512M' or '8G' (the host pool, per rank)"
 BOOLEAN = "a boolean: true/false, 1/0 or yes/no"
 REMOTE_URL = (
-    "a URL 'redis://host[:port]' or 'rediss://host[:port]' or 'valkey://host[:port]' "
-    "or 'valkeys://host[:port]', or null"
+    "a URL 'redis://[user:password@]host[:port][/db]' (or rediss:// for TLS; valkey:// and valkeys:// alike), "
+    "'unix:///path/to/socket', or 'redis-cluster://host:port,host:port,...' (rediss-cluster:// for TLS), or null"
 )
 DISK_PATH = "a directory path or 'file:///path', or null for no disk tier"
 NAMESPACE = "a printable label of at most 256 characters (e.g. a weights version), or null"
@@ -307,11 +334,22 @@ BAD_EXTRA_CONFIG_VALUES = [
     ("local_cpu", None, BOOLEAN),
     ("cache_policy", "LFU", "one of 'LRU' (any case)"),
     ("pin_host_memory", False, "one of 'auto', 'never', 'always' (any case)"),
-    ("remote_url", "http://h:80", REMOTE_URL),
-    ("remote_url", "redis://h:99999", REMOTE_URL),
-    ("remote_url", "redis://h:0", REMOTE_URL),
-    ("remote_url", "localhost:6379", REMOTE_URL),
+    ("remote_url", "http://h:80", REMOTE_URL + " (the scheme 'http' is not one of redis, rediss, valkey, valkeys, "
+     "unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)"),
+    ("remote_url", "redis://h:99999", REMOTE_URL + " ('h:99999' is not host[:port] with a port in 1..65535)"),
+    ("remote_url", "redis://h:0", REMOTE_URL + " ('h:0' is not host[:port] with a port in 1..65535)"),
+    ("remote_url", "localhost:6379", REMOTE_URL + " (the scheme 'localhost:6379' is not one of redis, rediss, "
+     "valkey, valkeys, unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)"),
     ("remote_url", 6379, REMOTE_URL),
+    ("remote_url", "redis://a:1,b:2", REMOTE_URL + " (several hosts are a cluster: use redis-cluster:// "
+     "(or rediss-cluster://))"),
+    ("remote_url", "unix://relative.sock", REMOTE_URL + " (a unix socket needs an absolute path: "
+     "'unix:///path/to/socket')"),
+    ("remote_timeout_ms", 0, "an integer >= 1 (milliseconds)"),
+    ("remote_connections", 65, "an integer in [1, 64] (clients per process)"),
+    ("remote_max_value_bytes", 4096, "an integer >= 65536 (bytes; larger chunks are stored in parts)"),
+    ("remote_tls_ca_file", "/no/such/ca.pem", "the path of a readable file, or null (no such readable file)"),
+    ("remote_key_prefix", "a\nb", "a printable string of at most 256 characters"),
     ("local_disk", "s3://bucket/kv", DISK_PATH),
     ("local_disk", 5, DISK_PATH),
     ("local_disk", "file://host/kv", "'file:///absolute/path' (three slashes: no host)"),
@@ -349,8 +387,31 @@ def test_bad_env_value_names_key_value_variable_and_what_is_allowed(var, text, a
 
 
 def test_a_bad_remote_url_is_shown_without_its_password():
-    with raises_exactly(f"remote_url = 'redis://:***@/0' from env LMCACHE_REMOTE_URL: expected {REMOTE_URL}"):
+    with raises_exactly(f"remote_url = 'redis://:***@/0' from env LMCACHE_REMOTE_URL: expected {REMOTE_URL} "
+                        "('' is not host[:port] with a port in 1..65535)"):
         load_config(environ={"LMCACHE_REMOTE_URL": "redis://:pw@/0"})
+
+
+def test_secrets_never_show_in_errors_dicts_or_reprs():
+    config = load_config({"remote_url": "rediss://u:url-secret@h", "remote_password": "pw-secret",
+                          "remote_integrity_key": "integrity-secret-0123"}, environ=NO_ENV)
+    shown = repr(config) + str(config.to_dict())
+    assert "secret" not in shown and shown.count("***") == 6
+    with raises_exactly("remote_integrity_key = '***' from kv_connector_extra_config: expected a string of at "
+                        "least 16 characters, or null"):
+        load_config({"remote_integrity_key": "short-secret"}, environ=NO_ENV)
+
+
+def test_tls_files_need_a_tls_url_and_a_client_certificate_its_key(tmp_path):
+    pem = tmp_path / "ca.pem"
+    pem.write_text("x")
+    with raises_with("remote_tls_ca_file = ", "needs a TLS remote_url, but remote_url = 'redis://u:***@h'"):
+        load_config({"remote_url": "redis://u:pw@h", "remote_tls_ca_file": str(pem)}, environ=NO_ENV)
+    with raises_with("remote_tls_cert_file from kv_connector_extra_config is set without its pair"):
+        load_config({"remote_url": "rediss://h", "remote_tls_cert_file": str(pem)}, environ=NO_ENV)
+    both = load_config({"remote_url": "rediss://h", "remote_tls_cert_file": str(pem), "remote_tls_key_file": str(pem),
+                        "remote_tls_ca_file": str(pem)}, environ=NO_ENV)
+    assert both.remote_tls_ca_file == str(pem)
 
 
 @pytest.mark.parametrize(
@@ -364,7 +425,10 @@ def test_a_bad_remote_url_is_shown_without_its_password():
 def test_unknown_extra_config_key_suggests_and_lists_the_keys(key, hint):
     with raises_exactly(
         f"unknown config key {key!r} (= 1) from kv_connector_extra_config: {hint}expected one of chunk_size, "
-        "local_cpu, max_local_cpu_size, local_disk, max_local_disk_size, remote_url, save_unfull_chunk, "
+        "local_cpu, max_local_cpu_size, local_disk, max_local_disk_size, remote_url, remote_password, "
+        "remote_tls_ca_file, remote_tls_cert_file, remote_tls_key_file, remote_tls_verify, remote_timeout_ms, "
+        "remote_ttl_s, remote_connections, remote_key_prefix, remote_max_value_bytes, remote_write_backlog, "
+        "remote_integrity_key, save_unfull_chunk, "
         "save_decode_cache, use_layerwise, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
         "pin_host_memory, cache_namespace, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
     ):
@@ -494,10 +558,7 @@ def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
     config = load_config({"remote_url": "redis://user:secret@cache:6379", "use_layerwise": True}, environ={})
     with caplog.at_level("WARNING", logger="lmcache_ext.config"):
         config.warn_unimplemented()
-    text = caplog.text
-    assert "remote_url = redis://user:***@cache:6379 is set, but this version has no remote tier" in text
-    assert "secret" not in text
-    assert "use_layerwise is set" in text
+    assert "use_layerwise is set" in caplog.text and "remote_url" not in caplog.text
 
 
 def test_the_host_pool_is_the_host_tier_or_only_staging_slots():

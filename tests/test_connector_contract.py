@@ -174,7 +174,7 @@ def test_reset_hides_every_earlier_chunk_on_host_disk_and_after_a_restart(tmp_pa
     files = lambda: [p for p in (tmp_path / "kv").rglob("*") if p.is_file() and len(p.name) == 32]  # noqa: E731
     assert len(files()) == 2
     plan = rig.step([(request("f", tokens), list(range(20, 29)), 0)])  # the next step deletes them ...
-    assert plan.clear_disk and not plan.loads and len(plan.stores) == 2  # ... and stores afresh
+    assert plan.clear_tiers and not plan.loads and len(plan.stores) == 2  # ... and stores afresh
     rig.flush()
     assert len(files()) == 2 and hits(SchedulerSide(config(tmp_path), geometry()), request("g", tokens)) == 2 * CHUNK
     assert same_pages(rig.caches[0], list(range(20, 28)), rig.caches[0], list(range(20, 28)))

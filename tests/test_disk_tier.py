@@ -19,8 +19,8 @@ from lmcache_ext.tiers import DiskTier, disk
 
 GiB = 1 << 30
 SIZES = [1, 4095, 4096, (1 << 20) + 3]
-# Byte offsets of the header fields, from the layout "<8sHH16sQQQ".
-MAGIC_AT, VERSION_AT, FLAGS_AT, KEY_AT, LENGTH_AT, PAYLOAD_SUM_AT, HEADER_SUM_AT = 0, 8, 10, 12, 28, 36, 44
+# Byte offsets of the header fields, from the layout "<8sHH16s16sQQQ".
+MAGIC_AT, VERSION_AT, FLAGS_AT, KEY_AT, NAMESPACE_AT, LENGTH_AT, PAYLOAD_SUM_AT, HEADER_SUM_AT = 0, 8, 10, 12, 28, 44, 52, 60
 
 
 def key(i: int) -> bytes:
@@ -68,8 +68,9 @@ def root(tmp_path: Path) -> Path:
 def make_tier(root: Path):
     tiers: list[DiskTier] = []
 
-    def make(capacity: int = GiB, threads: int = 2, o_direct: bool = False, at: Path | None = None) -> DiskTier:
-        tier = DiskTier(at or root, capacity, threads=threads, o_direct=o_direct)
+    def make(capacity: int = GiB, threads: int = 2, o_direct: bool = False, at: Path | None = None,
+             namespace: bytes = disk.NO_NAMESPACE) -> DiskTier:
+        tier = DiskTier(at or root, capacity, threads=threads, o_direct=o_direct, namespace=namespace)
         tiers.append(tier)
         return tier
 
@@ -88,7 +89,7 @@ def read_back(tier: DiskTier, k: bytes, n: int, aligned: bool = True) -> torch.T
 
 
 def test_header_layout_is_fixed():
-    assert disk.HEADER.format == "<8sHH16sQQQ"
+    assert disk.HEADER.format == "<8sHH16s16sQQQ"
     assert disk.HEADER.size == HEADER_SUM_AT + 8
     assert disk.HEADER_SIZE == 4096
 
@@ -242,6 +243,25 @@ def test_clear_forgets_every_key_at_once_and_deletes_the_files_in_the_background
     assert make_tier(at=root).keys() == [key(0)]
 
 
+def test_a_file_written_under_another_namespace_is_a_miss(make_tier, root):
+    tier = make_tier(namespace=b"A" * 16)
+    store(tier, key(0), slot(5000, seed=0))
+    tier.close()
+    other = make_tier(namespace=b"B" * 16)
+    assert other.read_into(key(0), slot(5000)) is False
+    assert other.stats()["reads_corrupt"] == {"wrong_namespace": 1}
+    with pytest.raises(ValueError, match=r"namespace = b'short': expected 16 bytes"):
+        make_tier(namespace=b"short", at=root / "elsewhere")
+
+
+def test_directories_and_files_are_private_to_the_owner(make_tier, root):
+    tier = make_tier()
+    store(tier, key(0), slot(100, seed=0))
+    assert root.stat().st_mode & 0o777 == 0o700
+    assert tier.path_of(key(0)).parent.stat().st_mode & 0o777 == 0o700
+    assert tier.path_of(key(0)).stat().st_mode & 0o777 == 0o600
+
+
 def flip(path: Path, at: int) -> None:
     with open(path, "r+b") as f:
         f.seek(at)
@@ -266,9 +286,10 @@ CORRUPTIONS = {
     "payload_byte": (lambda p, other: flip(p, 4096 + N // 2), "bad_payload_checksum"),
     "last_payload_byte": (lambda p, other: flip(p, 4096 + N - 1), "bad_payload_checksum"),
     "magic": (lambda p, other: flip(p, MAGIC_AT), "bad_magic"),
-    "version": (lambda p, other: overwrite(p, VERSION_AT, struct.pack("<H", 2)), "bad_version"),
+    "version": (lambda p, other: overwrite(p, VERSION_AT, struct.pack("<H", 1)), "bad_version"),
     "unknown_flag": (lambda p, other: overwrite(p, FLAGS_AT, struct.pack("<H", 0x8000)), "bad_version"),
     "key_field": (lambda p, other: flip(p, KEY_AT + 3), "bad_header_checksum"),
+    "namespace_field": (lambda p, other: flip(p, NAMESPACE_AT + 5), "bad_header_checksum"),
     "length_field": (lambda p, other: flip(p, LENGTH_AT), "bad_header_checksum"),
     "payload_checksum_field": (lambda p, other: flip(p, PAYLOAD_SUM_AT), "bad_header_checksum"),
     "header_checksum_field": (lambda p, other: flip(p, HEADER_SUM_AT + 7), "bad_header_checksum"),

@@ -16,7 +16,7 @@ def test_partial_copies_address_the_chunk_from_its_first_block():
         layers = make_layers(layout, 3, 32, 2, 16, 8, torch.float16, seed=1)
         kv = ops.PagedLayers.from_tensors(layers)
         pool = PinnedSlotPool(kv.chunk_bytes(4), 2, pin="never")
-        executor = TransferExecutor(kv, pool, None)
+        executor = TransferExecutor(kv, pool, {})
         result = executor.run(Plan(gathers=(SlotCopy(0, (4, 5, 6, 7)), SlotCopy(1, (8, 9, 10, 11)))))
         assert result.gathers == (True, True)
         before = [page_view(t).clone() for t in layers]

@@ -2,10 +2,12 @@
 straight back into one.
 
 A chunk of key ``k`` lives at ``<root>/<k[0] as 2 hex>/<k as 32 hex>``; the 256
-sub-directories keep each directory small. A file is a fixed binary header, zeros up
-to ``HEADER_SIZE`` (4096, so the payload starts block-aligned for O_DIRECT), then the
-raw payload — never a pickle (invariant 5). With ``FLAG_PADDED`` the payload is
-followed by zeros up to the next 4096 multiple and the header keeps the true length.
+sub-directories keep each directory small. A file is a record (``tiers.record``: the
+header every lower tier uses), its header padded with zeros to ``HEADER_SIZE`` (4096,
+so the payload starts block-aligned for O_DIRECT), then the raw payload — never a
+pickle (invariant 5). With ``FLAG_PADDED`` the payload is followed by zeros up to the
+next 4096 multiple and the header keeps the true length. Directories are created
+0700 and files 0600: KV bytes can reveal the prompts they came from.
 
 Decisions:
 
@@ -19,9 +21,9 @@ Decisions:
   before its rename. It would only buy durability across a power cut, and after one a
   file whose bytes were lost fails its checksum and is a miss: a cache loses hits,
   never correctness.
-* Reads (invariant 3): any mismatch of magic, version, key, header checksum, length
-  or file size, or payload checksum, makes the read a miss, deletes the file and is
-  counted by kind. An OSError while reading (EIO, ...) is a miss counted as a failed
+* Reads (invariant 3): any mismatch of magic, version, key, namespace, header
+  checksum, length or file size, or payload checksum, makes the read a miss, deletes
+  the file and is counted by kind. An OSError while reading (EIO, ...) is a miss counted as a failed
   read; the file stays.
 * Faults (invariant 4): an OSError while writing (ENOSPC, EACCES, EIO, EROFS, ...)
   removes the temp file and reports False; the tier keeps working.
@@ -59,38 +61,37 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from struct import Struct
 from typing import Any
 
 import numpy as np
-import torch
-import xxhash
+
+from lmcache_ext.tiers.host_buffer import byte_view
+from lmcache_ext.tiers.record import (
+    FLAG_PADDED,
+    HEADER,
+    KEY_BYTES,
+    BadRecord,
+    Header,
+    check_header,
+    check_payload,
+    encode_header,
+    payload_checksum,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LMCXCHNK"
-FORMAT_VERSION = 1
-FLAG_PADDED = 1  # payload followed by zeros up to a BLOCK multiple
-KNOWN_FLAGS = FLAG_PADDED
 BLOCK = 4096
 HEADER_SIZE = BLOCK
-KEY_BYTES = 16
-# magic, format version, flags, key, payload length, payload xxh3-64, xxh3-64 of the fields before it
-HEADER = Struct("<8sHH16sQQQ")
-_CHECKED_BYTES = HEADER.size - 8  # the header checksum covers every field before it
+NO_NAMESPACE = bytes(KEY_BYTES)
 
 _CHUNK_NAME = re.compile(r"[0-9a-f]{32}")
 _FANOUT = [f"{i:02x}" for i in range(256)]
 _LOCK_NAME = ".lock"
 
 
-def encode_header(key: bytes, payload_len: int, payload_checksum: int, flags: int) -> bytes:
-    """The HEADER_SIZE bytes a chunk file starts with: the packed fields, then zeros."""
-    block = bytearray(HEADER_SIZE)
-    fields = (MAGIC, FORMAT_VERSION, flags, key, payload_len, payload_checksum)
-    HEADER.pack_into(block, 0, *fields, 0)
-    HEADER.pack_into(block, 0, *fields, xxhash.xxh3_64_intdigest(block[:_CHECKED_BYTES]))
-    return bytes(block)
+def disk_header(key: bytes, namespace: bytes, payload_len: int, checksum: int, flags: int) -> bytes:
+    """The HEADER_SIZE bytes a chunk file starts with: the record header, then zeros."""
+    return encode_header(key, namespace, payload_len, checksum, flags).ljust(HEADER_SIZE, b"\0")
 
 
 def file_size(payload_len: int, padded: bool) -> int:
@@ -98,33 +99,14 @@ def file_size(payload_len: int, padded: bool) -> int:
     return HEADER_SIZE + (_round_up(payload_len) if padded else payload_len)
 
 
-class _BadFile(Exception):
-    """A chunk file failed a check; `kind` names which, for the counters."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-def _check_header(block: memoryview, key: bytes, payload_len: int, size: int) -> int:
-    """Check a header read from a file of `size` bytes against what the caller expects;
-    returns the payload checksum it holds."""
+def check_header_of_file(block: memoryview, key: bytes, namespace: bytes, payload_len: int, size: int) -> Header:
+    """Check the header read from a file of `size` bytes against what the caller expects."""
     if len(block) < HEADER.size:
-        raise _BadFile("wrong_file_size")
-    magic, version, flags, stored_key, stored_len, payload_checksum, header_checksum = HEADER.unpack_from(block)
-    if magic != MAGIC:
-        raise _BadFile("bad_magic")
-    if version != FORMAT_VERSION or flags & ~KNOWN_FLAGS:
-        raise _BadFile("bad_version")
-    if xxhash.xxh3_64_intdigest(block[:_CHECKED_BYTES]) != header_checksum:
-        raise _BadFile("bad_header_checksum")
-    if stored_key != key:
-        raise _BadFile("wrong_key")
-    if stored_len != payload_len:
-        raise _BadFile("wrong_length")
-    if size != file_size(stored_len, bool(flags & FLAG_PADDED)):
-        raise _BadFile("wrong_file_size")
-    return payload_checksum
+        raise BadRecord("wrong_file_size")
+    header = check_header(block, key, namespace, payload_len)
+    if size != file_size(payload_len, bool(header.flags & FLAG_PADDED)):
+        raise BadRecord("wrong_file_size")
+    return header
 
 
 def _round_up(n: int) -> int:
@@ -142,32 +124,6 @@ def _check_key(key: object) -> bytes:
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
         raise ValueError(f"key = {key!r} is not a chunk key: expected {KEY_BYTES} bytes")
     return key
-
-
-def _byte_view(buf: object, name: str, writable: bool) -> memoryview:
-    """A flat byte view of a host buffer (a CPU tensor or any contiguous buffer), no copy."""
-    if isinstance(buf, torch.Tensor):
-        if buf.device.type != "cpu":
-            raise ValueError(f"{name} is on {buf.device}; expected a CPU tensor (a host slot)")
-        if not buf.is_contiguous():
-            raise ValueError(
-                f"{name} with shape {tuple(buf.shape)} and strides {buf.stride()} is not contiguous; "
-                "expected one dense buffer"
-            )
-        buf = buf.detach().reshape(-1).view(torch.uint8).numpy()
-    try:
-        view = memoryview(buf)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"{name} is a {type(buf).__name__}; expected a CPU torch.Tensor or a buffer (bytes, memoryview, ...)"
-        ) from None
-    if not view.c_contiguous:
-        raise ValueError(f"{name} is not C-contiguous; expected one dense buffer")
-    if writable and view.readonly:
-        raise ValueError(f"{name} is read-only; expected a writable buffer")
-    if view.nbytes == 0:
-        raise ValueError(f"{name} is empty; expected at least 1 byte")
-    return view.cast("B")
 
 
 def _block_aligned(view: memoryview) -> bool:
@@ -221,12 +177,22 @@ class DiskTier:
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], capacity_bytes: int, threads: int = 2, o_direct: bool = False
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        threads: int = 2,
+        o_direct: bool = False,
+        namespace: bytes = NO_NAMESPACE,
     ) -> None:
+        """`namespace` (16 bytes) is written into every file's header and required of
+        every file read: the fingerprint of the cache that owns the directory."""
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes = {capacity_bytes!r}: expected an int > 0")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads = {threads!r}: expected an int >= 1")
+        if not isinstance(namespace, bytes) or len(namespace) != KEY_BYTES:
+            raise ValueError(f"namespace = {namespace!r}: expected {KEY_BYTES} bytes (a namespace fingerprint)")
+        self._namespace = namespace
         self._root = Path(root)
         self._lock_fd = self._claim_root()
         self._capacity = capacity_bytes
@@ -249,14 +215,14 @@ class DiskTier:
     def _claim_root(self) -> int:
         """Create the root and its sub-directories and lock it for this tier; returns the lock fd."""
         try:
-            self._root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._root / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise self._unusable_root(exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for sub in _FANOUT:
-                (self._root / sub).mkdir(exist_ok=True)
+                (self._root / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             os.close(fd)
             if isinstance(exc, BlockingIOError):
@@ -357,7 +323,7 @@ class DiskTier:
         counted, leaves no file and gives ok False.
         """
         _check_key(key)
-        view = _byte_view(payload, "payload", writable=False)
+        view = byte_view(payload, "payload", writable=False)
         with self._lock:
             self._check_open()
             future = self._pool.submit(self._write_job, key, view, on_done)
@@ -370,7 +336,7 @@ class DiskTier:
         size is the payload length). False on a miss: not stored, or the file failed a
         check (then it is deleted) or could not be read; `out` is then undefined."""
         _check_key(key)
-        view = _byte_view(out, "out", writable=True)
+        view = byte_view(out, "out", writable=True)
         with self._lock:
             self._check_open()
             if key not in self._index:
@@ -379,7 +345,7 @@ class DiskTier:
         path = self.path_of(key)
         try:
             direct = self._read_file(path, key, view)
-        except _BadFile as bad:
+        except BadRecord as bad:
             with self._lock:
                 self._reads_corrupt[bad.kind] += 1
             return False
@@ -563,7 +529,7 @@ class DiskTier:
     def _write_file(self, path: Path, key: bytes, payload: memoryview) -> bool:
         """Write the whole chunk file at `path`; returns whether O_DIRECT was used."""
         flags = FLAG_PADDED if self._o_direct else 0
-        header = encode_header(key, len(payload), xxhash.xxh3_64_intdigest(payload), flags)
+        header = disk_header(key, self._namespace, len(payload), payload_checksum(payload), flags)
         if self._direct and _block_aligned(payload):
             body = len(payload) - len(payload) % BLOCK
             pages = memoryview(mmap.mmap(-1, 2 * BLOCK))  # page-aligned: header and last partial block
@@ -584,7 +550,7 @@ class DiskTier:
 
     def _read_file(self, path: Path, key: bytes, out: memoryview) -> bool:
         """Read and check the file of `key` into `out`; returns whether O_DIRECT was used.
-        A failed check deletes the file (if it is still the indexed one) and raises _BadFile."""
+        A failed check deletes the file (if it is still the indexed one) and raises BadRecord."""
         if self._direct and _block_aligned(out):
             try:
                 self._read_checked(path, key, out, direct=True)
@@ -601,8 +567,8 @@ class DiskTier:
         try:
             st = os.fstat(fd)
             try:
-                _read_payload(fd, st.st_size, key, out, direct)
-            except _BadFile:
+                _read_payload(fd, st.st_size, key, self._namespace, out, direct)
+            except BadRecord:
                 self._delete_bad(key, path, st)
                 raise
         finally:
@@ -620,7 +586,7 @@ class DiskTier:
 
 
 def _write_new(path: Path, bufs: Sequence[memoryview], extra_flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | extra_flags, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | extra_flags, 0o600)
     try:
         if _move_all(os.pwritev, fd, bufs, 0) < sum(len(b) for b in bufs):
             raise OSError(errno.EIO, f"could not write all of {path}")
@@ -628,17 +594,16 @@ def _write_new(path: Path, bufs: Sequence[memoryview], extra_flags: int) -> None
         os.close(fd)
 
 
-def _read_payload(fd: int, size: int, key: bytes, out: memoryview, direct: bool) -> None:
+def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryview, direct: bool) -> None:
     """Read the header, check it, then read the payload into `out` and check its checksum.
     With `direct` every read is block-aligned: the last partial block goes through a bounce page."""
     n = len(out)
     pages = memoryview(mmap.mmap(-1, 2 * BLOCK))  # page-aligned: header and last partial block
     got = _move_all(os.preadv, fd, [pages[:HEADER_SIZE]], 0)
-    checksum = _check_header(pages[: min(got, HEADER.size)], key, n, size)
+    header = check_header_of_file(pages[: min(got, HEADER.size)], key, namespace, n, size)
     body = n - n % BLOCK if direct else n
     tail = [pages[BLOCK:]] if body < n else []
     if _move_all(os.preadv, fd, [out[:body], *tail], HEADER_SIZE) < n:
-        raise _BadFile("wrong_file_size")  # the file shrank after the size check
+        raise BadRecord("wrong_file_size")  # the file shrank after the size check
     out[body:] = pages[BLOCK : BLOCK + n - body]
-    if xxhash.xxh3_64_intdigest(out) != checksum:
-        raise _BadFile("bad_payload_checksum")
+    check_payload(out, header)

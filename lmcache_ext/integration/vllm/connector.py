@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.config import load_config
+from lmcache_ext.plans import Source
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
@@ -41,6 +42,9 @@ from lmcache_ext.integration.vllm.worker import WorkerSide
 logger = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32", "0.33")
+HIT_SOURCES = {Source.HOST: CacheHitSource.HOST, Source.DISK: CacheHitSource.DISK,
+               Source.REMOTE: CacheHitSource.EXTERNAL_UNSPECIFIED}
+"""Our tiers as vLLM's prompt_tokens_cached_by_source labels (it has none for a remote store)."""
 
 
 def check_vllm_version(version: str = vllm.__version__) -> None:
@@ -130,18 +134,23 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return LMCacheConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
+        for side in (self._worker, self._scheduler):
+            if side is not None:
+                side.close()
 
     # -- scheduler side --
 
+    def on_new_request(self, request: Any) -> None:
+        self._scheduler_side().on_new_request(request)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """None while the remote tier's answer is out: vLLM asks again next step."""
         return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens), False
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """Our hit tokens split by the tier that holds them (vLLM's cached-by-source metric)."""
         sources = self._scheduler_side().hit_sources(request, num_external_tokens)
-        return {CacheHitSource(source.value): tokens for source, tokens in sources.items()}
+        return {HIT_SOURCES[source]: tokens for source, tokens in sources.items()}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._scheduler_side().plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)

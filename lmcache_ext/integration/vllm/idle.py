@@ -14,6 +14,9 @@ class IdleSide:
 
     # -- scheduler half --
 
+    def on_new_request(self, request: Any) -> None:
+        return None
+
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
         return 0
 

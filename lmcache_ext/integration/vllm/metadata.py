@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from lmcache_ext.plans import DiskTransfer, SlotCopy
+from lmcache_ext.plans import SlotCopy, TierTransfer
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,12 @@ class KeyedCopy:
 class StepPlan(KVConnectorMetadata):
     """One step's work for every worker: loads before the forward, stores after it."""
 
-    reads: list[DiskTransfer] = field(default_factory=list)  # disk -> slot, for loads
+    reads: list[TierTransfer] = field(default_factory=list)  # lower tier -> slot, for loads
     loads: list[KeyedCopy] = field(default_factory=list)  # slot -> paged
     stores: list[KeyedCopy] = field(default_factory=list)  # paged -> slot
-    writes: list[DiskTransfer] = field(default_factory=list)  # slot -> disk, after the stores
+    writes: list[TierTransfer] = field(default_factory=list)  # slot -> lower tiers, after the stores
     failed_blocks: list[int] = field(default_factory=list)  # promised but not loadable: recompute
-    clear_disk: bool = False  # a cache reset: delete every disk file before anything else
+    clear_tiers: bool = False  # a cache reset: clear the lower tiers (delete disk files) before anything else
 
 
 @dataclass
@@ -44,7 +44,7 @@ class WorkerReport(KVConnectorWorkerMetadata):
     store_failed: Counter = field(default_factory=Counter)
     loaded: Counter = field(default_factory=Counter)  # slot copied into the paged cache
     load_failed: Counter = field(default_factory=Counter)
-    written: Counter = field(default_factory=Counter)  # disk write finished (ok or not)
+    written: Counter = field(default_factory=Counter)  # a tier write finished (ok or not), per tier
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> WorkerReport:
         assert isinstance(other, WorkerReport)

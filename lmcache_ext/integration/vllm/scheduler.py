@@ -3,7 +3,10 @@
 It decides everything — which chunks exist, which host slot holds them, what to
 evict, what each worker copies — and the workers only execute the plan, so TP
 ranks cannot disagree. Slot ids come from an accounting twin of the workers'
-pools (same slot count, no bytes); disk presence is read from every rank's files.
+pools (same slot count, no bytes); disk presence is read from every rank's files,
+remote presence from a background probe of every rank's records: while that probe
+is out, a lookup answers None (vLLM asks again next step) instead of waiting on the
+network. The probe starts as soon as vLLM hands over a new request.
 
 A hit promises only chunks that can be loaded: the lookup counts the host slots a
 load would need (see `CacheDirectory.lookup`), after the loads already planned in
@@ -19,6 +22,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from lmcache_ext import _C
@@ -30,8 +34,10 @@ from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
 from lmcache_ext.memory import PinnedSlotPool
-from lmcache_ext.plans import DiskTransfer, SlotCopy
+from lmcache_ext.plans import SlotCopy, TierTransfer
+from lmcache_ext.tiers import Presence
 from lmcache_ext.tiers.disk import chunk_path
+from lmcache_ext.tiers.remote import RemotePresence, RemoteStore
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +79,17 @@ class SchedulerSide:
         slot_bytes = g.chunk_bytes(g.blocks_per_chunk)
         num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
         self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
-        lower = []
+        lower: list[tuple[Source, Presence]] = []
         if config.local_disk:
             lower.append((Source.DISK, DiskPresence(Path(config.local_disk), g)))
+        self._remote: RemotePresence | None = None
+        self._closers: list[Callable[[], None]] = []
+        if config.remote_url:
+            store = RemoteStore(config, g.namespace.fingerprint, connections=1)
+            self._remote = RemotePresence(store, lambda key: [(rank_key(key, r, g), r) for r in range(g.tp_size)])
+            self._closers = [self._remote.close, store.close]
+            lower.append((Source.REMOTE, self._remote))
+        self._write_tiers = [source for source, _ in lower]  # a stored chunk goes to every lower tier
         self._directory = CacheDirectory(self._slots, lower)
         self._namespace = dataclasses.replace(
             geometry.namespace, cache_namespace=config.cache_namespace, epoch=read_epoch(config.local_disk)
@@ -83,21 +97,31 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._next = StepPlan()
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
-        self._promoting: set[ChunkKey] = set()  # disk hits being read into host slots
-        self._writing: set[ChunkKey] = set()  # slots still read by disk writes
+        self._promoting: dict[ChunkKey, Source] = {}  # lower-tier hits being read into host slots
+        self._writing: set[ChunkKey] = set()  # slots still read by tier writes
 
     # -- hits --
 
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+    def on_new_request(self, request: Any) -> None:
+        """Start asking the remote tier about the request's chunks right away."""
+        if self._remote is not None:
+            self._remote.answered(self._keys(self._state(request), len(request.all_token_ids)))
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
-        one token to compute. Chunks inside vLLM's hit need not be cached: the chained
-        key of a later chunk names its whole prefix."""
+        one token to compute; None while the remote tier's answer is still out. Chunks
+        inside vLLM's hit need not be cached: the chained key of a later chunk names
+        its whole prefix."""
         state = self._state(request)
         chunk = self._config.chunk_size
         state.asked = num_computed_tokens
         state.found_from = num_computed_tokens // chunk
-        keys = self._keys(state, len(request.all_token_ids))
-        state.found = self._directory.lookup(keys[state.found_from :], share_pending=True)
+        keys = self._keys(state, len(request.all_token_ids))[state.found_from :]
+        state.found = self._directory.lookup(keys, share_pending=True)
+        if self._remote is not None and len(state.found) < len(keys):
+            if not self._remote.answered(keys[len(state.found) :]):
+                return None
+            state.found = self._directory.lookup(keys, share_pending=True)
         bs = self._geometry.block_size
         hit = min((state.found_from + len(state.found)) * chunk, (request.num_tokens - 1) // bs * bs)
         return max(hit - num_computed_tokens, 0)
@@ -130,9 +154,9 @@ class SchedulerSide:
             lo, hi = max(c * g.blocks_per_chunk, first_block), min((c + 1) * g.blocks_per_chunk, end_block)
             copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), g.blocks_per_chunk, lo - c * g.blocks_per_chunk)
             self._next.loads.append(KeyedCopy(load.key, copy))
-            if load.source is Source.DISK:
-                self._promoting.add(load.key)
-                self._next.reads.append(DiskTransfer(load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)))
+            if load.source is not Source.HOST:
+                self._promoting[load.key] = load.source
+                self._next.reads.append(TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)))
             covered = hi
         if covered < end_block:  # a disk file vanished since the lookup (the workers' disk tier evicts on its own)
             logger.info("request %s: %d promised blocks are no longer cached; vLLM recomputes them",
@@ -181,8 +205,7 @@ class SchedulerSide:
             if slot is Reserve.PRESENT:
                 continue
             plan.stores.append(KeyedCopy(keys[c], SlotCopy(slot, tuple(blocks))))
-            if self._config.local_disk:
-                plan.writes.append(DiskTransfer(keys[c], slot, g.chunk_bytes(g.blocks_per_chunk)))
+            plan.writes += [TierTransfer(tier, keys[c], slot, g.chunk_bytes(g.blocks_per_chunk)) for tier in self._write_tiers]
 
     # -- results --
 
@@ -199,12 +222,12 @@ class SchedulerSide:
             ok = not tally["store_failed"].pop(key, 0)
             tally["stored"].pop(key, None)
             self._directory.commit(key, ok)
-            if ok and self._config.local_disk:
+            if ok and self._write_tiers:
                 self._writing.add(key)
             else:
                 self._directory.release(key)
         for key in list(tally["written"]):
-            if tally["written"][key] >= g.tp_size and key in self._writing:
+            if tally["written"][key] >= g.tp_size * len(self._write_tiers) and key in self._writing:
                 tally["written"].pop(key)
                 self._writing.discard(key)
                 self._directory.release(key)
@@ -217,8 +240,10 @@ class SchedulerSide:
             if not loads:
                 continue
             if key in self._promoting:
-                self._promoting.discard(key)
+                source = self._promoting.pop(key)
                 self._directory.commit(key, failed == 0)
+                if failed and source is Source.REMOTE and self._remote is not None:
+                    self._remote.forget(key)
             for _ in range(loads):
                 self._directory.release(key)
 
@@ -230,7 +255,8 @@ class SchedulerSide:
         Requests known so far are forgotten (their KV may predate the update: they
         store nothing more, and a preempted one is keyed afresh when it comes back).
         Unpinned host slots are freed now, pinned ones at their last release; each
-        worker deletes its disk files in the next step. False, with nothing changed,
+        worker deletes its disk files in the next step (the shared remote store keeps
+        its records, which the new epoch already hides). False, with nothing changed,
         when the new epoch cannot be made durable in the disk tier's directory."""
         epoch = next_epoch(self._config.local_disk)
         if epoch is None:
@@ -238,7 +264,7 @@ class SchedulerSide:
         self._namespace = self._namespace.with_epoch(epoch)
         self._requests.clear()
         pinned = self._directory.clear()
-        self._next.clear_disk = self._config.local_disk is not None
+        self._next.clear_tiers = bool(self._write_tiers)
         logger.info("KV cache reset: new epoch %s; %d host chunks still in transfer drop when it ends", epoch, pinned)
         return True
 
@@ -246,6 +272,11 @@ class SchedulerSide:
         """The request is done (or aborted): forget it. Its stores were copied to host
         slots inside the steps that planned them, so its blocks can be freed now."""
         self._requests.pop(request_id, None)
+
+    def close(self) -> None:
+        """Stop the remote probe and its connection."""
+        for close in self._closers:
+            close()
 
     def stats(self) -> dict[str, int]:
         return {"host_chunks": self._directory.host_chunks(), "pinned_slots": self._directory.pinned_slots()}

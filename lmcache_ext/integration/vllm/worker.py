@@ -1,6 +1,6 @@
 """The connector's worker half: a data mover. It runs each step's plan on its own
-TP shard — loads before the forward, stores after it, disk writes in the
-background — and reports per key what happened.
+TP shard — loads before the forward, stores after it, disk and remote writes in
+the background — and reports per key what happened.
 
 Sleep mode (vLLM 0.33): `unregister` lets a copy in progress end and then forgets
 the paged cache's addresses, so nothing touches memory vLLM is releasing; until
@@ -11,6 +11,7 @@ that touches the KV cache outlives one: disk writes read host slots only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter
@@ -23,9 +24,8 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
-from lmcache_ext.memory import PinnedSlotPool
-from lmcache_ext.plans import DiskTransfer, Plan, PlanResult
-from lmcache_ext.tiers.disk import DiskTier
+from lmcache_ext.plans import Plan, PlanResult, Source, TierTransfer
+from lmcache_ext.tiers import Storage, build_storage
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class WorkerSide:
         self._geometry = geometry
         self._rank = tp_rank
         self._executor: TransferExecutor | None = None
-        self._disk: DiskTier | None = None
+        self._storage: Storage | None = None
         self._lock = threading.Lock()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
@@ -52,21 +52,20 @@ class WorkerSide:
         if self._executor is not None:
             self._executor.bind(kv)
             return
-        g = self._geometry
-        slot_bytes = kv.chunk_bytes(g.blocks_per_chunk)
-        pool = PinnedSlotPool.for_config(self._config, slot_bytes)
-        if self._config.local_disk:
-            self._disk = DiskTier(
-                rank_root(Path(self._config.local_disk), self._rank),
-                max(self._config.disk_bytes // g.tp_size, 1),
-                threads=self._config.disk_io_threads,
-                o_direct=self._config.disk_o_direct,
-            )
-        self._executor = TransferExecutor(kv, pool, self._disk, read_threads=self._config.disk_io_threads)
-        if self._config.cpu_copy_threads:
-            ops.set_cpu_copy_options(threads=self._config.cpu_copy_threads)
-        logger.info("lmcache_ext worker %d: %d host slots of %d bytes, disk tier: %s", self._rank, pool.num_slots,
-                    pool.slot_bytes, self._config.local_disk or "off")
+        g, cfg = self._geometry, self._config
+        storage = build_storage(
+            cfg, kv.chunk_bytes(g.blocks_per_chunk), namespace=g.namespace.fingerprint, rank=self._rank,
+            disk_root=rank_root(Path(cfg.local_disk), self._rank) if cfg.local_disk else None,
+            disk_bytes=cfg.disk_bytes // g.tp_size,
+        )
+        self._storage = storage
+        self._executor = TransferExecutor(kv, storage.pool, storage.tiers,
+                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections))
+        if cfg.cpu_copy_threads:
+            ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
+        logger.info("lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s", self._rank,
+                    storage.pool.num_slots, storage.pool.slot_bytes,
+                    ", ".join(t.value for t in storage.tiers) or "none")
 
     def unregister(self) -> None:
         """vLLM is about to release the KV cache's memory: wait for a copy in progress,
@@ -95,9 +94,10 @@ class WorkerSide:
         """A cache reset's disk deletion first, then disk reads into slots, then slots
         into the planned blocks; failures become load errors, so vLLM recomputes those
         blocks."""
-        if plan.clear_disk and self._disk is not None:
-            logger.info("lmcache_ext worker %d: cache reset, deleting %d disk files in the background",
-                        self._rank, self._disk.clear())
+        if plan.clear_tiers and self._storage is not None:
+            for source, tier in self._storage.tiers.items():
+                logger.info("lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
+                            self._rank, tier.clear(), source.value)
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
         if not plan.loads:
@@ -137,7 +137,8 @@ class WorkerSide:
                     filled.add(keyed.key)
         base_key = {self._shard(w).key: w.key for w in plan.writes if w.key in filled}
         shards = tuple(self._on_rank([w for w in plan.writes if w.key in filled]))
-        self._executor_checked().run(Plan(writes=shards), on_write_done=lambda w, ok: self._written(base_key[w.key], ok))
+        self._executor_checked().run(Plan(writes=shards),
+                                     on_write_done=lambda w, ok: self._written(w.tier, base_key[w.key], ok))
 
     def take_report(self) -> WorkerReport | None:
         with self._lock:
@@ -155,20 +156,23 @@ class WorkerSide:
             errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def flush(self) -> None:
+        """Wait until every tier write submitted so far has ended."""
+        if self._storage is not None:
+            self._storage.flush()
+
     def close(self) -> None:
-        if self._disk is not None:
-            self._disk.close()
+        if self._storage is not None:
+            self._storage.close()
         if self._executor is not None:
             self._executor.close()
 
-    def _written(self, key: bytes, ok: bool) -> None:
-        """A disk write ended; either way its slot is free to evict (a failed write costs
-        the disk copy only)."""
+    def _written(self, tier: Source, key: bytes, ok: bool) -> None:
+        """A tier write ended; once every tier's has, the slot is free to evict (a failed
+        write costs that tier's copy only)."""
         with self._lock:
             self._report.written[key] += 1
-            self._counts["disk_writes" if ok else "failed_disk_writes"] += 1
-        if not ok:
-            logger.debug("disk write of %s failed on rank %d", key.hex(), self._rank)
+            self._counts[f"{tier.value}_writes" if ok else f"failed_{tier.value}_writes"] += 1
 
     def _run(self, plan: Plan) -> PlanResult:
         return self._executor_checked().run(plan)
@@ -178,9 +182,9 @@ class WorkerSide:
             raise RuntimeError("register_kv_caches was not called before the first transfer")
         return self._executor
 
-    def _shard(self, t: DiskTransfer) -> DiskTransfer:
-        return DiskTransfer(rank_key(t.key, self._rank, self._geometry), t.slot, t.nbytes)
+    def _shard(self, t: TierTransfer) -> TierTransfer:
+        return dataclasses.replace(t, key=rank_key(t.key, self._rank, self._geometry))
 
-    def _on_rank(self, transfers: list[DiskTransfer]) -> list[DiskTransfer]:
+    def _on_rank(self, transfers: list[TierTransfer]) -> list[TierTransfer]:
         return [self._shard(t) for t in transfers]
 
