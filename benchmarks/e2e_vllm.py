@@ -9,7 +9,12 @@ One JSON line per figure:
 - warm TTFT from host memory and, after a restart, from disk, as a fraction of the
   cold TTFT without a connector (bar <= 0.05);
 - ExampleConnector: its cold and warm TTFT, and its hits on prompts that share only
-  the document (another, longer question), where ours hits.
+  the document (another, longer question), where ours hits;
+- warm TTFT of a fresh engine (its own host pool and disk) from the remote tier that
+  another engine filled, on a local redis-server this script starts (skipped, with
+  a line saying so, when redis-server is not installed).
+Every engine runs on the same CPU threads, with or without a connector
+(`offline.fair_cpu_binding`).
 Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096]
 """
 
@@ -20,11 +25,15 @@ import dataclasses
 import json
 import random
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from remote_servers import Server, redis_binary  # noqa: E402
 
 
 # Runs in the engine process before vLLM starts: adds up the time spent inside the
@@ -91,6 +100,7 @@ def main() -> None:
         none_again = serve(model, fresh, {})
         restarted = serve(model, [("disk", p) for _, p in asks] + later, ours)
         theirs = serve(model, asks + [("warm", p) for _, p in asks] + others, example)
+        remote_rows = remote_figures(model, asks, work) if redis_binary() else None
     cold = summary(none, "ask")["ttft_ms"]
     common = {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}", "doc_tokens": args.doc_tokens, "docs": args.docs}
     emit({**common, "figure": "cold_no_connector", **summary(none, "ask")})
@@ -103,14 +113,29 @@ def main() -> None:
     emit({**common, "figure": "store_overhead_in_hooks",
           "hook_ms_per_cold_request": round(statistics.median(t for _, t in cold_rows) * 1e3, 2),
           "ratio_vs_same_request_without_hooks": round(statistics.median(r["ttft_s"] / (r["ttft_s"] - t) for r, t in cold_rows), 4)})
+    if remote_rows is None:
+        print("no redis-server here: the remote-tier figure is skipped", flush=True)
     for engine, rows, phases in (
         ("ours", first, ("ask", "warm", "other")),
         ("ours_restarted", restarted, ("disk", "later")),
         ("example_connector", theirs, ("ask", "warm", "other")),
+        *([("ours_fresh_engine", remote_rows, ("remote",))] if remote_rows else []),
     ):
         for phase in phases:
             s = summary(rows, phase)
             emit({**common, "figure": f"{engine}:{phase}", **s, "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold, 3)})
+
+
+def remote_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path) -> list[dict]:
+    """One engine stores the documents to a local redis-server; a fresh engine with its
+    own host pool and disk directory then asks for them."""
+    server = Server(redis_binary(), work / "redis").start()
+    try:
+        serve(model, asks, {"kv_transfer_config": connector_config(work / "kv3", remote_url=server.url)})
+        return serve(model, [("remote", p) for _, p in asks],
+                     {"kv_transfer_config": connector_config(work / "kv4", remote_url=server.url)})
+    finally:
+        server.kill()
 
 
 if __name__ == "__main__":

