@@ -8,7 +8,7 @@
 #            grid cap, SMs used, compute slowdown beside a copy (largest case ~12.5 GiB)
 # Each stage prints one line `gpu_check: STAGE: PASS|FAIL|SKIP (...)`; everything lands
 # in $OUT (default /tmp/gpu_check): summary.txt, prereqs.txt, nvidia-smi.txt, build.log,
-# build_info.json, pytest_gpu.log, pytest_gpu.xml, kernels_cuda.jsonl.
+# build_info.json, pytest_gpu.log, pytest_gpu.xml, bench.log, kernels_cuda.jsonl.
 #
 # --dry-run runs every stage that needs no device, as CI does: the same prerequisite
 # check minus the GPU ones, the build for LMCACHE_EXT_CUDA_ARCHS (default 90, the

@@ -19,14 +19,23 @@ from contextlib import contextmanager
 import torch
 
 RING_ENTRIES = 8
-_MIN_CAPACITY = 1024  # int64 values per entry, grown to the next power of two when needed
+# int64 values per entry at first (128 KiB: the block ids of 2M tokens at block size 128),
+# grown to the next power of two when a copy needs more. Entries are allocated when the
+# ring is made: allocating page-locked memory is an implicit synchronization point.
+INITIAL_CAPACITY = 16384
 
 
 class _Entry:
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.host = torch.empty(0, dtype=torch.int64)
-        self.device: torch.Tensor | None = None
+        self.device = torch.empty(0, dtype=torch.int64, device=device)
         self.event: torch.cuda.Event | None = None  # recorded after the last copy that used the buffers
+        self.grow(INITIAL_CAPACITY)
+
+    def grow(self, need: int) -> None:
+        capacity = 1 << (need - 1).bit_length()
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.device = torch.empty(capacity, dtype=torch.int64, device=self.device.device)
 
 
 class IndexRing:
@@ -35,8 +44,7 @@ class IndexRing:
     def __init__(self, device: torch.device, entries: int = RING_ENTRIES) -> None:
         if entries < 1:
             raise ValueError(f"entries = {entries}: expected a positive number of ring entries")
-        self._device = device
-        self._entries = [_Entry() for _ in range(entries)]
+        self._entries = [_Entry(device) for _ in range(entries)]
         self._next = 0
         self._lock = threading.Lock()  # held from an upload until its copy is queued
 
@@ -51,10 +59,8 @@ class IndexRing:
             self._next = (self._next + 1) % len(self._entries)
             if entry.event is not None:
                 entry.event.synchronize()
-            if entry.device is None or entry.host.numel() < need:
-                capacity = max(_MIN_CAPACITY, 1 << (need - 1).bit_length())
-                entry.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
-                entry.device = torch.empty(capacity, dtype=torch.int64, device=self._device)
+            if entry.host.numel() < need:
+                entry.grow(need)
             entry.host[:n].copy_(ids)
             if table:
                 entry.host[n:need].copy_(torch.tensor(table, dtype=torch.int64))

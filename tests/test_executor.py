@@ -136,6 +136,8 @@ BUSY_CYCLES = 300_000_000  # ~0.2 s of GPU time: far longer than queueing a plan
 def test_a_store_does_not_wait_for_the_forward_yet_reads_what_it_wrote():
     layers, kv, pool, executor = cuda_rig()
     written = make_layers("LBNHC", 4, 64, 2, 16, 64, torch.float16, "cuda", seed=5)
+    executor.run(Plan(gathers=(SlotCopy(1, (9, 10, 11, 12)),)))  # first use: the ring and events exist
+    torch.cuda.synchronize()
     torch.cuda._sleep(BUSY_CYCLES)  # the forward pass, on the current stream
     for t, w in zip(layers, written):
         page_view(t).copy_(page_view(w))  # ... which writes the KV cache last

@@ -245,7 +245,7 @@ def test_page_locking_that_fails_fails_creation_naming_why(pin: str) -> None:
     count = _C.cuda_device_count()
     with pytest.raises(ValueError) as info:
         PinnedSlotPool(4096, 2, pin=pin, device=count)
-    assert str(info.value).startswith(f"pin = {pin}: cannot page-lock the host pool of 4096 bytes: device = {count} is out of range")
+    assert str(info.value).startswith(f"pin = {pin}: cannot page-lock the host pool of 8192 bytes: device = {count} is out of range")
 
 
 @pytest.mark.gpu

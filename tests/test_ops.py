@@ -497,15 +497,14 @@ def test_copies_queued_faster_than_the_gpu_runs_them_keep_their_own_block_ids():
     layers = make_layers("LBNHC", 4, 128, 2, 16, 32, torch.float16, "cuda", seed=39)
     kv = ops.PagedLayers.from_tensors(layers)
     stream = torch.cuda.Stream()
-    outs, id_lists = [], []
+    id_lists = [pick_blocks(128, 8, seed=100 + i) for i in range(3 * RING_ENTRIES)]
+    outs = [chunk_buffer(kv.chunk_bytes(8), "cuda", "pinned") for _ in id_lists]  # allocated before the GPU is busy
+    ops.gather(kv, id_lists[0], outs[0], stream=stream)  # the ring exists before the GPU is busy
+    torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         torch.cuda._sleep(200_000_000)
-    for i in range(3 * RING_ENTRIES):
-        ids = pick_blocks(128, 8, seed=100 + i)
-        out = chunk_buffer(kv.chunk_bytes(8), "cuda", "pinned")
+    for ids, out in zip(id_lists, outs):
         ops.gather(kv, ids, out, stream=stream)
-        outs.append(out)
-        id_lists.append(ids)
     torch.cuda.synchronize()
     for ids, out in zip(id_lists, outs):
         assert torch.equal(out, reference_chunk(layers, ids).cpu())
