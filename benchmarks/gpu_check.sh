@@ -65,6 +65,19 @@ for module in ("torch", "numpy", "pybind11", "setuptools", "pytest", "xxhash", "
         importlib.import_module(module)
     except Exception as e:
         missing.append(f"python module {module} ({type(e).__name__}: {e})")
+try:  # the package's own runtime dependencies, by distribution name
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+    with open("pyproject.toml", "rb") as f:
+        requirements = tomllib.load(f)["project"]["dependencies"]
+    for requirement in requirements:
+        name = re.split(r"[ <>=!~;\[]", requirement, maxsplit=1)[0]
+        try:
+            version(name)
+        except PackageNotFoundError:
+            missing.append(f"{name} (a dependency of lmcache_ext in pyproject.toml: {requirement})")
+except ModuleNotFoundError:
+    notes.append("python < 3.11 has no tomllib: pyproject.toml's dependencies were not checked")
 for tool in ("nvcc", "cmake", "ninja"):
     if shutil.which(tool) is None:
         missing.append(f"{tool} on PATH")

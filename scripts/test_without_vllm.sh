@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 VENV=${LMCACHE_EXT_NOVLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmcache_ext/venv-novllm}
 [ -x "$VENV/bin/python" ] || python -m venv "$VENV"
 PY=$VENV/bin/python
-# torch pinned to the CPU wheel: pip must never pick a CUDA build here.
-$PY -m pip install -q "torch==2.13.0+cpu" numpy pytest pybind11 "cmake>=3.26" ninja setuptools \
-  pyyaml xxhash prometheus_client
+# torch pinned to the CPU wheel: pip must never pick a CUDA build here. Then the build and
+# test tools, and the package's runtime dependencies as pyproject.toml lists them.
+$PY -m pip install -q "torch==2.13.0+cpu" pytest pybind11 "cmake>=3.26" ninja setuptools
+mapfile -t DEPS < <($PY -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")')
+$PY -m pip install -q "${DEPS[@]}"
 $PY - <<'EOF'
 import importlib.util, sys
 present = [m for m in ("vllm", "transformers") if importlib.util.find_spec(m) is not None]
