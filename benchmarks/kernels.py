@@ -3,7 +3,14 @@
 One JSON line per (case, direction, device): our kernel's GB/s, the roofline (one
 contiguous copy of the same bytes: memcpy on CPU, cudaMemcpyAsync device<->pinned
 host on CUDA) and, on CPU, our kernel over the same bytes laid out contiguously and plain
-torch (index_select / index_copy_ per layer into a preallocated buffer); then the ratios. Run: python benchmarks/kernels.py [--device cuda]
+torch (index_select / index_copy_ per layer into a preallocated buffer); then the ratios.
+
+On CUDA the zero-copy path is measured at several grid caps (CAPS; 0 = no cap), each
+row with the CTAs it launches and so the SMs it can occupy; then one line per copy
+kind with the slowdown of a stand-in compute kernel (bf16 matmuls) while that copy
+runs beside it on another stream. --plan prints what a CUDA run would measure and
+the memory it needs, without a device.
+Run: python benchmarks/kernels.py [--device cuda] [--plan]
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import statistics
 import sys
 import time
@@ -31,6 +39,13 @@ CASES = {
     "mla_like": (1, 64, 576, torch.float16),    # 72 KiB: MLA latent 512 + rope 64
 }
 LAYERS, BLOCKS = 32, 256
+CAPS = (8, 16, 32, 64, 0)  # zero-copy grid caps measured on CUDA; 0 = no cap
+MATMUL = 8192  # the stand-in compute kernel: bf16 [MATMUL x MATMUL] @ [MATMUL x MATMUL]
+# Matmuls per measurement: about this long alone. Copies beside them are queued ahead
+# for 1.5x as long; the zero-copy kernel's queue depth is the index ring's 8 entries,
+# which at ~50 GB/s over 512 MiB chunks covers ~80 ms. Each row says whether the copies
+# did outlast the compute.
+COMPUTE_SECONDS = 0.04
 LIBC = ctypes.CDLL(None)
 LIBC.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
@@ -91,6 +106,14 @@ def cpu_case(name: str, reps: int) -> list[dict]:
     return rows
 
 
+def cuda_bytes(name: str) -> dict[str, int]:
+    """Memory a CUDA case takes: the cache, staging and contiguous buffers; the pinned chunk."""
+    heads, tokens, width, dtype = CASES[name]
+    page = heads * tokens * width * torch.empty(0, dtype=dtype).element_size()
+    chunk = LAYERS * BLOCKS * page
+    return {"gpu_bytes": LAYERS * (BLOCKS + BLOCKS // 8) * page + 2 * chunk, "pinned_bytes": chunk}
+
+
 def cuda_case(name: str, reps: int) -> list[dict]:
     heads, tokens, width, dtype = CASES[name]
     cache_blocks = BLOCKS + BLOCKS // 8
@@ -102,33 +125,119 @@ def cuda_case(name: str, reps: int) -> list[dict]:
     staging = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     contiguous = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     sync = torch.cuda.synchronize
+    sms = torch.cuda.get_device_properties(kv.device).multi_processor_count
     d2h, h2d = roofline_copies(host, contiguous)
     rows = []
     for direction, copy, roofline in (("gather", ops.gather, d2h), ("scatter", ops.scatter, h2d)):
         t_roof = timed(roofline, reps, sync)
-        t_zero = timed(lambda: copy(kv, ids, host), reps, sync)
+        for cap in CAPS:
+            t_zero = timed(lambda: copy(kv, ids, host, max_ctas=cap), reps, sync)
+            ctas = _C.launch_shape(page_bytes=kv.page_bytes, pages=LAYERS * BLOCKS, max_ctas=cap)["ctas"]
+            grid = {"max_ctas": cap, "default_cap": cap == ops.ZERO_COPY_MAX_CTAS, "ctas": ctas, "sms": sms,
+                    "sms_used": min(ctas, sms)}
+            rows.append(row(name, direction, "cuda-zero-copy", kv, nbytes, t_zero, t_roof, "cudaMemcpyAsync", {}) | grid)
         t_staged = timed(lambda: copy(kv, ids, host, staging=staging), reps, sync)
         t_device = timed(lambda: copy(kv, ids, staging), reps, sync)
-        rows.append(row(name, direction, "cuda-zero-copy", kv, nbytes, t_zero, t_roof, "cudaMemcpyAsync", {}))
         rows.append(row(name, direction, "cuda-staged", kv, nbytes, t_staged, t_roof, "cudaMemcpyAsync", {}))
         rows.append(row(name, direction, "cuda-device", kv, nbytes, t_device, t_roof, "cudaMemcpyAsync", {}))
     return rows
 
 
-def roofline_copies(host: torch.Tensor, device_buf: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
-    """One cudaMemcpyAsync of all bytes each way: through cupy (torch-independent) when present."""
+def interference_rows(reps: int) -> list[dict]:
+    """Slowdown of bf16 matmuls on the current stream while a copy runs on another stream:
+    cudaMemcpyAsync (copy engines), and our zero-copy kernel at the default cap and with no cap."""
+    heads, tokens, width, dtype = CASES["cuda_like"]
+    layers = make_layers("LBNHC", LAYERS, BLOCKS + BLOCKS // 8, heads, tokens, width, dtype, device="cuda")
+    kv = ops.PagedLayers.from_tensors(layers)
+    ids = torch.randperm(BLOCKS + BLOCKS // 8, generator=torch.Generator().manual_seed(0))[:BLOCKS]
+    host = torch.empty(kv.chunk_bytes(BLOCKS), dtype=torch.uint8).pin_memory()
+    device_buf = torch.empty_like(host, device="cuda")
+    a, b = (torch.randn(MATMUL, MATMUL, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    c = torch.empty_like(a)
+    compute_stream, copy_stream = torch.cuda.current_stream(), torch.cuda.Stream()
+    one = timed(lambda: torch.matmul(a, b, out=c), reps, torch.cuda.synchronize)
+    count = max(1, round(COMPUTE_SECONDS / one))
+
+    def compute_window() -> tuple[float, torch.cuda.Event]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(compute_stream)
+        for _ in range(count):
+            torch.matmul(a, b, out=c)
+        end.record(compute_stream)
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, end
+
+    alone = statistics.median(compute_window()[0] for _ in range(reps))
+    d2h, h2d = roofline_copies(host, device_buf, copy_stream)
+    copies = {
+        ("gather", "cudaMemcpyAsync"): d2h,
+        ("scatter", "cudaMemcpyAsync"): h2d,
+        ("gather", "zero-copy default cap"): lambda: ops.gather(kv, ids, host, stream=copy_stream),
+        ("scatter", "zero-copy default cap"): lambda: ops.scatter(kv, ids, host, stream=copy_stream),
+        ("gather", "zero-copy no cap"): lambda: ops.gather(kv, ids, host, stream=copy_stream, max_ctas=0),
+        ("scatter", "zero-copy no cap"): lambda: ops.scatter(kv, ids, host, stream=copy_stream, max_ctas=0),
+    }
+    rows = []
+    for (direction, kind), copy in copies.items():
+        once = timed(copy, reps, torch.cuda.synchronize)
+        beside = math.ceil(1.5 * alone / once) + 1
+
+        def with_copy() -> tuple[float, bool]:
+            for _ in range(beside):
+                copy()
+            copies_done = torch.cuda.Event(enable_timing=True)
+            copies_done.record(copy_stream)
+            seconds, end = compute_window()
+            return seconds, end.elapsed_time(copies_done) >= 0
+
+        runs = [with_copy() for _ in range(reps)]
+        shared = statistics.median(seconds for seconds, _ in runs)
+        rows.append({
+            "figure": "compute_slowdown", "direction": direction, "copy": kind, "matmul": MATMUL,
+            "matmuls": count, "compute_ms_alone": round(alone * 1e3, 2),
+            "compute_ms_beside_copy": round(shared * 1e3, 2), "slowdown": round(shared / alone, 3),
+            "copy_outlasted_compute": all(covered for _, covered in runs),
+            "copy_gbps_alone": round(host.numel() / once / 1e9, 2),
+        })
+    return rows
+
+
+def plan_rows(cases: list[str]) -> list[dict]:
+    """What a CUDA run measures and the memory each part needs; runs nothing."""
+    rows = [{"plan": name, "directions": ["gather", "scatter"],
+             "copies": [f"zero-copy max_ctas={cap}" for cap in CAPS] + ["staged", "device", "cudaMemcpyAsync"],
+             **cuda_bytes(name)} for name in cases]
+    rows.append({"plan": "compute_slowdown", "matmul": MATMUL, "compute_seconds": COMPUTE_SECONDS,
+                 "copies": ["cudaMemcpyAsync", "zero-copy default cap", "zero-copy no cap"], **cuda_bytes("cuda_like")})
+    return rows
+
+
+def roofline_copies(host: torch.Tensor, device_buf: torch.Tensor,
+                    stream: torch.cuda.Stream | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One cudaMemcpyAsync of all bytes each way on `stream` (default: the current one):
+    through cupy (torch-independent) when present."""
     n = host.numel()
+    stream = stream or torch.cuda.current_stream()
     try:
         import cupy
 
-        stream = torch.cuda.current_stream().cuda_stream
         rt = cupy.cuda.runtime
+        handle = stream.cuda_stream
         return (
-            lambda: rt.memcpyAsync(host.data_ptr(), device_buf.data_ptr(), n, rt.memcpyDeviceToHost, stream),
-            lambda: rt.memcpyAsync(device_buf.data_ptr(), host.data_ptr(), n, rt.memcpyHostToDevice, stream),
+            lambda: rt.memcpyAsync(host.data_ptr(), device_buf.data_ptr(), n, rt.memcpyDeviceToHost, handle),
+            lambda: rt.memcpyAsync(device_buf.data_ptr(), host.data_ptr(), n, rt.memcpyHostToDevice, handle),
         )
     except ImportError:
-        return (lambda: host.copy_(device_buf, non_blocking=True), lambda: device_buf.copy_(host, non_blocking=True))
+
+        def d2h() -> None:
+            with torch.cuda.stream(stream):
+                host.copy_(device_buf, non_blocking=True)
+
+        def h2d() -> None:
+            with torch.cuda.stream(stream):
+                device_buf.copy_(host, non_blocking=True)
+
+        return d2h, h2d
 
 
 def row(case: str, direction: str, device: str, kv: ops.PagedLayers, nbytes: int, t_ours: float,
@@ -152,18 +261,35 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU twin threads (0 = default)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--plan", action="store_true", help="with --device cuda: print what would be measured, run nothing")
+    parser.add_argument("--no-interference", action="store_true", help="with --device cuda: skip the compute slowdown")
     args = parser.parse_args()
+    cases = args.case or list(CASES)
+    if args.plan:
+        if args.device != "cuda":
+            raise SystemExit("--plan describes a CUDA run: add --device cuda")
+        emit(plan_rows(cases), args.out)
+        return
     ops.set_cpu_copy_options(threads=args.threads)
     if args.device == "cuda" and not ops.cuda_available():
         raise SystemExit(f"--device cuda: no CUDA device (build_info: {_C.build_info()})")
     run = cpu_case if args.device == "cpu" else cuda_case
-    for name in args.case or list(CASES):
-        for r in run(name, args.reps):
-            line = json.dumps(r)
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+    for name in cases:
+        emit(run(name, args.reps), args.out)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if args.device == "cuda" and not args.no_interference:
+        emit(interference_rows(args.reps), args.out)
+
+
+def emit(rows: list[dict], out: Path | None) -> None:
+    """One JSON line per row, on stdout and appended to `out`."""
+    for r in rows:
+        line = json.dumps(r)
+        print(line, flush=True)
+        if out:
+            with out.open("a") as f:
+                f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ std::string built_archs() { return ""; }
 int runtime_version() { return 0; }
 int device_count() { return 0; }
 
-Status page_copy(const PageCopyArgs&, CopyDirection, int64_t) { return not_built(); }
-Status page_copy_staged(const PageCopyArgs&, CopyDirection, int64_t, int64_t, int64_t) {
-  return not_built();
-}
-Status host_register(void*, std::size_t) { return not_built(); }
-Status host_unregister(void*) { return not_built(); }
+Status page_copy(const PageCopyArgs&, CopyDirection, const Launch&) { return not_built(); }
+Status page_copy_staged(const StagedCopy&, CopyDirection, const Launch&) { return not_built(); }
+Status current_device(int*) { return not_built(); }
+Status host_register(void*, std::size_t, int, int64_t*) { return not_built(); }
+Status host_unregister(void*, int) { return not_built(); }
 
 }  // namespace lmc::cuda

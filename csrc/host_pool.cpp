@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <new>
 #include <string>
 #include <utility>
@@ -23,6 +24,20 @@ constexpr int kMadvPopulateWrite = 23;  // Linux 5.14 uapi value; older headers 
 #endif
 
 std::string slot_name(int64_t slot) { return "slot " + std::to_string(slot); }
+
+// Page-locked arenas whose device address differs from their host address, by host
+// start: [start, end) maps to device_base + (ptr - start). Empty on platforms where
+// kernels use host addresses of registered memory directly.
+struct DeviceMapping {
+  int64_t end;
+  int64_t device_base;
+};
+std::mutex g_mappings_mutex;
+std::map<int64_t, DeviceMapping> g_mappings;
+
+int64_t address_of(const char* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+std::string pin_name(PinMode pin) { return pin == PinMode::kAlways ? "always" : "auto"; }
 
 // Anonymous memory starting on an `align` boundary. mmap only aligns to pages
 // and transparent huge pages need 2 MiB-aligned ranges, so this maps
@@ -58,7 +73,7 @@ Status HostPool::stride_for(int64_t slot_bytes, int64_t* stride) {
   return Status::Ok();
 }
 
-Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
                         std::unique_ptr<HostPool>* out) {
   int64_t stride = 0;
   Status st = stride_for(slot_bytes, &stride);
@@ -70,6 +85,10 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
     return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
                                    " x num_slots = " + std::to_string(num_slots) +
                                    ": the arena size overflows 64 bits");
+  if (device < kCurrentDevice)
+    return Status::InvalidArgument("device = " + std::to_string(device) +
+                                   ": expected a CUDA device index, or -1 for the calling thread's "
+                                   "current device");
   if (pin == PinMode::kAlways && cuda::device_count() == 0)
     return Status::Unavailable(
         "pin = always: page-locking the host pool needs a CUDA device, and no CUDA device is "
@@ -92,6 +111,11 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
                                " slots");
   }
 
+  // Before registering: a fork must neither copy the arena into the child nor
+  // share its pages with it (see host_pool.h).
+  if (madvise(base, static_cast<size_t>(arena), MADV_DONTFORK) != 0)
+    return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " +
+                               std::string(std::strerror(errno)));
   // A hint only: without transparent huge pages the pool works the same.
   if (huge) (void)madvise(base, static_cast<size_t>(arena), MADV_HUGEPAGE);
   // Fault every page in now, in the kernel (~4 GB/s here), instead of on the first
@@ -105,11 +129,12 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
     if (!pool->mlocked_) munlock(base, static_cast<size_t>(arena));
   }
   if (pin != PinMode::kNever && cuda::device_count() > 0) {
-    st = cuda::host_register(base, static_cast<size_t>(arena));
-    pool->page_locked_ = st.ok();
-    if (!st.ok() && pin == PinMode::kAlways)
-      return Status::Unavailable("pin = always: cannot page-lock the host pool of " +
-                                 std::to_string(arena) + " bytes: " + st.message());
+    st = pool->page_lock(device);
+    if (!st.ok())
+      return Status(st.code(), "pin = " + pin_name(pin) + ": cannot page-lock the host pool of " +
+                                   std::to_string(arena) + " bytes: " + st.message() +
+                                   " (pin = 'never' keeps it pageable, for a KV cache that is not on a "
+                                   "CUDA device)");
   }
   *out = std::move(pool);
   return Status::Ok();
@@ -126,9 +151,41 @@ HostPool::HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t 
   for (int64_t i = 0; i < num_slots; ++i) free_slots_[static_cast<size_t>(i)] = num_slots - 1 - i;
 }
 
+Status HostPool::page_lock(int device) {
+  if (device == kCurrentDevice) {
+    Status st = cuda::current_device(&device);
+    if (!st.ok()) return st;
+  }
+  int64_t device_base = 0;
+  Status st = cuda::host_register(base_, static_cast<size_t>(arena_bytes()), device, &device_base);
+  if (!st.ok()) return st;
+  page_locked_ = true;
+  device_ = device;
+  device_base_ = device_base;
+  if (device_base != address_of(base_)) {
+    std::lock_guard<std::mutex> lk(g_mappings_mutex);
+    g_mappings[address_of(base_)] = {address_of(base_) + arena_bytes(), device_base};
+  }
+  return Status::Ok();
+}
+
+int64_t HostPool::device_address_of(int64_t ptr) {
+  std::lock_guard<std::mutex> lk(g_mappings_mutex);
+  auto it = g_mappings.upper_bound(ptr);
+  if (it == g_mappings.begin()) return ptr;
+  --it;
+  return ptr < it->second.end ? it->second.device_base + (ptr - it->first) : ptr;
+}
+
 HostPool::~HostPool() {
   const size_t bytes = static_cast<size_t>(arena_bytes());
-  if (page_locked_) (void)cuda::host_unregister(base_);
+  if (page_locked_) {
+    {
+      std::lock_guard<std::mutex> lk(g_mappings_mutex);
+      g_mappings.erase(address_of(base_));
+    }
+    (void)cuda::host_unregister(base_, device_);
+  }
   if (mlocked_) munlock(base_, bytes);
   munmap(base_, bytes);
 }

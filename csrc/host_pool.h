@@ -3,6 +3,10 @@
 // there, and handed out by an O(1) thread-safe allocator with per-slot
 // reference counts (a transfer pins the slot it reads or writes, so eviction
 // cannot free it underneath).
+//
+// The arena is never inherited by a forked child (MADV_DONTFORK): a fork would
+// otherwise copy tens of GiB of page-locked memory into the child, or leave the
+// parent's DMA mapping pointing at pages the child now shares.
 #pragma once
 
 #include <cstddef>
@@ -22,6 +26,9 @@ enum class PinMode {
   kAlways,  // page-locked or creation fails with kUnavailable
 };
 
+// The calling thread's current CUDA device (for page-locking).
+constexpr int kCurrentDevice = -1;
+
 class HostPool {
  public:
   // Every slot starts on a page boundary: O_DIRECT and vector copies need it.
@@ -31,8 +38,11 @@ class HostPool {
 
   // Maps slot_stride(slot_bytes) * num_slots bytes and faults them in (see
   // is_populated). With `lock`, also tries mlock and stays unlocked (see
-  // is_mlocked) when that is not permitted.
-  static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+  // is_mlocked) when that is not permitted. Page-locking (pin, when a CUDA device
+  // is visible) registers the arena with `device` (kCurrentDevice: the calling
+  // thread's) and fails creation, with CUDA's error text, when it cannot: a pool
+  // left pageable would fail every CUDA copy later, mid-serving.
+  static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
                        std::unique_ptr<HostPool>* out);
   // The stride that create() would use for slot_bytes (rounded up to
   // kSlotAlignment), so callers can size a pool from a byte budget.
@@ -61,12 +71,22 @@ class HostPool {
   int64_t arena_bytes() const { return slot_stride_ * num_slots_; }
   char* base() const { return base_; }
   bool is_page_locked() const { return page_locked_; }
+  // The CUDA device the arena is registered with, -1 when not page-locked.
+  int device() const { return page_locked_ ? device_ : -1; }
+  // The arena's first byte as kernels address it (0 when not page-locked): the host
+  // address, except on platforms without cudaDevAttrCanUseHostPointerForRegisteredMem.
+  int64_t device_base() const { return device_base_; }
+  // The address kernels use for host address `ptr`: translated when it lies in a
+  // page-locked arena whose device address differs from its host address.
+  static int64_t device_address_of(int64_t ptr);
   bool is_mlocked() const { return mlocked_; }
   bool is_populated() const { return populated_; }
 
  private:
   HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
   Status check_slot(int64_t slot) const;
+  // Registers the arena with `device` and records where kernels address it.
+  Status page_lock(int device);
   // Checks the slot id, then runs fn(refcount of that slot) under the lock;
   // `Self` is HostPool or const HostPool, so getters and updates share it.
   template <typename Self, typename Fn>
@@ -77,6 +97,8 @@ class HostPool {
   const int64_t slot_stride_;
   const int64_t num_slots_;
   bool page_locked_ = false;
+  int device_ = -1;
+  int64_t device_base_ = 0;
   bool mlocked_ = false;
   bool populated_ = false;  // every page faulted in at creation
 

@@ -115,4 +115,28 @@ Status page_copy(const PageCopyArgs& a, CopyDirection dir) {
   return Status::Ok();
 }
 
+Status page_copy_staged(const StagedCopy& s, CopyDirection dir) {
+  PageCopyArgs kernel;
+  StagedRows rows;
+  Status st = plan_staged_copy(s, &kernel, &rows);
+  if (!st.ok()) return st;
+  const bool gather = dir == CopyDirection::kGather;
+  if (gather) {
+    st = page_copy(kernel, dir);
+    if (!st.ok()) return st;
+  }
+  char* host = reinterpret_cast<char*>(s.host_ptr) + rows.host_offset;
+  char* staging = reinterpret_cast<char*>(s.staging_ptr);
+  const size_t width = static_cast<size_t>(rows.width);
+  for (int64_t r = 0; r < rows.rows; ++r) {
+    char* h = host + r * rows.host_pitch;
+    char* g = staging + r * rows.staging_pitch;
+    if (gather)
+      std::memcpy(h, g, width);
+    else
+      std::memcpy(g, h, width);
+  }
+  return gather ? Status::Ok() : page_copy(kernel, dir);
+}
+
 }  // namespace lmc::cpu

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "page_copy.h"
+#include "staged_copy.h"
 #include "status.h"
 
 namespace lmc::cpu {
@@ -22,5 +23,8 @@ CopyOptions options();
 bool has_streaming_stores();
 
 Status page_copy(const PageCopyArgs& a, CopyDirection dir);
+// The staged copy's twin: the page copy into (or from) the staging buffer, and one
+// memcpy per row where the CUDA path runs one cudaMemcpy2DAsync.
+Status page_copy_staged(const StagedCopy& s, CopyDirection dir);
 
 }  // namespace lmc::cpu

@@ -1,37 +1,30 @@
 // CUDA page-copy kernel and its launchers (zero-copy and staged).
 //
-// Launch shape: a 2-D grid of kThreads-thread CTAs. blockIdx.y is the segment
-// of a page, blockIdx.x the page (a grid-stride loop covers more pages than
-// gridDim.x allows); one CTA copies one segment of one page with all its
-// threads. Segments are at least 16 KiB (when the page is that large), small
-// enough that the grid has about kTargetCtas CTAs even for a few huge pages
-// (cross-layer layouts), and large enough that a page needs at most 65535 of
-// them. All address math is page_ref(), the same function the CPU twin runs.
+// Launch shape (launch_shape.h): a 2-D grid of kCopyThreads-thread CTAs. blockIdx.y
+// is the segment of a page, blockIdx.x the first page of a grid-stride loop over
+// pages; one CTA copies one segment of one page at a time with all its threads.
+// A capped grid (host <-> device copies) keeps the same shape with fewer CTAs in x.
+// All address math is page_ref(), the same function the CPU twin runs.
 #include <cuda_runtime.h>
 
-#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <string>
 
 #include "cuda_api.h"
+#include "cuda_device.h"
+#include "launch_shape.h"
 #include "page_copy.h"
 
 namespace lmc::cuda {
-
-Status check_cuda(cudaError_t err, const std::string& call);  // cuda_runtime.cu
 
 namespace {
 
 static_assert(sizeof(PageCopyArgs) <= 4096,
               "PageCopyArgs is passed by value as a kernel parameter (4 KiB limit)");
 
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
-constexpr int64_t kSegmentAlign = kThreads * 16;               // one CTA-wide pass of uint4
-constexpr int64_t kMinSegmentBytes = kSegmentAlign * kUnroll;  // one unrolled round: 16 KiB
-constexpr int64_t kTargetCtas = 2048;  // a few waves on any current GPU (H200: 132 SMs x 4 CTAs)
-constexpr int64_t kMaxGridX = 0x7fffffff;
-constexpr int64_t kMaxGridY = 65535;
+constexpr int kThreads = kCopyThreads;
+constexpr int kUnroll = kCopyUnroll;
 
 // Copies n bytes as words of type T (dst and src must be T-aligned); the last
 // n % sizeof(T) bytes go byte by byte. Each thread issues kUnroll loads before
@@ -91,92 +84,78 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int64_t ceil_div(int64_t x, int64_t y) { return x / y + (x % y != 0); }
-int64_t round_up(int64_t x, int64_t y) { return ceil_div(x, y) * y; }
-
-struct LaunchShape {
-  dim3 grid;
-  int64_t segment_bytes;
-};
-
-// Segments are multiples of kSegmentAlign (so every segment starts as aligned
-// as its page) except when one segment is the whole page.
-LaunchShape launch_shape(int64_t page_bytes, int64_t pages) {
-  const int64_t for_ctas = ceil_div(page_bytes, ceil_div(kTargetCtas, pages));
-  const int64_t for_grid_y = ceil_div(page_bytes, kMaxGridY);
-  const int64_t segment =
-      std::min(page_bytes, round_up(std::max({for_ctas, for_grid_y, kMinSegmentBytes}), kSegmentAlign));
-  const int64_t segments = ceil_div(page_bytes, segment);
-  return {dim3(static_cast<unsigned>(std::min(pages, kMaxGridX)), static_cast<unsigned>(segments)),
-          segment};
-}
-
 // One launch on `stream`, no host sync; pages == 0 launches nothing.
-Status launch_page_copy(const PageCopyArgs& a, CopyDirection dir, cudaStream_t stream) {
+Status launch_page_copy(const PageCopyArgs& a, CopyDirection dir, cudaStream_t stream, int64_t max_ctas) {
   const int64_t pages = num_pages(a);
   if (pages == 0) return Status::Ok();
-  const LaunchShape shape = launch_shape(a.page_bytes, pages);
+  LaunchShape shape;
+  Status st = launch_shape(a.page_bytes, pages, max_ctas, &shape);
+  if (!st.ok()) return st;
+  const dim3 grid(static_cast<unsigned>(shape.grid_x), static_cast<unsigned>(shape.grid_y));
   if (dir == CopyDirection::kGather)
-    page_copy_kernel<CopyDirection::kGather>
-        <<<shape.grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
+    page_copy_kernel<CopyDirection::kGather><<<grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
   else
-    page_copy_kernel<CopyDirection::kScatter>
-        <<<shape.grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
+    page_copy_kernel<CopyDirection::kScatter><<<grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
   return check_cuda(cudaGetLastError(), "page_copy kernel launch (" + std::to_string(pages) +
                                             " pages of " + std::to_string(a.page_bytes) + " bytes)");
 }
 
-// Bytes of the staging buffer that the pages occupy: from its start to the end
-// of the last block of the last layer (no chunk table, so block i sits at i).
-__int128 staged_extent(const PageCopyArgs& a) {
-  const __int128 last_layer = static_cast<__int128>(a.chunk_first_layer) + a.num_layers - 1;
-  return last_layer * a.chunk_layer_stride + static_cast<__int128>(a.num_blocks) * a.page_bytes;
+// The rows between staging and host: one cudaMemcpy2DAsync, or one copy per row where
+// a pitch is beyond what cudaMemcpy2D takes.
+Status copy_rows(const StagedCopy& s, const StagedRows& rows, CopyDirection dir, cudaStream_t stream) {
+  char* host = reinterpret_cast<char*>(s.host_ptr) + rows.host_offset;
+  char* staging = reinterpret_cast<char*>(s.staging_ptr);
+  const bool to_host = dir == CopyDirection::kGather;
+  char* dst = to_host ? host : staging;
+  const char* src = to_host ? staging : host;
+  const int64_t dst_pitch = to_host ? rows.host_pitch : rows.staging_pitch;
+  const int64_t src_pitch = to_host ? rows.staging_pitch : rows.host_pitch;
+  const cudaMemcpyKind kind = to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+  const std::string what = std::string("cudaMemcpy2DAsync ") + (to_host ? "staging -> host" : "host -> staging") +
+                           " (" + std::to_string(rows.rows) + " rows of " + std::to_string(rows.width) + " bytes)";
+  if (rows.host_pitch <= INT_MAX)
+    return check_cuda(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_pitch), src, static_cast<size_t>(src_pitch),
+                                        static_cast<size_t>(rows.width), static_cast<size_t>(rows.rows), kind, stream),
+                      what);
+  for (int64_t r = 0; r < rows.rows; ++r) {
+    Status st = check_cuda(cudaMemcpyAsync(dst + r * dst_pitch, src + r * src_pitch,
+                                           static_cast<size_t>(rows.width), kind, stream),
+                           "cudaMemcpyAsync of row " + std::to_string(r) + " of " + what);
+    if (!st.ok()) return st;
+  }
+  return Status::Ok();
 }
 
 }  // namespace
 
-Status page_copy(const PageCopyArgs& a, CopyDirection dir, int64_t stream) {
+Status page_copy(const PageCopyArgs& a, CopyDirection dir, const Launch& launch) {
   Status st = validate(a);
   if (!st.ok()) return st;
-  return launch_page_copy(a, dir, reinterpret_cast<cudaStream_t>(stream));
+  DeviceScope scope;
+  st = scope.enter(launch.device, "page_copy");
+  if (!st.ok()) return st;
+  return launch_page_copy(a, dir, reinterpret_cast<cudaStream_t>(launch.stream), launch.max_ctas);
 }
 
-// Checks every argument before anything is queued. The memcpy and the kernel
-// go to the same stream, so gather's copy-out waits for the kernel and
-// scatter's kernel waits for the copy-in; host_ptr should be page-locked for
-// the memcpy to be asynchronous.
-Status page_copy_staged(const PageCopyArgs& a, CopyDirection dir, int64_t host_ptr, int64_t bytes,
-                        int64_t stream) {
-  Status st = validate(a);
+// Everything is checked before anything is queued. The rows and the kernel go to
+// the same stream, so gather's copy-out waits for the kernel and scatter's kernel
+// waits for the copy-in; the host chunk should be page-locked for the copy to be
+// asynchronous.
+Status page_copy_staged(const StagedCopy& s, CopyDirection dir, const Launch& launch) {
+  PageCopyArgs kernel;
+  StagedRows rows;
+  Status st = plan_staged_copy(s, &kernel, &rows);
+  if (!st.ok() || rows.rows == 0) return st;
+  DeviceScope scope;
+  st = scope.enter(launch.device, "page_copy_staged");
   if (!st.ok()) return st;
-  if (a.chunk_table != nullptr)
-    return Status::InvalidArgument(
-        "page_copy_staged takes one staging buffer (chunk_ptr), not a chunk table");
-  if (num_pages(a) == 0) return Status::Ok();
-  if (bytes <= 0)
-    return Status::InvalidArgument("bytes = " + std::to_string(bytes) + " must be positive");
-  if (host_ptr == 0) return Status::InvalidArgument("host_ptr is a null address");
-  const __int128 extent = staged_extent(a);
-  if (bytes < extent)
-    return Status::InvalidArgument("bytes = " + std::to_string(bytes) +
-                                   " is less than the staging bytes the pages occupy = " +
-                                   std::to_string(static_cast<int64_t>(
-                                       std::min<__int128>(extent, INT64_MAX))));
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  void* staging = reinterpret_cast<void*>(a.chunk_ptr);
-  void* host = reinterpret_cast<void*>(host_ptr);
-  const size_t n = static_cast<size_t>(bytes);
-  const std::string what = "(" + std::to_string(bytes) + " bytes)";
+  const auto stream = reinterpret_cast<cudaStream_t>(launch.stream);
   if (dir == CopyDirection::kGather) {
-    st = launch_page_copy(a, dir, s);
-    if (!st.ok()) return st;
-    return check_cuda(cudaMemcpyAsync(host, staging, n, cudaMemcpyDeviceToHost, s),
-                      "cudaMemcpyAsync staging -> host " + what);
+    st = launch_page_copy(kernel, dir, stream, launch.max_ctas);
+    return st.ok() ? copy_rows(s, rows, dir, stream) : st;
   }
-  st = check_cuda(cudaMemcpyAsync(staging, host, n, cudaMemcpyHostToDevice, s),
-                  "cudaMemcpyAsync host -> staging " + what);
-  if (!st.ok()) return st;
-  return launch_page_copy(a, dir, s);
+  st = copy_rows(s, rows, dir, stream);
+  return st.ok() ? launch_page_copy(kernel, dir, stream, launch.max_ctas) : st;
 }
 
 }  // namespace lmc::cuda

@@ -32,6 +32,7 @@ unknown key is a `ConfigError` with a did-you-mean suggestion.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import math
 import os
@@ -333,6 +334,12 @@ class CacheConfig:
         """TLS files only with a TLS URL, a client certificate only with its key."""
         tls_keys = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
         endpoint = parse_remote_url(self.remote_url) if self.remote_url else None
+        if endpoint is not None and importlib.util.find_spec("glide_sync") is None:
+            raise ConfigError(
+                f"remote_url = {_shown('remote_url', self.remote_url)} from {source_of['remote_url']} needs the "
+                "remote tier's client, which is not installed: pip install 'lmcache_ext[remote]' "
+                "(valkey-glide-sync), or remote_url null"
+            )
         for key in tls_keys:
             value = getattr(self, key)
             if value is not None and (endpoint is None or not endpoint.tls):

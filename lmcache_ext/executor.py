@@ -5,6 +5,12 @@ Copies of the same block count go out as one kernel launch over all their slots.
 Tier writes run on the tiers' own threads and report through a callback, so a
 plan never waits on one (the slot stays pinned by the directory until then).
 
+On a CUDA cache the copies run on the executor's own stream, ordered against the
+caller's current stream by events (`copy_stream`), and `run` returns without waiting
+for them: the host waits for a slot's copy only before a tier write reads the slot
+or a tier read overwrites it. Such a cache needs page-locked slots; the executor
+refuses a pageable pool when it is made, not at the first copy.
+
 The paged cache can be unbound and bound again (vLLM's sleep mode releases its
 memory): `bind(None)` waits for a copy in progress, and until the next `bind` a
 plan with copies raises instead of touching released memory.
@@ -13,8 +19,9 @@ plan with copies raises instead of touching released memory.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Protocol
 
 import threading
@@ -22,6 +29,7 @@ import threading
 import torch
 
 from lmcache_ext import ops
+from lmcache_ext.copy_stream import CopyStream
 from lmcache_ext.plans import Plan, PlanResult, SlotCopy, Source, TierTransfer
 from lmcache_ext.tiers import LowerTier
 
@@ -31,21 +39,33 @@ WriteDone = Callable[[TierTransfer, bool], None]
 class SlotMemory(Protocol):
     def view(self, slot: int) -> torch.Tensor: ...
 
+    @property
+    def is_page_locked(self) -> bool: ...
+
 
 class TransferExecutor:
     """Runs plans against one paged cache, one slot pool and the tiers below it."""
 
     def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, tiers: Mapping[Source, LowerTier],
                  read_threads: int = 2) -> None:
+        _check_reachable(kv, slots)
         self._kv: ops.PagedLayers | None = kv
         self._kv_lock = threading.Lock()  # held by copies; bind() waits for them
         self._slots = slots
+        self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
         self._tiers = dict(tiers)
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if tiers else None
 
     def bind(self, kv: ops.PagedLayers | None) -> None:
-        """Copy to and from `kv` from now on; None: no paged cache until the next bind."""
+        """Copy to and from `kv` from now on; None: no paged cache until the next bind.
+        Copies still running on the GPU finish first."""
+        if kv is not None:
+            _check_reachable(kv, self._slots)
         with self._kv_lock:
+            if self._copies is not None:
+                self._copies.wait_all()
+            if kv is not None and kv.device != (self._copies.device if self._copies else torch.device("cpu")):
+                self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
             self._kv = kv
 
     def run(self, plan: Plan, on_write_done: WriteDone | None = None) -> PlanResult:
@@ -67,8 +87,15 @@ class TransferExecutor:
         return PlanResult(tuple(reads), tuple(scatters), tuple(gathers))
 
     def close(self) -> None:
+        if self._copies is not None:
+            self._copies.wait_all()
         if self._readers is not None:
             self._readers.shutdown(wait=True)
+
+    def _wait_slot(self, slot: int) -> None:
+        """The host is about to touch the slot's bytes: its last copy must be done."""
+        if self._copies is not None:
+            self._copies.wait_slot(slot)
 
     def _payload(self, slot: int, nbytes: int) -> torch.Tensor:
         return self._slots.view(slot)[:nbytes]
@@ -79,6 +106,8 @@ class TransferExecutor:
         missing = {r.tier.value for r in reads if r.tier not in self._tiers}
         if missing or self._readers is None:
             raise ValueError(f"the plan reads chunks from {sorted(missing)} but this worker has no such tier")
+        for r in reads:
+            self._wait_slot(r.slot)
         futures = [self._readers.submit(self._tiers[r.tier].read_into, r.key, self._payload(r.slot, r.nbytes))
                    for r in reads]
         return [f.result() for f in futures]
@@ -87,28 +116,36 @@ class TransferExecutor:
               skip: set[int]) -> list[bool]:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
+        runnable = [item for item in items if item.slot not in skip]
         groups: dict[int, list[SlotCopy]] = defaultdict(list)
-        for item in items:
-            if item.slot in skip:
-                continue
-            if item.whole:
-                groups[len(item.block_ids)].append(item)
-            else:
-                self._copy_part(kv, copy, item)
-        for blocks, members in groups.items():
-            block_ids = [b for item in members for b in item.block_ids]
-            chunks = [self._slots.view(item.slot) for item in members]
-            copy(kv, block_ids, chunks, blocks_per_chunk=blocks)
-        if items and kv is not None and kv.device.type == "cuda":
-            torch.cuda.current_stream(kv.device).synchronize()
+        with self._copy_stream([item.slot for item in runnable]) as on_stream:
+            for item in runnable:
+                if item.whole:
+                    groups[len(item.block_ids)].append(item)
+                else:
+                    self._copy_part(kv, copy, item, on_stream)
+            for blocks, members in groups.items():
+                block_ids = [b for item in members for b in item.block_ids]
+                chunks = [self._slots.view(item.slot) for item in members]
+                copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
         return [item.slot not in skip for item in items]
 
-    def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy) -> None:
+    @contextmanager
+    def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, torch.cuda.Stream]]:
+        """The copy kwargs that put a copy on the executor's stream (none on CPU)."""
+        if self._copies is None or not slots:
+            yield {}
+            return
+        with self._copies.copies(slots) as stream:
+            yield {"stream": stream}
+
+    def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy,
+                   on_stream: dict[str, torch.cuda.Stream]) -> None:
         """Blocks first.. of a chunk: the slot seen from block `first`, layers still
         chunk_blocks pages apart."""
         offset = item.first * kv.chunk_geometry()[1]
         chunk = self._slots.view(item.slot)[offset:]
-        copy(kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks)
+        copy(kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks, **on_stream)
 
     def _write(self, w: TierTransfer, filled: bool, on_done: WriteDone | None) -> None:
         report = (lambda ok: on_done(w, ok)) if on_done else (lambda ok: None)
@@ -116,4 +153,16 @@ class TransferExecutor:
         if not filled or tier is None:
             report(False)
             return
+        self._wait_slot(w.slot)
         tier.submit_write(w.key, self._payload(w.slot, w.nbytes), report)
+
+
+def _check_reachable(kv: ops.PagedLayers, slots: SlotMemory) -> None:
+    """A CUDA kernel reaches host slots only when they are page-locked: refuse a pageable
+    pool at start-up instead of failing every copy while serving."""
+    if kv.device.type == "cuda" and not slots.is_page_locked:
+        raise ValueError(
+            f"the KV cache is on {kv.device} but the host slot pool is not page-locked "
+            "(pin_host_memory = 'never'?): CUDA copies reach host slots only when they are; "
+            "use pin_host_memory = 'auto' or 'always'"
+        )

@@ -17,10 +17,16 @@ from lmcache_ext.config import STAGING_SLOTS, CacheConfig
 class PinnedSlotPool(_C.HostSlotPool):
     """A pool of equal host slots, one full KV chunk each.
 
-    ``PinnedSlotPool(slot_bytes, num_slots, pin="auto", lock=False)``. Inherits
-    ``alloc() -> int | None``, ``free``, ``pin``, ``unpin``, ``refcount``,
+    ``PinnedSlotPool(slot_bytes, num_slots, pin="auto", lock=False, device=-1)``.
+    Inherits ``alloc() -> int | None``, ``free``, ``pin``, ``unpin``, ``refcount``,
     ``address`` and the size properties from ``_C.HostSlotPool``; each slot
     starts on a 4096-byte boundary (``slot_stride`` apart).
+
+    Page-locking registers the arena with CUDA device ``device`` (-1: the creating
+    thread's current one, which is the worker's own device in vLLM); that device is
+    made current again to unregister it, whatever thread drops the pool. It fails
+    creation, with CUDA's error text, rather than leave a pool that every CUDA copy
+    would refuse later. A forked child never inherits the arena (MADV_DONTFORK).
     """
 
     @classmethod
@@ -39,10 +45,10 @@ class PinnedSlotPool(_C.HostSlotPool):
 
     @classmethod
     def for_budget(
-        cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False
+        cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False, device: int = -1
     ) -> PinnedSlotPool:
         """As many slots as fit in ``total_bytes`` (`slots_for`)."""
-        return cls(slot_bytes, cls.slots_for(total_bytes, slot_bytes), pin=pin, lock=lock)
+        return cls(slot_bytes, cls.slots_for(total_bytes, slot_bytes), pin=pin, lock=lock, device=device)
 
     @classmethod
     def slots_for_config(cls, config: CacheConfig, slot_bytes: int) -> int:
@@ -53,9 +59,9 @@ class PinnedSlotPool(_C.HostSlotPool):
         return cls.slots_for(config.host_bytes, slot_bytes) if config.local_cpu else STAGING_SLOTS
 
     @classmethod
-    def for_config(cls, config: CacheConfig, slot_bytes: int) -> PinnedSlotPool:
+    def for_config(cls, config: CacheConfig, slot_bytes: int, *, device: int = -1) -> PinnedSlotPool:
         """The host pool that `config` asks for (`slots_for_config`)."""
-        return cls(slot_bytes, cls.slots_for_config(config, slot_bytes), pin=config.pin_host_memory)
+        return cls(slot_bytes, cls.slots_for_config(config, slot_bytes), pin=config.pin_host_memory, device=device)
 
     def view(self, slot: int) -> torch.Tensor:
         """The slot's ``slot_bytes`` as a writable uint8 tensor, zero-copy.

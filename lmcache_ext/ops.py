@@ -11,7 +11,6 @@ is the whole block, so its chunks read ``[block][layer][page_bytes]``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +18,18 @@ from typing import Union
 
 import torch
 
-from lmcache_ext import _C
+from lmcache_ext import _C, index_ring
 
 BlockIds = Union[Sequence[int], torch.Tensor]
 Chunks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 MAX_LAYERS = 256
+# Grid cap of a CUDA copy with a chunk in host memory (zero-copy over PCIe). Each CTA
+# keeps 16 KiB of loads in flight, so 32 CTAs keep 512 KiB: over twice the ~0.2 MB that
+# fill a PCIe 5 x16 link, on at most 32 SMs, leaving the rest to the model.
+# `benchmarks/kernels.py --device cuda` measures it against other caps, no cap and
+# cudaMemcpyAsync.
+ZERO_COPY_MAX_CTAS = 32
 
 
 def _dense_bytes(kv: torch.Tensor, name: str) -> int:
@@ -181,6 +186,8 @@ def _copy(
     blocks_per_chunk: int | None,
     layer: int | None,
     staging: torch.Tensor | None,
+    stream: torch.cuda.Stream | None,
+    max_ctas: int | None,
 ) -> None:
     ids = check_block_ids(kv, block_ids)
     n = ids.numel()
@@ -189,6 +196,7 @@ def _copy(
     if not single and (isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence)):
         raise ValueError(f"{name} is a {type(chunks).__name__}; expected a torch.Tensor or a list of them")
     chunk_list = [chunks] if single else list(chunks)
+    _check_launch(kv, stream, max_ctas)
     if n == 0:
         return
     if blocks_per_chunk is None:
@@ -221,32 +229,74 @@ def _copy(
     ]
     for c, (t, need) in enumerate(zip(chunk_list, needs)):
         _check_chunk_tensor(kv, t, name if single else f"{name}[{c}]", need, staging is not None)
+    geometry = _Geometry(layer_ptrs, page_bytes, layer_stride, first_layer)
     if staging is not None:
-        _copy_staged(direction, kv, ids, chunk_list, layer_ptrs, page_bytes, layer_stride, staging, needs[0])
+        _copy_staged(direction, kv, ids, chunk_list, geometry, staging, stream, max_ctas)
         return
-    on_cuda = kv.device.type == "cuda"
-    table = None
-    if not single:
-        table = torch.tensor([t.data_ptr() for t in chunk_list], dtype=torch.int64)
-    if on_cuda:
-        ids = ids.to(kv.device, non_blocking=True)
-        table = table.to(kv.device, non_blocking=True) if table is not None else None
-    with _on_device(kv.device):
+    args = dict(
+        direction=direction,
+        device=kv.device.type,
+        layer_ptrs=list(layer_ptrs),
+        block_stride=kv.block_stride,
+        page_bytes=page_bytes,
+        num_blocks=n,
+        blocks_per_chunk=blocks_per_chunk,
+        chunk_layer_stride=layer_stride,
+        chunk_first_layer=first_layer,
+    )
+    if kv.device.type == "cpu":
+        table = torch.tensor([t.data_ptr() for t in chunk_list], dtype=torch.int64) if not single else None
         _C.page_copy(
-            direction=direction,
-            device=kv.device.type,
-            layer_ptrs=list(layer_ptrs),
-            block_stride=kv.block_stride,
-            page_bytes=page_bytes,
             block_ids_ptr=ids.data_ptr(),
-            num_blocks=n,
             chunk_ptr=chunk_list[0].data_ptr() if single else 0,
             chunk_table_ptr=table.data_ptr() if table is not None else 0,
-            blocks_per_chunk=blocks_per_chunk,
-            chunk_layer_stride=layer_stride,
-            chunk_first_layer=first_layer,
-            stream=torch.cuda.current_stream(kv.device).cuda_stream if on_cuda else 0,
+            **args,
         )
+        return
+    on_host = any(t.device.type == "cpu" for t in chunk_list)
+    ptrs = [t.data_ptr() for t in chunk_list]
+    if on_host:
+        ptrs = _C.device_addresses(ptrs)
+    stream = stream if stream is not None else torch.cuda.current_stream(kv.device)
+    with index_ring.ring_for(kv.device).upload(ids, [] if single else ptrs, stream) as (ids_ptr, table_ptr):
+        _C.page_copy(
+            block_ids_ptr=ids_ptr,
+            chunk_ptr=ptrs[0] if single else 0,
+            chunk_table_ptr=table_ptr,
+            device_index=kv.device.index,
+            stream=stream.cuda_stream,
+            max_ctas=_grid_cap(max_ctas, on_host),
+            **args,
+        )
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """The pages one copy moves and where they sit in a chunk."""
+
+    layer_ptrs: tuple[int, ...]
+    page_bytes: int
+    layer_stride: int  # bytes between layers in a chunk
+    first_layer: int  # the chunk layer of layer_ptrs[0]
+
+
+def _check_launch(kv: PagedLayers, stream: torch.cuda.Stream | None, max_ctas: int | None) -> None:
+    if kv.device.type == "cpu":
+        for what, value in (("stream", stream), ("max_ctas", max_ctas)):
+            if value is not None:
+                raise ValueError(f"{what} was given but the cache is on cpu; it is for cuda caches")
+        return
+    if stream is not None and (not isinstance(stream, torch.cuda.Stream) or stream.device != kv.device):
+        raise ValueError(f"stream = {stream!r}: expected a torch.cuda.Stream on {kv.device} like the cache")
+    if max_ctas is not None and (isinstance(max_ctas, bool) or not isinstance(max_ctas, int) or max_ctas < 0):
+        raise ValueError(f"max_ctas = {max_ctas!r}: expected a positive int, or 0 for no cap")
+
+
+def _grid_cap(max_ctas: int | None, on_host: bool) -> int:
+    """The caller's cap, else ZERO_COPY_MAX_CTAS when a chunk is in host memory, else none."""
+    if max_ctas is not None:
+        return max_ctas
+    return ZERO_COPY_MAX_CTAS if on_host else 0
 
 
 def _copy_staged(
@@ -254,42 +304,46 @@ def _copy_staged(
     kv: PagedLayers,
     ids: torch.Tensor,
     chunk_list: list[torch.Tensor],
-    layer_ptrs: tuple[int, ...],
-    page_bytes: int,
-    layer_stride: int,
+    geometry: _Geometry,
     staging: torch.Tensor,
-    nbytes: int,
+    stream: torch.cuda.Stream | None,
+    max_ctas: int | None,
 ) -> None:
-    """Device gather into `staging`, then one cudaMemcpyAsync to host (or the reverse)."""
-    if kv.device.type != "cuda":
-        raise ValueError(f"staging was given but the cache is on {kv.device}; staging is for cuda caches")
+    """Pages <-> a compact `staging` buffer on the cache's device, and the staging rows <->
+    exactly the host rows those pages occupy (one cudaMemcpy2DAsync; memcpy per row on CPU)."""
     if len(chunk_list) != 1 or chunk_list[0].device.type != "cpu":
         raise ValueError("a staged copy takes one host tensor as its chunk buffer")
     host = chunk_list[0]
     if staging.device != kv.device or not staging.is_contiguous():
         raise ValueError(f"staging is on {staging.device}; expected a contiguous tensor on {kv.device}")
-    if staging.numel() * staging.element_size() < nbytes:
-        raise ValueError(f"staging has {staging.numel() * staging.element_size()} bytes; expected at least {nbytes}")
-    ids = ids.to(kv.device, non_blocking=True)
-    with _on_device(kv.device):
+    n = ids.numel()
+    staging_bytes = staging.numel() * staging.element_size()
+    need = len(geometry.layer_ptrs) * n * geometry.page_bytes
+    if staging_bytes < need:
+        raise ValueError(f"staging has {staging_bytes} bytes; expected at least {need}")
+    args = dict(
+        direction=direction,
+        device=kv.device.type,
+        layer_ptrs=list(geometry.layer_ptrs),
+        block_stride=kv.block_stride,
+        page_bytes=geometry.page_bytes,
+        num_blocks=n,
+        staging_ptr=staging.data_ptr(),
+        staging_bytes=staging_bytes,
+        host_ptr=host.data_ptr(),
+        host_bytes=host.numel() * host.element_size(),
+        host_layer_stride=geometry.layer_stride,
+        host_first_layer=geometry.first_layer,
+    )
+    if kv.device.type == "cpu":
+        _C.page_copy_staged(block_ids_ptr=ids.data_ptr(), **args)
+        return
+    stream = stream if stream is not None else torch.cuda.current_stream(kv.device)
+    with index_ring.ring_for(kv.device).upload(ids, [], stream) as (ids_ptr, _):
         _C.page_copy_staged(
-            direction=direction,
-            layer_ptrs=list(layer_ptrs),
-            block_stride=kv.block_stride,
-            page_bytes=page_bytes,
-            block_ids_ptr=ids.data_ptr(),
-            num_blocks=ids.numel(),
-            staging_ptr=staging.data_ptr(),
-            chunk_layer_stride=layer_stride,
-            host_ptr=host.data_ptr(),
-            bytes=nbytes,
-            stream=torch.cuda.current_stream(kv.device).cuda_stream,
+            block_ids_ptr=ids_ptr, device_index=kv.device.index, stream=stream.cuda_stream,
+            max_ctas=max_ctas or 0, **args
         )
-
-
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """The CUDA launch needs the cache's device current; CPU copies need nothing."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def gather(
@@ -300,6 +354,8 @@ def gather(
     blocks_per_chunk: int | None = None,
     layer: int | None = None,
     staging: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+    max_ctas: int | None = None,
 ) -> None:
     """Copy the pages of `block_ids` from the paged cache into chunk buffers, in one launch.
 
@@ -307,9 +363,13 @@ def gather(
     buffers of `blocks_per_chunk` blocks each. With `layer`, only that layer is
     copied, into its [layer] slice of each chunk (the layerwise path). On a CUDA
     cache, `out` may be device memory or pinned host memory (written zero-copy),
-    or host memory reached through a device `staging` buffer.
+    or one host buffer reached through a device `staging` buffer (which needs
+    len(layers) * len(block_ids) * page_bytes bytes; on a CPU cache the staged path
+    runs its CPU twin). CUDA only: the copy is queued on `stream` (default: the
+    current stream) without a host sync, with at most `max_ctas` CTAs (default:
+    ZERO_COPY_MAX_CTAS when a chunk is in host memory, no cap otherwise).
     """
-    _copy("gather", kv, block_ids, out, blocks_per_chunk, layer, staging)
+    _copy("gather", kv, block_ids, out, blocks_per_chunk, layer, staging, stream, max_ctas)
 
 
 def scatter(
@@ -320,9 +380,11 @@ def scatter(
     blocks_per_chunk: int | None = None,
     layer: int | None = None,
     staging: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
+    max_ctas: int | None = None,
 ) -> None:
     """The inverse of `gather`: copy chunk buffers back into the pages of `block_ids`."""
-    _copy("scatter", kv, block_ids, src, blocks_per_chunk, layer, staging)
+    _copy("scatter", kv, block_ids, src, blocks_per_chunk, layer, staging, stream, max_ctas)
 
 
 def set_cpu_copy_options(*, threads: int = 0, streaming_min_bytes: int = 8 << 20) -> None:

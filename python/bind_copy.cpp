@@ -7,7 +7,9 @@
 
 #include "bindings.h"
 #include "cuda_api.h"
+#include "launch_shape.h"
 #include "page_copy_cpu.h"
+#include "staged_copy.h"
 
 namespace py = pybind11;
 
@@ -19,6 +21,22 @@ CopyDirection parse_direction(const std::string& direction) {
   if (direction == "gather") return CopyDirection::kGather;
   if (direction == "scatter") return CopyDirection::kScatter;
   throw py::value_error("direction = '" + direction + "': expected 'gather' or 'scatter'");
+}
+
+bool parse_on_cuda(const std::string& device) {
+  if (device != "cpu" && device != "cuda")
+    throw py::value_error("device = '" + device + "': expected 'cpu' or 'cuda'");
+  return device == "cuda";
+}
+
+cuda::Launch make_launch(int device_index, int64_t stream, int64_t max_ctas) {
+  if (device_index < 0)
+    throw py::value_error("device_index = " + std::to_string(device_index) +
+                          ": expected a CUDA device index >= 0");
+  if (max_ctas < 0)
+    throw py::value_error("max_ctas = " + std::to_string(max_ctas) +
+                          ": expected a positive cap, or 0 for none");
+  return {device_index, stream, max_ctas};
 }
 
 PageCopyArgs make_args(const std::vector<int64_t>& layer_ptrs, int64_t block_stride,
@@ -52,17 +70,17 @@ void bind_page_copy(py::module_& m) {
          const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
          int64_t block_ids_ptr, int64_t num_blocks, int64_t chunk_ptr, int64_t chunk_table_ptr,
          int64_t blocks_per_chunk, int64_t chunk_layer_stride, int chunk_first_layer,
-         int64_t stream) {
+         int device_index, int64_t stream, int64_t max_ctas) {
         const CopyDirection dir = parse_direction(direction);
-        if (device != "cpu" && device != "cuda")
-          throw py::value_error("device = '" + device + "': expected 'cpu' or 'cuda'");
+        const bool on_cuda = parse_on_cuda(device);
+        const cuda::Launch launch = make_launch(device_index, stream, max_ctas);
         const PageCopyArgs a =
             make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr, num_blocks, chunk_ptr,
                       chunk_table_ptr, blocks_per_chunk, chunk_layer_stride, chunk_first_layer);
         Status st;
         {
           py::gil_scoped_release release;
-          st = device == "cpu" ? cpu::page_copy(a, dir) : cuda::page_copy(a, dir, stream);
+          st = on_cuda ? cuda::page_copy(a, dir, launch) : cpu::page_copy(a, dir);
         }
         throw_if_error(st);
       },
@@ -70,32 +88,59 @@ void bind_page_copy(py::module_& m) {
       py::arg("block_stride"), py::arg("page_bytes"), py::arg("block_ids_ptr"),
       py::arg("num_blocks"), py::arg("chunk_ptr") = 0, py::arg("chunk_table_ptr") = 0,
       py::arg("blocks_per_chunk"), py::arg("chunk_layer_stride"), py::arg("chunk_first_layer") = 0,
-      py::arg("stream") = 0,
+      py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0,
       "Copy pages between a paged cache and chunk buffers (gather: paged -> chunk). "
-      "All addresses must be readable/writable where the copy runs.");
+      "All addresses must be readable/writable where the copy runs. CUDA: on device "
+      "device_index (made current for the call) and stream, with at most max_ctas CTAs "
+      "(0: no cap); the CPU twin ignores those three.");
   m.def(
       "page_copy_staged",
-      [](const std::string& direction, const std::vector<int64_t>& layer_ptrs,
-         int64_t block_stride, int64_t page_bytes, int64_t block_ids_ptr, int64_t num_blocks,
-         int64_t staging_ptr, int64_t chunk_layer_stride, int64_t host_ptr, int64_t bytes,
-         int64_t stream) {
+      [](const std::string& direction, const std::string& device,
+         const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
+         int64_t block_ids_ptr, int64_t num_blocks, int64_t staging_ptr, int64_t staging_bytes,
+         int64_t host_ptr, int64_t host_bytes, int64_t host_layer_stride, int host_first_layer,
+         int device_index, int64_t stream, int64_t max_ctas) {
         const CopyDirection dir = parse_direction(direction);
-        const PageCopyArgs a = make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr,
-                                         num_blocks, staging_ptr, 0, num_blocks > 0 ? num_blocks : 1,
-                                         chunk_layer_stride, 0);
+        const bool on_cuda = parse_on_cuda(device);
+        const cuda::Launch launch = make_launch(device_index, stream, max_ctas);
+        StagedCopy s;
+        s.pages = make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr, num_blocks, 0, 0, 1, 0, 0);
+        s.staging_ptr = staging_ptr;
+        s.staging_bytes = staging_bytes;
+        s.host_ptr = host_ptr;
+        s.host_bytes = host_bytes;
+        s.host_layer_stride = host_layer_stride;
+        s.host_first_layer = host_first_layer;
         Status st;
         {
           py::gil_scoped_release release;
-          st = cuda::page_copy_staged(a, dir, host_ptr, bytes, stream);
+          st = on_cuda ? cuda::page_copy_staged(s, dir, launch) : cpu::page_copy_staged(s, dir);
         }
         throw_if_error(st);
       },
-      py::kw_only(), py::arg("direction"), py::arg("layer_ptrs"), py::arg("block_stride"),
-      py::arg("page_bytes"), py::arg("block_ids_ptr"), py::arg("num_blocks"),
-      py::arg("staging_ptr"), py::arg("chunk_layer_stride"), py::arg("host_ptr"),
-      py::arg("bytes"), py::arg("stream") = 0,
-      "CUDA only: gather into a device staging buffer then cudaMemcpyAsync to host, "
-      "or the reverse for scatter.");
+      py::kw_only(), py::arg("direction"), py::arg("device"), py::arg("layer_ptrs"),
+      py::arg("block_stride"), py::arg("page_bytes"), py::arg("block_ids_ptr"), py::arg("num_blocks"),
+      py::arg("staging_ptr"), py::arg("staging_bytes"), py::arg("host_ptr"), py::arg("host_bytes"),
+      py::arg("host_layer_stride"), py::arg("host_first_layer") = 0, py::arg("device_index") = 0,
+      py::arg("stream") = 0, py::arg("max_ctas") = 0,
+      "Pages <-> a compact staging buffer on the cache's device, and the staging rows <-> "
+      "exactly the rows they occupy in the host chunk ([layer][block][page], "
+      "host_layer_stride apart, from layer host_first_layer): on CUDA one kernel and one "
+      "cudaMemcpy2DAsync, on CPU the twin with one memcpy per row.");
+  m.def(
+      "launch_shape",
+      [](int64_t page_bytes, int64_t pages, int64_t max_ctas) {
+        LaunchShape shape;
+        throw_if_error(launch_shape(page_bytes, pages, max_ctas, &shape));
+        py::dict d;
+        d["grid_x"] = shape.grid_x;
+        d["grid_y"] = shape.grid_y;
+        d["segment_bytes"] = shape.segment_bytes;
+        d["ctas"] = shape.grid_x * shape.grid_y;
+        return d;
+      },
+      py::kw_only(), py::arg("page_bytes"), py::arg("pages"), py::arg("max_ctas") = 0,
+      "The grid a CUDA page copy of `pages` pages launches (max_ctas: its cap, 0 = none).");
   m.def(
       "set_cpu_copy_options",
       [](int threads, int64_t streaming_min_bytes) {

@@ -3,8 +3,11 @@
 // that keep the pool alive.
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "bindings.h"
 #include "host_pool.h"
@@ -23,14 +26,14 @@ PinMode parse_pin(const std::string& pin) {
 }
 
 std::unique_ptr<HostPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin,
-                                    bool lock) {
+                                    bool lock, int device) {
   const PinMode mode = parse_pin(pin);
   std::unique_ptr<HostPool> pool;
   Status st;
   {
     // mlock and cudaHostRegister touch every page of the arena: seconds for a large pool.
     py::gil_scoped_release release;
-    st = HostPool::create(slot_bytes, num_slots, mode, lock, &pool);
+    st = HostPool::create(slot_bytes, num_slots, mode, lock, device, &pool);
   }
   throw_if_error(st);
   return pool;
@@ -56,9 +59,11 @@ void bind_host_pool(py::module_& m) {
       "mapped once; page-locked for CUDA when pin allows and a device is visible. "
       "Buffer protocol: the whole arena as writable bytes.")
       .def(py::init(&make_pool), py::arg("slot_bytes"), py::arg("num_slots"),
-           py::arg("pin") = "auto", py::arg("lock") = false,
+           py::arg("pin") = "auto", py::arg("lock") = false, py::arg("device") = kCurrentDevice,
            "pin: 'auto' (page-lock when a CUDA device is visible), 'never', or 'always' "
-           "(RuntimeError when it cannot). lock: try mlock; is_mlocked tells whether it held.")
+           "(RuntimeError when no device is visible). Page-locking that fails raises with "
+           "CUDA's error text. device: the CUDA device to register with (-1: the calling "
+           "thread's current device). lock: try mlock; is_mlocked tells whether it held.")
       .def_static(
           "stride_for",
           [](int64_t slot_bytes) {
@@ -116,6 +121,11 @@ void bind_host_pool(py::module_& m) {
           [](const HostPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
       .def_property_readonly("is_page_locked", &HostPool::is_page_locked,
                              "Registered with cudaHostRegister (fast and zero-copy DMA).")
+      .def_property_readonly("device", &HostPool::device,
+                             "The CUDA device the arena is registered with, -1 when not page-locked.")
+      .def_property_readonly("device_base_address", &HostPool::device_base,
+                             "The arena's first byte as CUDA kernels address it (0 when not "
+                             "page-locked).")
       .def_property_readonly("is_mlocked", &HostPool::is_mlocked,
                              "lock=True was asked for and mlock was permitted.")
       .def_property_readonly("is_populated", &HostPool::is_populated,
@@ -134,6 +144,16 @@ void bind_host_pool(py::module_& m) {
         return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {pool.arena_bytes()}, {int64_t{1}}, /*readonly=*/false);
       });
+  m.def(
+      "device_addresses",
+      [](std::vector<int64_t> ptrs) {
+        for (int64_t& p : ptrs) p = HostPool::device_address_of(p);
+        return ptrs;
+      },
+      py::arg("ptrs"),
+      "The addresses CUDA kernels use for these host addresses: translated inside a "
+      "page-locked pool that the device addresses elsewhere "
+      "(cudaDevAttrCanUseHostPointerForRegisteredMem = 0), unchanged otherwise.");
 }
 
 }  // namespace lmc::py_bind

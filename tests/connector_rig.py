@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from kv_layouts import make_layers, page_view
 
+# Every module that imports the rig is skipped, with this reason, where vLLM is absent.
+pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.integration.vllm.metadata import StepPlan
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide

@@ -570,3 +570,13 @@ def test_the_host_pool_is_the_host_tier_or_only_staging_slots():
     assert PinnedSlotPool.slots_for_config(off, 100) == STAGING_SLOTS
     pool = PinnedSlotPool.for_config(off, 100)
     assert (pool.num_slots, pool.slot_bytes) == (STAGING_SLOTS, 100)
+
+
+def test_a_remote_url_without_the_remote_client_installed_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "glide_sync" else real(name, *a))
+    with raises_exactly("remote_url = 'redis://u:***@h' from kv_connector_extra_config needs the remote tier's client, "
+                        "which is not installed: pip install 'lmcache_ext[remote]' (valkey-glide-sync), or remote_url null"):
+        load_config({"remote_url": "redis://u:pw@h"}, environ=NO_ENV)

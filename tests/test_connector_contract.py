@@ -8,6 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
 from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, config, first_step, geometry, no_cached_reqs, prompt,
                            request, same_pages)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
 from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, config, first_step, geometry, prompt,
                            request, same_pages)

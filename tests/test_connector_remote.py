@@ -4,6 +4,11 @@ under TP every rank's shard must be there; a failed remote load is not promised 
 
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
+                    "the connector's remote tier needs it (lmcache_ext[remote])")
+
 from connector_rig import CHUNK, Rig, prompt, request, same_pages
 
 from lmcache_ext.plans import Source

@@ -141,7 +141,9 @@ def test_out_of_range_slot_raises_and_changes_nothing(
 
 
 def test_concurrent_alloc_free_never_shares_a_slot() -> None:
-    num_threads, iterations = 8, 3000
+    """8 threads over 5 slots, each until it has held a slot `grants` times (counting grants,
+    not attempts: under load a thread may lose every race for a while)."""
+    num_threads, grants = 8, 1500
     pool = PinnedSlotPool(64, 5, pin="never")
     stamps = [ctypes.c_int64.from_address(pool.address(s)) for s in range(pool.num_slots)]
     errors: list[str] = []
@@ -149,11 +151,13 @@ def test_concurrent_alloc_free_never_shares_a_slot() -> None:
     start = threading.Barrier(num_threads)
 
     def churn(tid: int) -> None:
-        for i in range(iterations):
+        attempt = 0
+        while granted[tid] < grants:
+            attempt += 1
             slot = pool.alloc()
             if slot is None:
                 continue
-            mark = tid * iterations + i
+            mark = (tid << 40) | attempt
             stamps[slot].value = mark
             pool.pin(slot)
             pool.unpin(slot)
@@ -175,7 +179,7 @@ def test_concurrent_alloc_free_never_shares_a_slot() -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert all(n > 0 for n in granted)
+    assert granted == [grants] * num_threads
     assert pool_state(pool) == (5, [0] * 5)
 
 
@@ -221,6 +225,70 @@ def test_with_a_device_auto_and_always_page_lock() -> None:
     assert PinnedSlotPool(HUGE_PAGE, 2, pin="always").is_page_locked
     assert PinnedSlotPool(HUGE_PAGE, 2, pin="auto").is_page_locked
     assert not PinnedSlotPool(HUGE_PAGE, 2, pin="never").is_page_locked
+
+
+def test_a_device_index_below_minus_one_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        PinnedSlotPool(4096, 2, pin="never", device=-2)
+    assert str(info.value) == (
+        "device = -2: expected a CUDA device index, or -1 for the calling thread's current device"
+    )
+
+
+def test_a_pool_that_is_not_page_locked_has_no_device_address() -> None:
+    pool = PinnedSlotPool(4096, 2, pin="never")
+    assert (pool.device, pool.device_base_address) == (-1, 0)
+    assert _C.device_addresses([pool.address(1), 12345]) == [pool.address(1), 12345]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")
+@pytest.mark.parametrize("pin", ["auto", "always"])
+def test_page_locking_that_fails_fails_creation_naming_why(pin: str) -> None:
+    """A pool left pageable would fail every CUDA copy while serving; creation fails instead."""
+    count = _C.cuda_device_count()
+    with pytest.raises(ValueError) as info:
+        PinnedSlotPool(4096, 2, pin=pin, device=count)
+    assert str(info.value).startswith(f"pin = {pin}: cannot page-lock the host pool of 8192 bytes: device = {count} is out of range")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")
+def test_page_locked_pool_is_addressed_where_the_driver_maps_it() -> None:
+    from cuda_driver import can_use_host_pointer, host_device_pointer
+
+    torch.zeros(1, device="cuda")  # a current context on this thread, as in a vLLM worker
+    pool = PinnedSlotPool(HUGE_PAGE, 2, pin="always")
+    assert pool.device == torch.cuda.current_device()
+    mapped = host_device_pointer(pool.base_address)
+    assert pool.device_base_address == (pool.base_address if can_use_host_pointer(pool.device) else mapped)
+    inside = pool.address(1) + 5
+    assert _C.device_addresses([inside]) == [pool.device_base_address + pool.slot_stride + 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")
+def test_a_pool_dropped_on_a_thread_without_cuda_leaves_no_context_there() -> None:
+    """Unregistering makes the pool's device current for the call only: a disk thread that
+    drops the last reference keeps no context (elsewhere it would be device 0's)."""
+    from cuda_driver import current_context
+
+    torch.zeros(1, device="cuda")
+    before = current_context()
+    holder = [PinnedSlotPool(HUGE_PAGE, 2, pin="always")]
+    seen: list[int] = []
+
+    def drop() -> None:
+        seen.append(current_context())
+        holder.pop()
+        gc.collect()
+        seen.append(current_context())
+
+    thread = threading.Thread(target=drop)
+    thread.start()
+    thread.join()
+    assert seen == [0, 0]
+    assert current_context() == before != 0
 
 
 def test_for_budget_fits_whole_strides() -> None:
@@ -380,3 +448,33 @@ def test_slots_for_a_budget_count_the_padded_stride():
     assert PinnedSlotPool.slots_for(8191, 4096) == 1
     with pytest.raises(ValueError, match=r"total_bytes = 4095 holds no slot: slot_bytes = 1 takes 4096 bytes"):
         PinnedSlotPool.slots_for(4095, 1)
+
+
+FORK_CHILD = """
+import os, sys
+from lmcache_ext.memory import PinnedSlotPool
+pool = PinnedSlotPool(2 << 20, 2, pin=sys.argv[1])
+pool.view(0).fill_(7)
+low, high = pool.base_address, pool.base_address + pool.arena_bytes
+pid = os.fork()
+if pid == 0:
+    with open("/proc/self/maps") as f:
+        spans = [[int(x, 16) for x in line.split()[0].split("-")] for line in f]
+    os._exit(1 if any(a < high and low < b for a, b in spans) else 0)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), int(pool.view(0)[:4].sum()))
+"""
+
+
+@pytest.mark.parametrize(
+    "pin",
+    ["never", pytest.param("always", marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")])],
+)
+def test_a_forked_child_does_not_inherit_the_arena(pin: str) -> None:
+    """MADV_DONTFORK: fork neither copies the (page-locked) arena nor shares its pages."""
+    pool = PinnedSlotPool(HUGE_PAGE, 2, pin="never")
+    assert "dc" in vm_flags(pool.base_address)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", FORK_CHILD, pin], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "28"]

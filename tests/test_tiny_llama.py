@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
+pytest.importorskip("transformers", reason="transformers is not installed: the tiny Llama is built with it")
+pytest.importorskip("safetensors", reason="safetensors is not installed: the tiny Llama's weights are read with it")
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
+
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
 

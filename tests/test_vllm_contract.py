@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 from test_vllm_connector import CHUNK, connector, generate, tokens, tokens_of, cached_of
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script

@@ -1,0 +1,55 @@
+"""The CUDA stream an executor's copies run on, ordered against vLLM's stream by events.
+
+A copy waits (on the GPU) for what the current stream queued before it: the forward
+pass that wrote the KV cache, or the last use of blocks about to be loaded. The current
+stream then waits (on the GPU) for the copy: the next forward must neither read
+blocks before their load lands nor overwrite blocks before their store has read
+them. The host never waits for either; it waits for a slot's event only where it
+touches that slot's bytes itself (a disk write reads them, a disk read overwrites
+them), and for every copy before the paged cache goes away (sleep mode, close).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class CopyStream:
+    """A dedicated stream on one CUDA device and the event of each slot's last copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._stream = torch.cuda.Stream(device=device)
+        self._slot_events: dict[int, torch.cuda.Event] = {}
+        self._last: torch.cuda.Event | None = None
+
+    @contextmanager
+    def copies(self, slots: Iterable[int]) -> Iterator[torch.cuda.Stream]:
+        """Queue copies that read or write `slots` on the yielded stream."""
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        try:
+            yield self._stream
+        finally:
+            done = torch.cuda.Event()
+            done.record(self._stream)
+            current.wait_event(done)
+            for slot in slots:
+                self._slot_events[slot] = done
+            self._last = done
+
+    def wait_slot(self, slot: int) -> None:
+        """Block the host until the last copy queued for `slot` has finished."""
+        event = self._slot_events.pop(slot, None)
+        if event is not None:
+            event.synchronize()
+
+    def wait_all(self) -> None:
+        """Block the host until every copy queued so far has finished."""
+        if self._last is not None:
+            self._last.synchronize()
+        self._slot_events.clear()
+        self._last = None
