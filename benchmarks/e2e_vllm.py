@@ -12,7 +12,10 @@ One JSON line per figure:
   the document (another, longer question), where ours hits;
 - warm TTFT of a fresh engine (its own host pool and disk) from the remote tier that
   another engine filled, on a local redis-server this script starts (skipped, with
-  a line saying so, when redis-server is not installed).
+  a line saying so, when redis-server is not installed);
+- a concurrent batch of 8 users after a restart, half of them with their document on
+  disk: requests/s and TTFT p50/p90 with loads and saves in the background (the
+  default) against the same connector with both synchronous, and without one.
 Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
 Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096]
@@ -30,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
+from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -50,12 +54,56 @@ def _timed(hook):
         finally:
             _spent[0] += _time.perf_counter() - start
     return timed
-for _name in ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
-              "update_connector_output", "request_finished", "start_load_kv", "wait_for_save",
-              "get_block_ids_with_load_errors", "build_connector_worker_meta", "get_kv_connector_stats"):
+for _name in ("on_new_request", "get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+              "update_connector_output", "request_finished", "handle_preemptions", "start_load_kv", "wait_for_save",
+              "get_finished", "get_block_ids_with_load_errors", "build_connector_worker_meta",
+              "get_kv_connector_stats"):
     setattr(_Connector, _name, _timed(getattr(_Connector, _name)))
 connector_seconds = lambda: _spent[0]
 """
+
+
+# One engine process serving a batch at once: per-request TTFT from vLLM's own stats.
+BATCH = """
+import time
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, max_model_len=8192, enable_prefix_caching=False, seed=0, disable_log_stats=False,
+          **{kwargs!r})
+llm.generate([{{"prompt_token_ids": {warmup!r}}}], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+start = time.perf_counter()
+outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}], SamplingParams(temperature=0, max_tokens=16),
+                    use_tqdm=False)
+wall = time.perf_counter() - start
+rows = [{{"ttft_s": o.metrics.first_token_latency, "cached_tokens": o.num_cached_tokens}} for o in outs]
+del llm
+return {{"rows": rows, "wall_s": wall}}
+"""
+
+
+def serve_batch(model: Path, prompts: list[list[int]], kwargs: dict) -> dict:
+    warmup = [3 + i % 997 for i in range(max(len(p) for p in prompts))]
+    code = BATCH.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **fair_cpu_binding()}
+    return run_vllm_script(code, env_extra=env, timeout=600)
+
+
+def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, work: Path, common: dict) -> None:
+    """Half of 8 users find their document on disk after a restart; all arrive at once."""
+    fresh_docs = [[rng.randrange(3, BENCH.vocab) for _ in range(len(d))] for d in docs]
+    batch = [p for pair in zip(docs, fresh_docs) for p in pair]
+    batch = [p + [rng.randrange(3, BENCH.vocab) for _ in range(40)] for p in batch]
+    for name, extra in (("async", {}), ("sync", {"async_load": False, "async_save": False}), ("none", None)):
+        kwargs = {} if extra is None else {"kv_transfer_config": connector_config(work / f"kv_{name}", **extra)}
+        if extra is not None:
+            serve(model, [("store", d) for d in docs], kwargs)  # the documents go to disk, then a restart
+        out = serve_batch(model, batch, kwargs)
+        ttfts = sorted(r["ttft_s"] for r in out["rows"])
+        hit_ttfts = sorted(r["ttft_s"] for r in out["rows"] if r["cached_tokens"])
+        emit({**common, "figure": f"concurrent_8_users_half_on_disk:{name}", "requests_per_s": round(len(batch) / out["wall_s"], 3),
+              "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
+              "ttft_p90_ms": round(ttfts[int(0.9 * (len(ttfts) - 1))] * 1e3, 1),
+              "disk_hit_ttft_p50_ms": round(statistics.median(hit_ttfts) * 1e3, 1) if hit_ttfts else None,
+              "hit_tokens": sum(r["cached_tokens"] for r in out["rows"])})
 
 
 def emit(figure: dict) -> None:
@@ -101,8 +149,9 @@ def main() -> None:
         restarted = serve(model, [("disk", p) for _, p in asks] + later, ours)
         theirs = serve(model, asks + [("warm", p) for _, p in asks] + others, example)
         remote_rows = remote_figures(model, asks, work) if redis_binary() else None
+        common = {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}", "doc_tokens": args.doc_tokens, "docs": args.docs}
+        concurrent_figures(model, docs, rng, work, common)
     cold = summary(none, "ask")["ttft_ms"]
-    common = {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}", "doc_tokens": args.doc_tokens, "docs": args.docs}
     emit({**common, "figure": "cold_no_connector", **summary(none, "ask")})
     overheads = [summary(first, "ask")["ttft_ms"] / cold,
                  summary(ours_again, "ask")["ttft_ms"] / summary(none_again, "ask")["ttft_ms"]]

@@ -298,6 +298,8 @@ class CacheConfig:
         default=32, metadata={"parse": _int_parser(1, " (remote writes in flight; more are skipped)")}
     )
     remote_integrity_key: str | None = field(default=None, metadata={"parse": _parse_secret(16)})
+    async_save: bool = field(default=True, metadata={"parse": _parse_bool})
+    async_load: bool = field(default=True, metadata={"parse": _parse_bool})
     save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})

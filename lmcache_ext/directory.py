@@ -64,7 +64,6 @@ class _HostEntry:
     slot: int
     ready: bool = False
     pins: int = 1
-    loading: bool = False  # being filled from a lower tier for a load planned this step
     retired: bool = False  # cleared while pinned: never visible again, dropped at its last release
 
 
@@ -89,13 +88,20 @@ class CacheDirectory:
 
     # -- queries (no side effects: vLLM may ask the same thing many times) --
 
-    def lookup(self, keys: Sequence[Key], *, share_pending: bool = False) -> list[Source]:
-        """The tier of each leading key that `reserve_loads(keys, share_pending=...)`
-        would pin now; stops at the first miss or where no slot could be had."""
+    def lookup(self, keys: Sequence[Key]) -> list[Source]:
+        """The tier of each leading key that `reserve_loads(keys)` would pin now; stops at
+        the first miss, at a chunk being filled, or where no slot could be had."""
         with self._lock:
-            return [source for _, source in self._loadable(keys, share_pending)]
+            return [source for _, source in self._loadable(keys)]
 
-    def _loadable(self, keys: Sequence[Key], share_pending: bool) -> list[tuple[Key, Source]]:
+    def filling(self, key: Key) -> bool:
+        """Whether `key`'s slot is being filled (stored, or read from a lower tier): it
+        is not loadable yet, and will soon be, unless the fill fails."""
+        with self._lock:
+            entry = self._host.get(key)
+            return entry is not None and not entry.ready and not entry.retired
+
+    def _loadable(self, keys: Sequence[Key]) -> list[tuple[Key, Source]]:
         """The leading keys a load can pin, with their tier. Host entries are pinned
         before slots are taken, so a lower-tier key counts while the free slots plus
         the unpinned ready entries outside this load outnumber the lower-tier keys
@@ -104,7 +110,7 @@ class CacheDirectory:
         for key in keys:
             entry = self._host.get(key)
             if entry is not None:
-                if not (entry.ready or (share_pending and entry.loading)):
+                if not entry.ready:
                     break  # being filled: not loadable yet
                 found.append((key, Source.HOST))
                 continue
@@ -155,15 +161,12 @@ class CacheDirectory:
 
     # -- loads --
 
-    def reserve_loads(self, keys: Sequence[Key], *, share_pending: bool = False) -> list[PlannedLoad]:
+    def reserve_loads(self, keys: Sequence[Key]) -> list[PlannedLoad]:
         """Pin the leading loadable keys (`lookup` names them); a lower-tier hit gets a
-        fresh slot to be read into (promotion).
-
-        With `share_pending`, a key whose slot an earlier reservation is filling from
-        disk is pinned too: only for loads executed in the same plan as that read,
-        which runs every read before any slot is copied out."""
+        fresh slot to be read into (promotion), which stays invisible to other loads
+        until `commit`."""
         with self._lock:
-            loadable = self._loadable(keys, share_pending)
+            loadable = self._loadable(keys)
             for key, source in loadable:  # pin host hits first: no slot taken below evicts them
                 if source is Source.HOST:
                     self._host[key].pins += 1
@@ -173,7 +176,7 @@ class CacheDirectory:
                 if source is not Source.HOST:
                     slot = self._take_slot()
                     assert slot is not None, "_loadable counted a slot that _take_slot could not find"
-                    self._host[key] = _HostEntry(slot, loading=True)
+                    self._host[key] = _HostEntry(slot)
                 plans.append(PlannedLoad(key, self._host[key].slot, source))
         return plans
 
@@ -187,7 +190,7 @@ class CacheDirectory:
                 if entry.pins == 0:
                     self._drop(key)
                 else:
-                    entry.ready, entry.loading, entry.retired = False, False, True
+                    entry.ready, entry.retired = False, True
                     pinned += 1
             return pinned
 
@@ -199,7 +202,7 @@ class CacheDirectory:
         pin is released. Either way the filler still holds its pin: call release()."""
         with self._lock:
             entry = self._host[key]
-            entry.ready, entry.loading = ok and not entry.retired, False
+            entry.ready = ok and not entry.retired
             if entry.ready:
                 self._host.move_to_end(key)
 

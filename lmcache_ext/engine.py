@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -83,6 +84,7 @@ class CacheEngine:
                                           read_threads=max(config.disk_io_threads, config.remote_connections))
         self._writes_left: dict[ChunkKey, int] = {}  # tier writes still running per stored chunk
         self._writes_lock = threading.Lock()
+        self._transfers = ThreadPoolExecutor(1, thread_name_prefix="lmcache-engine")
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
         config.warn_unimplemented()
@@ -144,6 +146,19 @@ class CacheEngine:
             self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
             self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes)
             return self._tokens_of(cached)
+
+    def store_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
+        """`store` on the engine's transfer thread: returns at once, with a future of what
+        `store` returns. The caller keeps the KV in `block_ids` unchanged until the future
+        is done. A chunk becomes visible to lookups only once its copy is complete."""
+        self._check_open()
+        return self._transfers.submit(self.store, tokens, block_ids)
+
+    def retrieve_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
+        """`retrieve` on the engine's transfer thread: returns at once; `block_ids` hold
+        the loaded prefix once the future is done."""
+        self._check_open()
+        return self._transfers.submit(self.retrieve, tokens, block_ids)
 
     def retrieve(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
         """Load the longest cached prefix of `tokens` into `block_ids`; returns its
@@ -221,6 +236,7 @@ class CacheEngine:
         with self._close_lock:
             if self._closed:
                 return
+            self._transfers.shutdown(wait=True)  # queued stores and retrieves end first
             self._closed = True
         self._storage.close()
         self._executor.close()

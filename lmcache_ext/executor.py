@@ -11,9 +11,11 @@ for them: the host waits for a slot's copy only before a tier write reads the sl
 or a tier read overwrites it. Such a cache needs page-locked slots; the executor
 refuses a pageable pool when it is made, not at the first copy.
 
-The paged cache can be unbound and bound again (vLLM's sleep mode releases its
-memory): `bind(None)` waits for a copy in progress, and until the next `bind` a
-plan with copies raises instead of touching released memory.
+`run` may be called from several threads at once (the connector's worker loads on
+one while it gathers on another). The paged cache can be unbound and bound again
+(vLLM's sleep mode releases its memory): `bind(None)` waits for every run in
+progress, and until the next `bind` a plan with copies raises instead of touching
+released memory.
 """
 
 from __future__ import annotations
@@ -50,26 +52,34 @@ class TransferExecutor:
                  read_threads: int = 2) -> None:
         _check_reachable(kv, slots)
         self._kv: ops.PagedLayers | None = kv
-        self._kv_lock = threading.Lock()  # held by copies; bind() waits for them
+        self._device = kv.device
+        self._gate = _BindGate()
         self._slots = slots
         self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
         self._tiers = dict(tiers)
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if tiers else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the paged cache is (the last one bound, while none is)."""
+        return self._device
 
     def bind(self, kv: ops.PagedLayers | None) -> None:
         """Copy to and from `kv` from now on; None: no paged cache until the next bind.
         Copies still running on the GPU finish first."""
         if kv is not None:
             _check_reachable(kv, self._slots)
-        with self._kv_lock:
+        with self._gate.alone():
             if self._copies is not None:
                 self._copies.wait_all()
             if kv is not None and kv.device != (self._copies.device if self._copies else torch.device("cpu")):
                 self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
             self._kv = kv
+            if kv is not None:
+                self._device = kv.device
 
     def run(self, plan: Plan, on_write_done: WriteDone | None = None) -> PlanResult:
-        with self._kv_lock:
+        with self._gate.shared():
             kv = self._kv
             if (plan.scatters or plan.gathers) and kv is None:
                 raise RuntimeError(
@@ -155,6 +165,40 @@ class TransferExecutor:
             return
         self._wait_slot(w.slot)
         tier.submit_write(w.key, self._payload(w.slot, w.nbytes), report)
+
+
+class _BindGate:
+    """Runs share it; a bind takes it alone, once the runs in progress have ended."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._binding = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._binding)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._binding)
+            self._binding = True
+            self._cond.wait_for(lambda: self._running == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._binding = False
+                self._cond.notify_all()
 
 
 def _check_reachable(kv: ops.PagedLayers, slots: SlotMemory) -> None:

@@ -15,11 +15,12 @@ from kv_layouts import make_layers, page_view
 # Every module that imports the rig is skipped, with this reason, where vLLM is absent.
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.integration.vllm.metadata import StepPlan
+from lmcache_ext.integration.vllm.metadata import LoadItem, StepPlan
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import Namespace
+from lmcache_ext.plans import TierTransfer
 
 LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
 HEADS, WIDTH = 2, 32  # 2 KiB pages (bf16)
@@ -50,7 +51,9 @@ class Rig:
 
     def step(self, new: list[tuple[SimpleNamespace, list[int], int]], loads: bool = True) -> StepPlan:
         """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
-        run the plan on every worker, deliver the aggregated report."""
+        run the plan on every worker, wait for its background transfers (as if the
+        request waited for its loads and the step's stores ended), deliver the
+        aggregated report and what get_finished says (in `self.recved`)."""
         for request, blocks, local in new:
             external = self.matched(request, local)
             self.scheduler.plan_load(request, blocks, external if loads else 0)
@@ -61,25 +64,37 @@ class Rig:
             scheduled_cached_reqs=no_cached_reqs(),
             num_scheduled_tokens={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
         )
-        plan = self.scheduler.build_plan(output)
-        report = None
+        return self.run(self.scheduler.build_plan(output))
+
+    def run(self, plan: StepPlan, finished: set[str] = frozenset()) -> StepPlan:
+        """Run `plan` on every worker as vLLM's model runner does, wait for the background
+        transfers, and deliver the report; `finished` are the requests that finished in
+        the step before. Sets `self.sent` and `self.recved` to what every rank's
+        get_finished reported (vLLM acts on a request once all ranks have)."""
+        report, sent, recved = None, [], []
         for w in self.workers:
+            w.handle_preemptions(plan)
             w.load(plan)
             w.save(plan)
-            self.flush()
+            w.flush()
             part = w.take_report()
             report = part if report is None else report.aggregate(part) if part else report
+            s, r = w.get_finished(set(finished))
+            sent.append(s or set())
+            recved.append(r or set())
         self.scheduler.apply_report(report)
+        self.sent, self.recved = set.intersection(*sent), set.intersection(*recved)
         return plan
 
     def matched(self, req: SimpleNamespace, local: int = 0, timeout: float = 5.0) -> int:
         """The scheduler's hit for `req`, asking again (as vLLM does each step) while a
-        remote probe is out."""
+        remote probe is out; whether it loads in the background goes to `req.load_async`."""
         deadline = time.monotonic() + timeout
-        while (hit := self.scheduler.num_new_matched_tokens(req, local)) is None:
+        while (hit := self.scheduler.num_new_matched_tokens(req, local))[0] is None:
             assert time.monotonic() < deadline, "the remote probe never answered"
             time.sleep(0.01)
-        return hit
+        req.load_async = hit[1]
+        return hit[0]
 
     def flush(self) -> None:
         for w in self.workers:
@@ -112,3 +127,17 @@ def first_step(scheduler: SchedulerSide, req: SimpleNamespace, blocks: list[int]
     return scheduler.build_plan(SimpleNamespace(
         scheduled_new_reqs=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
         scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={req.request_id: scheduled}))
+
+
+def hit(scheduler: SchedulerSide, req: SimpleNamespace, local: int = 0) -> int | None:
+    """The tokens a hit query promises (None: ask again later)."""
+    return scheduler.num_new_matched_tokens(req, local)[0]
+
+
+def loads_of(plan: StepPlan) -> list[LoadItem]:
+    """Every load item of the plan, before the forward or in the background."""
+    return plan.loads + [item for job in plan.async_loads for item in job.items]
+
+
+def reads_of(plan: StepPlan) -> list[TierTransfer]:
+    return [item.read for item in loads_of(plan) if item.read is not None]

@@ -53,6 +53,8 @@ def test_defaults_match_lmcache_and_our_additions():
         "remote_max_value_bytes": 4 << 20,
         "remote_write_backlog": 32,
         "remote_integrity_key": None,
+        "async_save": True,
+        "async_load": True,
         "save_unfull_chunk": False,
         "save_decode_cache": False,
         "use_layerwise": False,
@@ -100,6 +102,7 @@ def test_env_alone(tmp_path):
             "LMCACHE_REMOTE_PASSWORD": "from-the-environment",
             "LMCACHE_REMOTE_TIMEOUT_MS": "250",
             "LMCACHE_SAVE_UNFULL_CHUNK": "yes",
+            "LMCACHE_ASYNC_SAVE": "no",
             "LMCACHE_SAVE_DECODE_CACHE": "1",
             "LMCACHE_USE_LAYERWISE": "TRUE",
             "LMCACHE_DISK_O_DIRECT": "true",
@@ -128,6 +131,8 @@ def test_env_alone(tmp_path):
         "remote_max_value_bytes": 4 << 20,
         "remote_write_backlog": 32,
         "remote_integrity_key": None,
+        "async_save": False,
+        "async_load": True,
         "save_unfull_chunk": True,
         "save_decode_cache": True,
         "use_layerwise": True,
@@ -428,7 +433,7 @@ def test_unknown_extra_config_key_suggests_and_lists_the_keys(key, hint):
         "local_cpu, max_local_cpu_size, local_disk, max_local_disk_size, remote_url, remote_password, "
         "remote_tls_ca_file, remote_tls_cert_file, remote_tls_key_file, remote_tls_verify, remote_timeout_ms, "
         "remote_ttl_s, remote_connections, remote_key_prefix, remote_max_value_bytes, remote_write_backlog, "
-        "remote_integrity_key, save_unfull_chunk, "
+        "remote_integrity_key, async_save, async_load, save_unfull_chunk, "
         "save_decode_cache, use_layerwise, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
         "pin_host_memory, cache_namespace, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
     ):

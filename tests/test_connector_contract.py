@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, config, first_step, geometry, no_cached_reqs, prompt,
-                           request, same_pages)
+from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, config, first_step, geometry, hit, loads_of,
+                           no_cached_reqs, prompt, reads_of, request, same_pages)
 from kv_layouts import page_view
 from vllm import SamplingParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -42,8 +42,8 @@ def image(identifier: str, offset: int, length: int) -> MultiModalFeatureSpec:
                                  mm_position=PlaceholderRange(offset=offset, length=length))
 
 
-def hits(scheduler: SchedulerSide, req: object) -> int:
-    return scheduler.num_new_matched_tokens(req, 0)
+def hits(scheduler: SchedulerSide, req: object) -> int | None:
+    return hit(scheduler, req)
 
 
 # -- 1. keys separate what vLLM's block hashes separate --
@@ -102,7 +102,7 @@ def test_a_request_whose_extras_cannot_be_keyed_is_neither_hit_nor_stored(monkey
     odd.lora_request = SimpleNamespace(lora_name=object(), lora_path="/p")
     assert hits(rig.scheduler, odd) == 0
     plan = rig.step([(odd, list(range(20, 29)), 0)])
-    assert not plan.stores and not plan.loads
+    assert not plan.stores and not loads_of(plan)
 
 
 # -- 2. a hit promises only what can be loaded --
@@ -128,7 +128,7 @@ def test_a_small_pool_trims_a_second_disk_hit_in_the_same_step_to_the_slots_left
     ra, rb = request("a", a), request("b", b)
     plan = rig.step([(ra, list(range(21)), 0), (rb, list(range(30, 51)), 0)])
     assert (ra.external, rb.external) == (5 * CHUNK, 3 * CHUNK)
-    assert len(plan.reads) == 8 and not plan.failed_blocks
+    assert len(reads_of(plan)) == 8 and not plan.failed_blocks and rig.recved == {"a", "b"}
     assert rig.workers[0].take_load_errors() == set()
     source = Rig(seed=0).caches[0]  # the cache disk_chunks stored from
     assert same_pages(rig.caches[0], list(range(20)), source, list(range(20)))
@@ -157,8 +157,8 @@ def test_chunks_inside_vllms_own_hit_need_not_be_cached(tmp_path):
     key0 = chunk_keys(tokens, first)[0]
     (rank_root(tmp_path / "kv", 0) / key0.hex()[:2] / key0.hex()).unlink()
     rig = Rig(tmp_path, seed=32)
-    assert rig.scheduler.num_new_matched_tokens(request("a", tokens), 0) == 0
-    assert rig.scheduler.num_new_matched_tokens(request("b", tokens), CHUNK) == 3 * CHUNK
+    assert hit(rig.scheduler, request("a", tokens), 0) == 0
+    assert hit(rig.scheduler, request("b", tokens), CHUNK) == 3 * CHUNK
 
 
 # -- 3. a cache reset drops stale KV --
@@ -176,7 +176,7 @@ def test_reset_hides_every_earlier_chunk_on_host_disk_and_after_a_restart(tmp_pa
     files = lambda: [p for p in (tmp_path / "kv").rglob("*") if p.is_file() and len(p.name) == 32]  # noqa: E731
     assert len(files()) == 2
     plan = rig.step([(request("f", tokens), list(range(20, 29)), 0)])  # the next step deletes them ...
-    assert plan.clear_tiers and not plan.loads and len(plan.stores) == 2  # ... and stores afresh
+    assert plan.clear_tiers and not loads_of(plan) and len(plan.stores) == 2  # ... and stores afresh
     rig.flush()
     assert len(files()) == 2 and hits(SchedulerSide(config(tmp_path), geometry()), request("g", tokens)) == 2 * CHUNK
     assert same_pages(rig.caches[0], list(range(20, 28)), rig.caches[0], list(range(20, 28)))
@@ -249,7 +249,7 @@ def test_sleep_mode_unregisters_and_restores_the_kv_cache():
     w = rig.workers[0]
     w.unregister()
     b = request("b", tokens)
-    rig.scheduler.plan_load(b, list(range(20, 29)), rig.scheduler.num_new_matched_tokens(b, 0))
+    rig.scheduler.plan_load(b, list(range(20, 29)), hit(rig.scheduler, b))
     plan = rig.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
                                                     scheduled_cached_reqs=no_cached_reqs()))
     before = page_view(rig.caches[0][0])[20:28].clone()
@@ -273,7 +273,7 @@ def test_a_second_registration_keeps_the_cached_chunks_and_shutdown_after_unregi
     w.register({f"layer.{i}": t for i, t in enumerate(moved)})
     rig.caches[0] = moved
     plan = rig.step([(request("b", tokens), list(range(10, 15)), 0)])
-    assert len(plan.loads) == 1 and not plan.reads  # still in the host slot
+    assert len(plan.loads) == 1 and not reads_of(plan)  # still in the host slot
     assert same_pages(moved, list(range(10, 14)), moved, list(range(4)))
     w.unregister()
     w.close()

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, config, first_step, geometry, prompt,
-                           request, same_pages)
+from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, config, first_step, geometry, hit,
+                           loads_of, no_cached_reqs, prompt, reads_of, request, same_pages)
 from kv_layouts import make_layers, page_view
 
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
@@ -26,7 +26,7 @@ def test_store_then_hit_loads_exact_bytes_leaving_the_last_token():
     plan = rig.step([(request("a", tokens), list(range(12)), 0)])
     assert [len(s.copy.block_ids) for s in plan.stores] == [4, 4, 4] and not plan.loads
     b = request("b", tokens)
-    assert rig.scheduler.num_new_matched_tokens(b, 0) == 3 * CHUNK - BLOCK
+    assert hit(rig.scheduler, b, 0) == 3 * CHUNK - BLOCK
     plan = rig.step([(b, list(range(20, 32)), 0)])
     assert [(k.copy.first, len(k.copy.block_ids)) for k in plan.loads] == [(0, 4), (0, 4), (0, 3)]
     assert not plan.stores  # all three chunks are present
@@ -39,7 +39,7 @@ def test_a_local_prefix_hit_is_not_loaded_again():
     tokens = prompt(2 * CHUNK + 10, seed=2)
     rig.step([(request("a", tokens), list(range(9)), 0)])
     b = request("b", tokens)
-    assert rig.scheduler.num_new_matched_tokens(b, 3 * BLOCK) == 2 * CHUNK - 3 * BLOCK
+    assert hit(rig.scheduler, b, 3 * BLOCK) == 2 * CHUNK - 3 * BLOCK
     before = page_view(rig.caches[0][0])[[30, 31, 32]].clone()
     plan = rig.step([(b, list(range(30, 39)), 3 * BLOCK)])
     assert [(k.copy.first, k.copy.block_ids) for k in plan.loads] == [(3, (33,)), (0, (34, 35, 36, 37))]
@@ -47,7 +47,7 @@ def test_a_local_prefix_hit_is_not_loaded_again():
     assert same_pages(rig.caches[0], list(range(33, 38)), rig.caches[0], list(range(3, 8)))
 
 
-def test_disk_hits_after_a_restart_and_a_shared_promotion(tmp_path):
+def test_disk_hits_load_in_the_background_and_a_second_request_waits_for_the_promotion(tmp_path):
     rig = Rig(tmp_path)
     tokens = prompt(2 * CHUNK + 1, seed=3)
     rig.step([(request("a", tokens), list(range(9)), 0)])
@@ -56,9 +56,17 @@ def test_disk_hits_after_a_restart_and_a_shared_promotion(tmp_path):
         w.close()
     fresh = Rig(tmp_path, seed=10)  # a new engine: empty host tier, same disk
     b, c = request("b", tokens), request("c", tokens)
-    plan = fresh.step([(b, list(range(10, 19)), 0), (c, list(range(20, 29)), 0)])
-    assert len(plan.reads) == 2 and len(plan.loads) == 4  # c shares the slots b's reads fill
+    assert fresh.scheduler.num_new_matched_tokens(b, 0) == (2 * CHUNK, True)  # from disk: in the background
+    fresh.scheduler.plan_load(b, list(range(10, 19)), 2 * CHUNK)
+    assert hit(fresh.scheduler, c) is None  # its chunks are being read for b: ask again, do not read twice
+    plan = fresh.run(fresh.scheduler.build_plan(SimpleNamespace(
+        scheduled_new_reqs=[], scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={})))
+    assert [len(job.items) for job in plan.async_loads] == [2] and len(reads_of(plan)) == 2 and not plan.loads
+    assert fresh.recved == {"b"}
     assert same_pages(fresh.caches[0], list(range(10, 18)), source, list(range(8)))
+    assert fresh.scheduler.num_new_matched_tokens(c, 0) == (2 * CHUNK, False)  # host hits now: before the forward
+    plan = fresh.step([(c, list(range(20, 29)), 0)])
+    assert len(plan.loads) == 2 and not plan.async_loads
     assert same_pages(fresh.caches[0], list(range(20, 28)), source, list(range(8)))
     assert fresh.scheduler.stats() == {"host_chunks": 2, "pinned_slots": 0}
 
@@ -77,7 +85,7 @@ def test_a_bad_disk_file_becomes_load_errors_then_is_stored_again(tmp_path):
     fresh = Rig(tmp_path, seed=20)
     b = request("b", tokens)
     plan = fresh.step([(b, list(range(10, 19)), 0)])
-    assert len(plan.loads) == 2
+    assert len(loads_of(plan)) == 2 and fresh.recved == {"b"}
     assert fresh.workers[0].take_load_errors() == {14, 15, 16, 17}
     assert not path.exists()
     # vLLM recomputes those blocks; the next step stores the chunk again
@@ -95,19 +103,19 @@ def test_tp_ranks_store_their_own_shards_and_a_chunk_waits_for_every_rank(tmp_pa
     rig.workers[0].save(plan)
     rig.flush()
     rig.scheduler.apply_report(rig.workers[0].take_report())
-    assert rig.scheduler.num_new_matched_tokens(request("b", tokens), 0) == 0  # rank 1 has not stored it
+    assert hit(rig.scheduler, request("b", tokens), 0) is None  # rank 1 has not stored it: ask again soon
     rig.workers[1].save(plan)
     rig.flush()
     rig.scheduler.apply_report(rig.workers[1].take_report())
-    assert rig.scheduler.num_new_matched_tokens(request("c", tokens), 0) == CHUNK
+    assert hit(rig.scheduler, request("c", tokens), 0) == CHUNK
     key = chunk_keys(tokens, geometry(2).namespace)[0]
     for w in rig.workers:
         w.close()
     restarted = SchedulerSide(config(tmp_path), geometry(2))  # sees the disk only
-    assert restarted.num_new_matched_tokens(request("d", tokens), 0) == CHUNK
+    assert hit(restarted, request("d", tokens), 0) == CHUNK
     shard1 = rank_key(key, 1, geometry(2))
     (rank_root(tmp_path / "kv", 1) / shard1.hex()[:2] / shard1.hex()).unlink()
-    assert restarted.num_new_matched_tokens(request("e", tokens), 0) == 0  # one rank's shard is gone
+    assert hit(restarted, request("e", tokens), 0) == 0  # one rank's shard is gone
     shard0 = rank_key(key, 0, geometry(2))
     assert (rank_root(tmp_path / "kv", 0) / shard0.hex()[:2] / shard0.hex()).exists()
     assert rank_key(key, 0, geometry(2)) != rank_key(key, 1, geometry(2))

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
                     "the connector's remote tier needs it (lmcache_ext[remote])")
 
-from connector_rig import CHUNK, Rig, prompt, request, same_pages
+from connector_rig import CHUNK, Rig, hit, prompt, reads_of, request, same_pages
 
 from lmcache_ext.plans import Source
 
@@ -17,7 +17,7 @@ from lmcache_ext.plans import Source
 def stored_remotely(url: str, tokens: list[int], tp: int = 1) -> Rig:
     writer = Rig(tp=tp, remote_url=url)
     plan = writer.step([(request("writer", tokens), list(range(len(tokens) // 16 + 1)), 0)])
-    assert {w.tier for w in plan.writes} == {Source.REMOTE}
+    assert {item.writes for item in plan.stores} == {(Source.REMOTE,)}
     writer.flush()
     return writer
 
@@ -29,16 +29,16 @@ def test_a_lookup_waits_for_the_probe_then_loads_what_another_instance_stored(re
     b = request("b", tokens)
     redis.pause(0.5)  # the probe cannot answer yet
     reader.scheduler.on_new_request(b)
-    assert reader.scheduler.num_new_matched_tokens(b, 0) is None
-    assert reader.scheduler.num_new_matched_tokens(b, 0) is None  # still out: vLLM keeps it waiting
+    assert hit(reader.scheduler, b) is None
+    assert hit(reader.scheduler, b) is None  # still out: vLLM keeps it waiting
     assert reader.matched(b) == 2 * CHUNK
     assert reader.scheduler.hit_sources(b, 2 * CHUNK) == {Source.REMOTE: 2 * CHUNK}
     plan = reader.step([(b, list(range(20, 29)), 0)])
-    assert [r.tier for r in plan.reads] == [Source.REMOTE] * 2 and not plan.failed_blocks
+    assert [r.tier for r in reads_of(plan)] == [Source.REMOTE] * 2 and reader.recved == {"b"}
     assert reader.workers[0].take_load_errors() == set()
     assert same_pages(reader.caches[0], list(range(20, 28)), writer.caches[0], list(range(8)))
     c = request("c", tokens)  # promoted: a host hit, answered at once
-    assert reader.scheduler.num_new_matched_tokens(c, 0) == 2 * CHUNK
+    assert reader.scheduler.num_new_matched_tokens(c, 0) == (2 * CHUNK, False)
     assert reader.scheduler.hit_sources(c, 2 * CHUNK) == {Source.HOST: 2 * CHUNK}
 
 
@@ -74,8 +74,8 @@ def test_a_remote_load_that_fails_is_recomputed_and_not_promised_again(redis):
     for key in redis.cli("KEYS", "*").split():
         redis.cli("DEL", key)  # gone between the probe and the load
     plan = reader.step([(a, list(range(40, 45)), 0)])
-    assert len(plan.reads) == 1
+    assert len(reads_of(plan)) == 1 and reader.recved == {"a"}
     assert reader.workers[0].take_load_errors() == {40, 41, 42, 43}
     b = request("b", tokens)
-    assert reader.scheduler.num_new_matched_tokens(b, 0) == 0  # the old answer is not reused
+    assert hit(reader.scheduler, b) == 0  # the old answer is not reused
     assert reader.scheduler.stats()["pinned_slots"] == 0

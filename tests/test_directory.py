@@ -98,21 +98,21 @@ def test_eviction_keeps_the_disk_copy_and_promotion_brings_it_back():
     assert d.reserve_store(k(1)) is Reserve.PRESENT
     loads = d.reserve_loads([k(1)])
     assert [(p.key, p.source) for p in loads] == [(k(1), Source.DISK)]
-    assert d.lookup([k(1)]) == []  # host copy not ready until the read completes
-    assert d.lookup([k(1)], share_pending=True) == [Source.HOST]  # unless loaded in the read's plan
+    assert d.lookup([k(1)]) == [] and d.filling(k(1))  # host copy not ready until the read completes
     d.commit(k(1), True)
     d.release(k(1))
     assert d.lookup([k(1)]) == [Source.HOST]
 
 
-def test_a_second_load_shares_a_slot_being_filled_from_disk():
+def test_a_chunk_being_filled_is_loadable_by_no_other_load_until_committed():
     disk = FakeDisk([k(1)])
     d = CacheDirectory(slots(2), [(Source.DISK, disk)])
     (first,) = d.reserve_loads([k(1)])
-    assert d.reserve_loads([k(1)]) == []  # another thread's load must not read it early
-    (second,) = d.reserve_loads([k(1)], share_pending=True)
-    assert (first.source, second.source, second.slot) == (Source.DISK, Source.HOST, first.slot)
+    assert first.source is Source.DISK
+    assert d.reserve_loads([k(1)]) == [] and d.lookup([k(1)]) == [] and d.filling(k(1))
     d.commit(k(1), True)
+    (second,) = d.reserve_loads([k(1)])
+    assert (second.source, second.slot, d.filling(k(1))) == (Source.HOST, first.slot, False)
     d.release(k(1))
     d.release(k(1))
     assert d.lookup([k(1)]) == [Source.HOST] and d.pinned_slots() == 0
@@ -121,7 +121,7 @@ def test_a_second_load_shares_a_slot_being_filled_from_disk():
 def test_a_chunk_being_stored_is_not_loadable_yet():
     d = CacheDirectory(slots(2))
     d.reserve_store(k(1))
-    assert d.reserve_loads([k(1)], share_pending=True) == []
+    assert d.reserve_loads([k(1)]) == [] and d.filling(k(1)) and not d.filling(k(2))
 
 
 def test_failed_disk_read_drops_the_host_reservation():

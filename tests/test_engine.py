@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,37 @@ def test_lookup_promises_only_what_the_host_slots_can_take(tmp_path):
     with CacheEngine(config(tmp_path, host_chunks=2), new_cache(24), BLOCK) as small:
         assert small.lookup(tokens) == 2 * CHUNK  # four chunks on disk, two slots to load them through
         assert small.retrieve(tokens, list(range(20, 36))) == 2 * CHUNK
+
+
+def slow_copies(monkeypatch, delay: float) -> threading.Event:
+    """Make every gather and scatter wait `delay` seconds before copying; the event is
+    set when the first one starts."""
+    started = threading.Event()
+    for name in ("gather", "scatter"):
+        real = getattr(ops, name)
+
+        def slow(*args, _real=real, **kwargs):
+            started.set()
+            time.sleep(delay)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, slow)
+    return started
+
+
+def test_async_store_and_retrieve_are_exact_and_nothing_is_visible_before_its_copy_ends(monkeypatch):
+    cache = new_cache(30)
+    tokens = prompt(2 * CHUNK, seed=300)
+    with CacheEngine(config(), cache, BLOCK) as engine:
+        started = slow_copies(monkeypatch, 0.3)
+        pending = engine.store_async(tokens, list(range(8)))
+        assert started.wait(5)
+        assert engine.lookup(tokens) == 0 and engine.retrieve(tokens, list(range(40, 48))) == 0  # still copying
+        assert pending.result(timeout=10) == 2 * CHUNK
+        assert engine.lookup(tokens) == 2 * CHUNK
+        loaded = engine.retrieve_async(tokens, list(range(60, 68)))
+        assert loaded.result(timeout=10) == 2 * CHUNK
+        assert_same_blocks(cache, list(range(60, 68)), cache, list(range(8)))
+        assert engine.stats()["pinned_slots"] == 0
+        late = engine.store_async(prompt(CHUNK, seed=301), list(range(20, 24)))
+    assert late.result(timeout=10) == CHUNK  # close let the queued store finish

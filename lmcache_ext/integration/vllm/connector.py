@@ -2,9 +2,10 @@
 
 vLLM makes one instance per role: in the scheduler process it is the
 `SchedulerSide` (hits, directory, plans), in each worker the `WorkerSide`
-(copies and disk I/O). Loads are synchronous, in `start_load_kv` before the
-forward; stores are gathered into host slots in `wait_for_save` and written to
-disk in the background. A hit promises only chunks that can be loaded, so under
+(copies and tier I/O). Host hits load in `start_load_kv` before the forward;
+lower-tier hits load in the background (`load_kv_async`, reported through
+`get_finished`); stores gather in the background after `wait_for_save`, holding a
+finished request's blocks until they are done. A hit promises only chunks that can be loaded, so under
 vLLM's default `kv_load_failure_policy: "fail"` no request fails for want of a
 host slot; a chunk that fails its checks on load (a corrupt file) is reported
 through `get_block_ids_with_load_errors`, which only `"recompute"` turns into
@@ -105,6 +106,11 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         """Sleep mode: the KV cache's memory is back (wake-up)."""
         self._worker_side().restore()
 
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        """Before vLLM reuses preempted requests' blocks: let the gathers reading them end."""
+        if isinstance(kv_connector_metadata, StepPlan):
+            self._worker_side().handle_preemptions(kv_connector_metadata)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._worker_side().load(self._plan())
 
@@ -116,6 +122,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         self._worker_side().save(self._plan())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker_side().get_finished(finished_req_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().take_load_errors()
@@ -144,8 +153,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         self._scheduler_side().on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        """None while the remote tier's answer is out: vLLM asks again next step."""
-        return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens), False
+        """None while the remote tier's answer is out: vLLM asks again next step. A hit
+        that needs a lower tier loads in the background (True)."""
+        return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """Our hit tokens split by the tier that holds them (vLLM's cached-by-source metric)."""
@@ -167,10 +177,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return self._scheduler_side().reset()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Stores copy a request's blocks into host slots within the step that planned
-        them, so no save still reads its blocks: they can be freed at once."""
-        self._scheduler_side().finished(request.request_id)
-        return False, None
+        """True keeps the request's blocks until the workers report its stores done."""
+        return self._scheduler_side().finished(request.request_id), None
+
+    def has_pending_push_work(self) -> bool:
+        """Keep the engine stepping while transfers wait to be reported."""
+        return self._scheduler_side().has_pending_work()
 
     # -- helpers --
 

@@ -17,8 +17,8 @@ class IdleSide:
     def on_new_request(self, request: Any) -> None:
         return None
 
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
-        return 0
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
         return {}
@@ -32,8 +32,11 @@ class IdleSide:
     def apply_report(self, report: WorkerReport | None) -> None:
         return None
 
-    def finished(self, request_id: str) -> None:
-        return None
+    def finished(self, request_id: str) -> bool:
+        return False
+
+    def has_pending_work(self) -> bool:
+        return False
 
     def reset(self) -> bool:
         return True
@@ -51,6 +54,12 @@ class IdleSide:
 
     def load(self, plan: StepPlan) -> None:
         return None
+
+    def handle_preemptions(self, plan: StepPlan) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[None, None]:
+        return None, None
 
     def save(self, plan: StepPlan) -> None:
         return None

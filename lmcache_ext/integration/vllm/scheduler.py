@@ -13,12 +13,23 @@ load would need (see `CacheDirectory.lookup`), after the loads already planned i
 this step, so vLLM never has to recompute a promised block for want of a slot.
 Keys chain vLLM's own block-hash extras (request_keys), and `reset` starts a new
 cache epoch (lmcache_ext.epoch).
+
+Transfers outlive steps (config `async_load`, `async_save`, both on by default). A
+hit that needs a lower tier is loaded in the background: vLLM parks the request
+(`load_kv_async`) until the workers report it through `get_finished`. A store is
+gathered in the background after the step's forward; a request that ever had a
+store is held at `request_finished` (its blocks are not freed) until the workers
+report its stores done. Every planned item has an id, and the scheduler acts on an
+item once every rank has reported it. A chunk being filled for one load is never
+promised to another: a lookup that reaches it answers None and asks again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +40,7 @@ from lmcache_ext import _C
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.directory import CacheDirectory, Reserve, Source
 from lmcache_ext.epoch import next_epoch, read_epoch
-from lmcache_ext.integration.vllm.metadata import KeyedCopy, StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
@@ -69,6 +80,17 @@ class _Request:
     asked: int = 0  # num_computed_tokens of the last hit query (vLLM's local prefix-cache hit)
     found: list[Source] = field(default_factory=list)  # tiers of the loadable chunks from found_from on
     found_from: int = 0  # the chunk holding token `asked`: the first one a load may need
+    load_async: bool = False  # what the last hit query told vLLM
+
+
+@dataclass
+class _Item:
+    """A planned load or store until every rank has reported it."""
+
+    key: ChunkKey
+    store: bool
+    promotes: Source | None = None  # a load that fills its slot from this tier first
+    writes_left: int = 0  # a store: tier writes (all ranks) still to report
 
 
 class SchedulerSide:
@@ -96,9 +118,10 @@ class SchedulerSide:
         )
         self._requests: dict[str, _Request] = {}
         self._next = StepPlan()
+        self._ids = itertools.count()
+        self._items: dict[int, _Item] = {}
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
-        self._promoting: dict[ChunkKey, Source] = {}  # lower-tier hits being read into host slots
-        self._writing: set[ChunkKey] = set()  # slots still read by tier writes
+        self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
 
     # -- hits --
 
@@ -107,9 +130,11 @@ class SchedulerSide:
         if self._remote is not None:
             self._remote.answered(self._keys(self._state(request), len(request.all_token_ids)))
 
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int | None:
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
-        one token to compute; None while the remote tier's answer is still out. Chunks
+        one token to compute, and whether they load in the background (some come from a
+        lower tier, and async_load is on). None while the remote tier's answer is still
+        out, or while a chunk of the hit is being filled for another request. Chunks
         inside vLLM's hit need not be cached: the chained key of a later chunk names
         its whole prefix."""
         state = self._state(request)
@@ -117,14 +142,19 @@ class SchedulerSide:
         state.asked = num_computed_tokens
         state.found_from = num_computed_tokens // chunk
         keys = self._keys(state, len(request.all_token_ids))[state.found_from :]
-        state.found = self._directory.lookup(keys, share_pending=True)
+        state.found = self._directory.lookup(keys)
         if self._remote is not None and len(state.found) < len(keys):
             if not self._remote.answered(keys[len(state.found) :]):
-                return None
-            state.found = self._directory.lookup(keys, share_pending=True)
+                return None, False
+            state.found = self._directory.lookup(keys)
+        if len(state.found) < len(keys) and self._directory.filling(keys[len(state.found)]):
+            return None, False  # soon a host hit: cheaper than loading it twice
         bs = self._geometry.block_size
         hit = min((state.found_from + len(state.found)) * chunk, (request.num_tokens - 1) // bs * bs)
-        return max(hit - num_computed_tokens, 0)
+        tokens = max(hit - num_computed_tokens, 0)
+        lower = any(source is not Source.HOST for source in state.found[: math.ceil(tokens / chunk) + 1])
+        state.load_async = bool(tokens) and lower and self._config.async_load
+        return tokens, state.load_async
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
         """Tokens [asked, asked + num_external_tokens) of the request, by the tier that held
@@ -140,7 +170,8 @@ class SchedulerSide:
 
     def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         """Pin the chunks behind `num_external_tokens` and plan their copy into `block_ids`
-        (all of the request's blocks: vLLM's hit first, then ours)."""
+        (all of the request's blocks: vLLM's hit first, then ours): before the next
+        forward, or in the background when the hit query said so."""
         if num_external_tokens <= 0:
             return
         state = self._state(request)
@@ -149,19 +180,24 @@ class SchedulerSide:
         end_block = (state.asked + num_external_tokens) // g.block_size
         first_chunk = first_block // g.blocks_per_chunk
         keys = state.keys[first_chunk : (end_block - 1) // g.blocks_per_chunk + 1]
-        covered = first_block
-        for c, load in enumerate(self._directory.reserve_loads(keys, share_pending=True), start=first_chunk):
+        covered, items = first_block, []
+        for c, load in enumerate(self._directory.reserve_loads(keys), start=first_chunk):
             lo, hi = max(c * g.blocks_per_chunk, first_block), min((c + 1) * g.blocks_per_chunk, end_block)
             copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), g.blocks_per_chunk, lo - c * g.blocks_per_chunk)
-            self._next.loads.append(KeyedCopy(load.key, copy))
-            if load.source is not Source.HOST:
-                self._promoting[load.key] = load.source
-                self._next.reads.append(TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)))
+            lower = load.source is not Source.HOST
+            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)) if lower else None
+            items.append(LoadItem(self._new_item(_Item(load.key, False, load.source if lower else None)), load.key,
+                                  copy, read))
             covered = hi
-        if covered < end_block:  # a disk file vanished since the lookup (the workers' disk tier evicts on its own)
+        failed = block_ids[covered:end_block]
+        if failed:  # a disk file vanished since the lookup (the workers' disk tier evicts on its own)
             logger.info("request %s: %d promised blocks are no longer cached; vLLM recomputes them",
                         request.request_id, end_block - covered)
-            self._next.failed_blocks.extend(block_ids[covered:end_block])
+        if state.load_async:
+            self._next.async_loads.append(AsyncLoad(request.request_id, tuple(items), tuple(failed)))
+        else:
+            self._next.loads += items
+            self._next.failed_blocks += failed
 
     # -- stores --
 
@@ -169,13 +205,14 @@ class SchedulerSide:
         """This step's plan: the loads planned since the last one, and stores of every
         chunk whose tokens are all computed by the end of this step."""
         plan, self._next = self._next, StepPlan()
+        plan.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
-            self._plan_stores(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan)
+            self._plan_stores(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -186,10 +223,10 @@ class SchedulerSide:
                 state.block_ids = list(new_blocks[0])
             elif new_blocks is not None:
                 state.block_ids.extend(new_blocks[0])
-            self._plan_stores(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan)
+            self._plan_stores(req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan)
         return plan
 
-    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
+    def _plan_stores(self, req_id: str, state: _Request, computed: int, plan: StepPlan) -> None:
         g = self._geometry
         limit = len(state.tokens) if self._config.save_decode_cache else state.prompt_len
         keys = self._keys(state, min(computed, limit))
@@ -199,53 +236,62 @@ class SchedulerSide:
             if len(blocks) < g.blocks_per_chunk:
                 return
             slot = self._directory.reserve_store(keys[c])
-            if slot is Reserve.NO_SLOT or (slot is Reserve.PRESENT and keys[c] in self._promoting):
-                return  # try again next step: a disk read that fails leaves the chunk to store
+            if slot is Reserve.NO_SLOT or (slot is Reserve.PRESENT and self._directory.filling(keys[c])):
+                return  # try again next step: a read that fails leaves the chunk to store
             state.stored += 1
             if slot is Reserve.PRESENT:
                 continue
-            plan.stores.append(KeyedCopy(keys[c], SlotCopy(slot, tuple(blocks))))
-            plan.writes += [TierTransfer(tier, keys[c], slot, g.chunk_bytes(g.blocks_per_chunk)) for tier in self._write_tiers]
+            writes = tuple(self._write_tiers)
+            item = self._new_item(_Item(keys[c], True, writes_left=g.tp_size * len(writes)))
+            plan.stores.append(StoreItem(item, req_id, keys[c], SlotCopy(slot, tuple(blocks)), writes))
+            self._had_stores.add(req_id)
 
     # -- results --
 
     def apply_report(self, report: WorkerReport | None) -> None:
-        """Act on keys that every rank that works on them has reported."""
+        """Act on items that every rank has reported."""
         if report is None:
             return
         for name in self._tally:
             self._tally[name].update(getattr(report, name))
-        g, tally = self._geometry, self._tally
-        for key in list(tally["stored"] | tally["store_failed"]):
-            if tally["stored"][key] + tally["store_failed"][key] < g.tp_size:
-                continue
-            ok = not tally["store_failed"].pop(key, 0)
-            tally["stored"].pop(key, None)
-            self._directory.commit(key, ok)
-            if ok and self._write_tiers:
-                self._writing.add(key)
-            else:
-                self._directory.release(key)
-        for key in list(tally["written"]):
-            if tally["written"][key] >= g.tp_size * len(self._write_tiers) and key in self._writing:
-                tally["written"].pop(key)
-                self._writing.discard(key)
-                self._directory.release(key)
-        for key in list(tally["loaded"] | tally["load_failed"]):
-            failed = tally["load_failed"].pop(key, 0)
-            total = tally["loaded"].pop(key, 0) + failed
-            loads, left = divmod(total, g.tp_size)  # one report per rank per planned load
-            if left:
-                tally["loaded"][key] = left
-            if not loads:
-                continue
-            if key in self._promoting:
-                source = self._promoting.pop(key)
-                self._directory.commit(key, failed == 0)
-                if failed and source is Source.REMOTE and self._remote is not None:
-                    self._remote.forget(key)
-            for _ in range(loads):
-                self._directory.release(key)
+        tp, tally = self._geometry.tp_size, self._tally
+        for outcome, failure in (("stored", "store_failed"), ("loaded", "load_failed")):
+            for item_id in list(tally[outcome] | tally[failure]):
+                if tally[outcome][item_id] + tally[failure][item_id] < tp:
+                    continue
+                ok = not tally[failure].pop(item_id, 0)
+                tally[outcome].pop(item_id, None)
+                self._item_done(item_id, ok)
+        for item_id in list(tally["written"]):  # every rank reports each tier write, failed gathers too
+            item = self._items[item_id]
+            item.writes_left -= tally["written"].pop(item_id)
+            if item.writes_left == 0:
+                self._release(item_id)
+
+    def _item_done(self, item_id: int, ok: bool) -> None:
+        item = self._items[item_id]
+        if item.store:
+            self._directory.commit(item.key, ok)
+            if item.writes_left == 0:  # else the last tier write releases the slot
+                self._release(item_id)
+            return
+        if item.promotes is not None:
+            self._directory.commit(item.key, ok)
+            if not ok and item.promotes is Source.REMOTE and self._remote is not None:
+                self._remote.forget(item.key)
+        self._release(item_id)
+
+    def _new_item(self, item: _Item) -> int:
+        item_id = next(self._ids)
+        self._items[item_id] = item
+        return item_id
+
+    def _release(self, item_id: int) -> None:
+        self._directory.release(self._items.pop(item_id).key)
+
+    def has_pending_work(self) -> bool:
+        """Items not yet reported by every rank: the engine must keep stepping to hear of them."""
+        return bool(self._items)
 
     def reset(self) -> bool:
         """Drop everything cached before this call (vLLM's `reset_prefix_cache(
@@ -268,10 +314,15 @@ class SchedulerSide:
         logger.info("KV cache reset: new epoch %s; %d host chunks still in transfer drop when it ends", epoch, pinned)
         return True
 
-    def finished(self, request_id: str) -> None:
-        """The request is done (or aborted): forget it. Its stores were copied to host
-        slots inside the steps that planned them, so its blocks can be freed now."""
+    def finished(self, request_id: str) -> bool:
+        """The request is done (or aborted): forget it. True when vLLM must keep its
+        blocks until the workers report its stores done: exactly when it ever had a
+        store, which every worker also knows from the plans, so both sides agree."""
         self._requests.pop(request_id, None)
+        if request_id in self._had_stores:
+            self._had_stores.discard(request_id)
+            return True
+        return False
 
     def close(self) -> None:
         """Stop the remote probe and its connection."""

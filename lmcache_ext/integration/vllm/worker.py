@@ -1,12 +1,21 @@
 """The connector's worker half: a data mover. It runs each step's plan on its own
-TP shard — loads before the forward, stores after it, disk and remote writes in
-the background — and reports per key what happened.
+TP shard and reports per item id what happened.
 
-Sleep mode (vLLM 0.33): `unregister` lets a copy in progress end and then forgets
-the paged cache's addresses, so nothing touches memory vLLM is releasing; until
-`restore` re-reads them from the views registered at start-up, a step that would
-copy blocks raises, naming why. Every copy runs inside its hook, so no transfer
-that touches the KV cache outlives one: disk writes read host slots only.
+- Loads of host hits run in `start_load_kv`, before the forward. Loads that read a
+  lower tier first run on the loader thread, in the background; their request is
+  reported through `get_finished` (finished_recving) once they ended, after their
+  failed blocks joined the load errors.
+- Stores run on the saver thread after the step (async_save; on CUDA the gathers are
+  queued on the copy stream in `wait_for_save`, ordered after the forward, and only
+  the tier writes wait on the saver thread). A request that had a store is reported
+  through `get_finished` (finished_sending) once its gathers are done: until then
+  vLLM keeps its blocks. Why a pending gather reads the right bytes: it reads blocks
+  of computed tokens, which vLLM never rewrites while the request runs; a finished
+  request's blocks are held until the gather is done; a preempted request's blocks
+  are reused only after `handle_preemptions`, which waits for its gathers.
+- Sleep mode (vLLM 0.33): `unregister` waits for every transfer that touches the KV
+  cache, then forgets its addresses; until `restore` re-reads them from the views
+  registered at start-up, a step that would copy blocks raises, naming why.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import dataclasses
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +33,7 @@ import torch
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.plans import Plan, PlanResult, Source, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
@@ -41,8 +52,15 @@ class WorkerSide:
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
         self._counts: Counter[str] = Counter()
-        self._bad_slots: set[int] = set()  # slots whose last fill was a failed disk read
         self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="lmcache-load")
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="lmcache-save")
+        self._jobs: set[Future[None]] = set()
+        self._saves_done = threading.Condition(self._lock)
+        self._saving: Counter[str] = Counter()  # gathers still running, per request
+        self._had_stores: set[str] = set()  # requests with a store in some plan: held when they finish
+        self._finishing: set[str] = set()  # finished requests waiting for their gathers
+        self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take vLLM's per-layer views; build the slot pool and the disk tier (once: a
@@ -68,10 +86,11 @@ class WorkerSide:
                     ", ".join(t.value for t in storage.tiers) or "none")
 
     def unregister(self) -> None:
-        """vLLM is about to release the KV cache's memory: wait for a copy in progress,
-        then forget its addresses until `restore`."""
+        """vLLM is about to release the KV cache's memory: wait for every transfer that
+        touches it, then forget its addresses until `restore`."""
         if self._executor is None:
             return  # never registered: nothing to forget
+        self.drain()
         self._executor.bind(None)
         logger.info("lmcache_ext worker %d: KV cache unregistered (sleep mode); cached chunks are kept", self._rank)
 
@@ -91,54 +110,131 @@ class WorkerSide:
         return kv
 
     def load(self, plan: StepPlan) -> None:
-        """A cache reset's disk deletion first, then disk reads into slots, then slots
-        into the planned blocks; failures become load errors, so vLLM recomputes those
-        blocks."""
+        """A cache reset's clearing of the lower tiers first; then the loads of host hits
+        into the planned blocks; then the background loads start. Failures become load
+        errors, so vLLM recomputes those blocks."""
         if plan.clear_tiers and self._storage is not None:
             for source, tier in self._storage.tiers.items():
                 logger.info("lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
                             self._rank, tier.clear(), source.value)
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
-        if not plan.loads:
-            return
-        # A slot whose read failed in an earlier step holds no chunk; a load planned on
-        # it before the scheduler heard of the failure (async scheduling) fails here.
-        stale = self._bad_slots - {r.slot for r in plan.reads}
-        runnable = [k for k in plan.loads if k.copy.slot not in stale]
-        result = self._run(Plan(reads=tuple(self._on_rank(plan.reads)), scatters=tuple(k.copy for k in runnable)))
-        for read, ok in zip(plan.reads, result.reads):
-            (self._bad_slots.discard if ok else self._bad_slots.add)(read.slot)
-        done = {id(k): ok for k, ok in zip(runnable, result.scatters)}
-        bs = self._geometry.block_size
-        with self._lock:
-            for keyed in plan.loads:
-                ok = done.get(id(keyed), False)
-                (self._report.loaded if ok else self._report.load_failed)[keyed.key] += 1
-                self._counts["loaded_tokens" if ok else "failed_load_tokens"] += len(keyed.copy.block_ids) * bs
-                if not ok:
-                    self._load_errors.update(keyed.copy.block_ids)
+        if plan.loads:
+            self._run_loads(plan.loads)
+        for job in plan.async_loads:
+            self._submit(self._loader, self._load_in_background, job)
 
     def save(self, plan: StepPlan) -> None:
-        """Gather the planned chunks into their slots (done before this returns, so the
-        blocks are free again), then start their disk writes."""
+        """Gather the planned chunks into their slots and write them to the lower tiers:
+        in the background with async_save (on CUDA the gathers are queued here, on the
+        copy stream, and only the writes wait), else before this returns."""
         if not plan.stores:
             return
-        result = self._run(Plan(gathers=tuple(k.copy for k in plan.stores)))
-        bs = self._geometry.block_size
-        filled = set()
         with self._lock:
-            for keyed, ok in zip(plan.stores, result.gathers):
-                if ok:
-                    self._bad_slots.discard(keyed.copy.slot)
-                (self._report.stored if ok else self._report.store_failed)[keyed.key] += 1
-                self._counts["stored_tokens" if ok else "failed_store_tokens"] += len(keyed.copy.block_ids) * bs
-                if ok:
-                    filled.add(keyed.key)
-        base_key = {self._shard(w).key: w.key for w in plan.writes if w.key in filled}
-        shards = tuple(self._on_rank([w for w in plan.writes if w.key in filled]))
-        self._executor_checked().run(Plan(writes=shards),
-                                     on_write_done=lambda w, ok: self._written(w.tier, base_key[w.key], ok))
+            for item in plan.stores:
+                self._saving[item.req_id] += 1
+                self._had_stores.add(item.req_id)
+        on_gpu = self._executor_checked().device.type == "cuda"
+        gathered = self._run(Plan(gathers=tuple(i.copy for i in plan.stores))).gathers if on_gpu else None
+        if self._config.async_save:
+            self._submit(self._saver, self._store, plan.stores, gathered)
+        else:
+            self._store(plan.stores, gathered)
+
+    def handle_preemptions(self, plan: StepPlan) -> None:
+        """vLLM reuses the preempted requests' blocks from this step on: wait for the
+        gathers that still read them."""
+        with self._lock:
+            self._saves_done.wait_for(lambda: all(self._saving[r] == 0 for r in plan.preempted))
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(requests whose stores are done, of those vLLM holds; requests whose
+        background loads ended). Each is reported exactly once."""
+        with self._lock:
+            self._finishing |= finished_req_ids & self._had_stores
+            self._had_stores -= finished_req_ids
+            sending = {r for r in self._finishing if self._saving[r] == 0}
+            self._finishing -= sending
+            for r in sending:
+                del self._saving[r]
+            recving, self._loaded = self._loaded, set()
+        return sending or None, recving or None
+
+    def drain(self) -> None:
+        """Wait until every background load and gather has ended (tier writes go on)."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.result()
+
+    # -- transfers --
+
+    def _run_loads(self, items: Sequence[LoadItem]) -> None:
+        """Fill slots from the lower tiers, then copy them into the planned blocks;
+        report each item, and make a failed one's blocks load errors."""
+        reads = tuple(self._shard(i.read) for i in items if i.read is not None)
+        result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
+        bs = self._geometry.block_size
+        with self._lock:
+            for item, ok in zip(items, result.scatters):
+                (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
+                self._counts["loaded_tokens" if ok else "failed_load_tokens"] += len(item.copy.block_ids) * bs
+                if not ok:
+                    self._load_errors.update(item.copy.block_ids)
+
+    def _load_in_background(self, job: AsyncLoad) -> None:
+        """The request's loads; whatever happens, it is reported, with every block that
+        did not load among the load errors first."""
+        try:
+            self._run_loads(job.items)
+        except Exception:
+            logger.exception("lmcache_ext worker %d: the loads of request %s failed", self._rank, job.req_id)
+            with self._lock:
+                for item in job.items:
+                    self._report.load_failed[item.id] += 1
+                    self._load_errors.update(item.copy.block_ids)
+        finally:
+            with self._lock:
+                self._load_errors.update(job.failed_blocks)
+                self._loaded.add(job.req_id)
+
+    def _store(self, items: Sequence[StoreItem], gathered: tuple[bool, ...] | None) -> None:
+        """Gather (unless queued already), report, then write each filled slot to its
+        tiers. A failed gather reports its writes as done, so every rank reports each."""
+        try:
+            if gathered is None:
+                gathered = self._run(Plan(gathers=tuple(i.copy for i in items))).gathers
+        except Exception:
+            gathered = tuple(False for _ in items)
+            logger.exception("lmcache_ext worker %d: %d gathers failed", self._rank, len(items))
+        bs = self._geometry.block_size
+        writes, item_of = [], {}
+        with self._lock:
+            for item, ok in zip(items, gathered):
+                (self._report.stored if ok else self._report.store_failed)[item.id] += 1
+                self._counts["stored_tokens" if ok else "failed_store_tokens"] += len(item.copy.block_ids) * bs
+                self._saving[item.req_id] -= 1
+                if not ok:
+                    self._report.written[item.id] += len(item.writes)
+                    continue
+                for tier in item.writes:
+                    shard = self._shard(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
+                    writes.append(shard)
+                    item_of[(tier, shard.key)] = item.id
+            self._saves_done.notify_all()
+        self._run(Plan(writes=tuple(writes)), on_write_done=lambda w, ok: self._written(w.tier, item_of[(w.tier, w.key)], ok))
+
+    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> None:
+        future = pool.submit(fn, *args)
+        with self._lock:
+            self._jobs.add(future)
+        future.add_done_callback(self._job_done)
+
+    def _job_done(self, future: Future[None]) -> None:
+        with self._lock:
+            self._jobs.discard(future)
+        if future.exception() is not None:
+            logger.error("lmcache_ext worker %d: a background transfer failed", self._rank, exc_info=future.exception())
 
     def take_report(self) -> WorkerReport | None:
         with self._lock:
@@ -157,25 +253,31 @@ class WorkerSide:
         return errors
 
     def flush(self) -> None:
-        """Wait until every tier write submitted so far has ended."""
+        """Wait until every background transfer and tier write submitted so far has ended."""
+        self.drain()
         if self._storage is not None:
             self._storage.flush()
 
     def close(self) -> None:
+        """Let pending loads and stores end (nothing half-written becomes visible), then
+        release the tiers and the executor."""
+        self.drain()
+        self._loader.shutdown(wait=True)
+        self._saver.shutdown(wait=True)
         if self._storage is not None:
             self._storage.close()
         if self._executor is not None:
             self._executor.close()
 
-    def _written(self, tier: Source, key: bytes, ok: bool) -> None:
+    def _written(self, tier: Source, item_id: int, ok: bool) -> None:
         """A tier write ended; once every tier's has, the slot is free to evict (a failed
         write costs that tier's copy only)."""
         with self._lock:
-            self._report.written[key] += 1
+            self._report.written[item_id] += 1
             self._counts[f"{tier.value}_writes" if ok else f"failed_{tier.value}_writes"] += 1
 
-    def _run(self, plan: Plan) -> PlanResult:
-        return self._executor_checked().run(plan)
+    def _run(self, plan: Plan, on_write_done: Callable[[TierTransfer, bool], None] | None = None) -> PlanResult:
+        return self._executor_checked().run(plan, on_write_done)
 
     def _executor_checked(self) -> TransferExecutor:
         if self._executor is None:
@@ -183,8 +285,9 @@ class WorkerSide:
         return self._executor
 
     def _shard(self, t: TierTransfer) -> TierTransfer:
+        """The transfer of this rank's shard of the chunk."""
         return dataclasses.replace(t, key=rank_key(t.key, self._rank, self._geometry))
 
-    def _on_rank(self, transfers: list[TierTransfer]) -> list[TierTransfer]:
-        return [self._shard(t) for t in transfers]
+    def _chunk_bytes(self, item: StoreItem) -> int:
+        return self._geometry.chunk_bytes(len(item.copy.block_ids))
 

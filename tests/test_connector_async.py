@@ -1,0 +1,176 @@
+"""Transfers off the critical path, on the connector's halves with copies slowed down on
+purpose: stores gather in the background and hold their request's blocks until done;
+a preemption waits for the gathers that read the reused blocks; lower-tier hits load in
+the background and their request is reported once; nothing leaks when requests are
+aborted in flight."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
+
+from connector_rig import CHUNK, Rig, first_step, hit, no_cached_reqs, prompt, request, same_pages  # noqa: E402
+from kv_layouts import page_view  # noqa: E402
+
+from lmcache_ext import ops  # noqa: E402
+
+
+def slow(monkeypatch: pytest.MonkeyPatch, name: str, delay: float) -> threading.Event:
+    """Every `ops.<name>` waits `delay` seconds first; the event is set when one starts."""
+    started, real = threading.Event(), getattr(ops, name)
+
+    def slowed(*args, **kwargs):
+        started.set()
+        time.sleep(delay)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, name, slowed)
+    return started
+
+
+def empty_step(rig: Rig, **fields: object) -> SimpleNamespace:
+    return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={},
+                           **fields)
+
+
+def test_a_store_returns_at_once_holds_the_request_and_is_reported_once(monkeypatch):
+    rig = Rig()
+    w = rig.workers[0]
+    tokens = prompt(2 * CHUNK + 1, seed=1)
+    started = slow(monkeypatch, "gather", 0.4)
+    plan = first_step(rig.scheduler, request("a", tokens), list(range(9)), len(tokens))
+    begun = time.monotonic()
+    w.load(plan)
+    w.save(plan)
+    assert time.monotonic() - begun < 0.2 and started.wait(5)  # wait_for_save did not wait for the gather
+    assert rig.scheduler.finished("a") is True  # vLLM must keep a's blocks
+    assert rig.scheduler.has_pending_work()
+    assert w.get_finished({"a"}) == (None, None)  # still gathering
+    assert hit(rig.scheduler, request("b", tokens)) is None  # being stored: not loadable yet
+    w.drain()
+    rig.scheduler.apply_report(w.take_report())
+    assert w.get_finished(set()) == ({"a"}, None)  # reported once, in a later step ...
+    assert w.get_finished(set()) == (None, None)  # ... and never again
+    assert hit(rig.scheduler, request("c", tokens)) == 2 * CHUNK and not rig.scheduler.has_pending_work()
+
+
+def test_a_request_without_stores_is_not_held():
+    rig = Rig()
+    tokens = prompt(CHUNK // 2, seed=2)  # no full chunk
+    first_step(rig.scheduler, request("a", tokens), [0], len(tokens))
+    assert rig.scheduler.finished("a") is False
+    assert rig.workers[0].get_finished({"a"}) == (None, None)
+
+
+def test_a_preemption_waits_for_the_gather_that_reads_the_reused_blocks(monkeypatch):
+    rig = Rig()
+    w = rig.workers[0]
+    tokens = prompt(2 * CHUNK + 1, seed=3)
+    original = [page_view(t)[list(range(8))].clone() for t in rig.caches[0]]
+    slow(monkeypatch, "gather", 0.4)
+    plan = first_step(rig.scheduler, request("a", tokens), list(range(9)), len(tokens))
+    w.load(plan)
+    w.save(plan)
+    preempting = rig.scheduler.build_plan(empty_step(rig, preempted_req_ids={"a"}))
+    assert preempting.preempted == ["a"]
+    begun = time.monotonic()
+    w.handle_preemptions(preempting)  # vLLM's next forward overwrites a's blocks after this
+    assert time.monotonic() - begun > 0.2
+    for t in rig.caches[0]:
+        page_view(t)[list(range(9))] = 0  # the reuse
+    w.flush()
+    rig.scheduler.apply_report(w.take_report())
+    b = request("b", tokens)
+    plan = rig.step([(b, list(range(20, 29)), 0)])
+    assert len(plan.loads) == 2
+    assert all(page_view(t)[list(range(20, 28))].equal(o) for t, o in zip(rig.caches[0], original))
+
+
+def test_lower_tier_hits_load_in_the_background_and_errors_come_with_the_report(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    tokens = prompt(2 * CHUNK + 1, seed=4)
+    rig.step([(request("a", tokens), list(range(9)), 0)])
+    for w in rig.workers:
+        w.close()
+    fresh = Rig(tmp_path, seed=40)
+    w = fresh.workers[0]
+    b = request("b", tokens)
+    assert fresh.scheduler.num_new_matched_tokens(b, 0) == (2 * CHUNK, True)
+    fresh.scheduler.plan_load(b, list(range(10, 19)), 2 * CHUNK)
+    started = slow(monkeypatch, "scatter", 0.4)
+    plan = fresh.scheduler.build_plan(empty_step(fresh))
+    begun = time.monotonic()
+    w.load(plan)
+    assert time.monotonic() - begun < 0.2 and started.wait(5)  # start_load_kv did not wait
+    assert w.get_finished(set()) == (None, None)  # still loading
+    w.drain()
+    assert w.get_finished(set()) == (None, {"b"}) and w.get_finished(set()) == (None, None)
+    assert w.take_load_errors() == set()
+    assert same_pages(fresh.caches[0], list(range(10, 18)), rig.caches[0], list(range(8)))
+
+
+def test_a_failed_background_load_reports_its_blocks_before_its_request(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    tokens = prompt(CHUNK + 1, seed=5)
+    rig.step([(request("a", tokens), list(range(5)), 0)])
+    for w in rig.workers:
+        w.close()
+    fresh = Rig(tmp_path, seed=50)
+    b = request("b", tokens)
+    assert fresh.scheduler.num_new_matched_tokens(b, 0) == (CHUNK, True)
+    fresh.scheduler.plan_load(b, list(range(10, 15)), CHUNK)
+    for path in (tmp_path / "kv").rglob("*"):
+        if path.is_file() and len(path.name) == 32:
+            path.write_bytes(b"not a chunk")  # damaged after the lookup
+    w = fresh.workers[0]
+    w.load(fresh.scheduler.build_plan(empty_step(fresh)))
+    w.drain()
+    assert w.get_finished(set()) == (None, {"b"})
+    assert w.take_load_errors() == {10, 11, 12, 13}  # in the same step's output as the report
+    fresh.scheduler.apply_report(w.take_report())
+    assert fresh.scheduler.stats() == {"host_chunks": 0, "pinned_slots": 0}
+
+
+def test_a_storm_of_aborted_requests_leaks_no_slot_pin_or_report(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, tp=2)
+    slow(monkeypatch, "gather", 0.05)
+    ids = [f"r{i}" for i in range(6)]
+    outputs = []
+    for i, rid in enumerate(ids):
+        tokens = prompt(CHUNK + 1, seed=100 + i)
+        rig.scheduler.num_new_matched_tokens(request(rid, tokens), 0)
+        outputs.append(SimpleNamespace(req_id=rid, block_ids=(list(range(5 * i, 5 * i + 5)),), num_computed_tokens=0))
+    plan = rig.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=outputs, scheduled_cached_reqs=no_cached_reqs(),
+                                                    num_scheduled_tokens={rid: CHUNK + 1 for rid in ids}))
+    for w in rig.workers:
+        w.load(plan)
+        w.save(plan)
+    held = {rid for rid in ids if rig.scheduler.finished(rid)}  # every one aborted right away
+    assert held == set(ids)
+    reported: list[str] = []
+    for _ in range(50):  # steps until every rank has reported every held request once
+        sent = [w.get_finished(set(ids) if not reported and _ == 0 else set())[0] or set() for w in rig.workers]
+        reported += sorted(set.intersection(*sent))
+        report = None
+        for w in rig.workers:
+            part = w.take_report()
+            report = part if report is None else report.aggregate(part) if part else report
+        rig.scheduler.apply_report(report)
+        if len(reported) == len(ids) and not rig.scheduler.has_pending_work():
+            break
+        time.sleep(0.05)
+    assert sorted(reported) == sorted(ids)
+    rig.flush()
+    for w in rig.workers:
+        rig.scheduler.apply_report(w.take_report())
+    stats = rig.scheduler.stats()
+    slots = rig.scheduler._slots  # the scheduler's accounting twin of the workers' pools
+    assert stats["pinned_slots"] == 0 and stats["host_chunks"] == 6
+    assert slots.num_free + stats["host_chunks"] == slots.num_slots  # every other slot is free again
+    for w in rig.workers:
+        w.close()
