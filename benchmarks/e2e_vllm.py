@@ -14,8 +14,9 @@ One JSON line per figure:
   another engine filled, on a local redis-server this script starts (skipped, with
   a line saying so, when redis-server is not installed);
 - a concurrent batch of 8 users after a restart, half of them with their document on
-  disk: requests/s and TTFT p50/p90 with loads and saves in the background (the
-  default) against the same connector with both synchronous, and without one.
+  disk: requests/s and TTFT p50/p90 with loads in the background, with loads and
+  saves inside the step, with the defaults (on a CPU engine: background saves,
+  loads inside the step), and without a connector.
 Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
 Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096]
@@ -92,7 +93,9 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
     fresh_docs = [[rng.randrange(3, BENCH.vocab) for _ in range(len(d))] for d in docs]
     batch = [p for pair in zip(docs, fresh_docs) for p in pair]
     batch = [p + [rng.randrange(3, BENCH.vocab) for _ in range(40)] for p in batch]
-    for name, extra in (("async", {}), ("sync", {"async_load": False, "async_save": False}), ("none", None)):
+    configs = (("async_loads", {"async_load": True}), ("sync", {"async_load": False, "async_save": False}),
+               ("default", {}), ("none", None))
+    for name, extra in configs:
         kwargs = {} if extra is None else {"kv_transfer_config": connector_config(work / f"kv_{name}", **extra)}
         if extra is not None:
             serve(model, [("store", d) for d in docs], kwargs)  # the documents go to disk, then a restart

@@ -136,6 +136,11 @@ def _parse_bool(key: str, value: Any, source: str) -> bool:
     raise _fail(key, value, source, "a boolean: true/false, 1/0 or yes/no")
 
 
+def _parse_optional_bool(key: str, value: Any, source: str) -> bool | None:
+    """None (null: the default decides), or a boolean."""
+    return None if _is_null(value) else _parse_bool(key, value, source)
+
+
 def _int_parser(minimum: int, meaning: str, maximum: int | None = None) -> Callable[[str, Any, str], int]:
     bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     expected = f"an integer {bounds}{meaning}"
@@ -270,6 +275,9 @@ class CacheConfig:
     """The cache's settings, checked and immutable; build it with `load_config`.
 
     Direct construction runs the same checks, naming the source ``CacheConfig()``.
+    ``async_load`` null lets the device decide: on for a CUDA engine, off for a
+    CPU one, whose steps last seconds, so a request parked for a background load
+    waits behind a whole step (measured in benchmarks/RESULTS.md).
     ``cache_namespace`` enters every key: operators who change a
     model's weights without a cache reset set a new one per weights version.
     """
@@ -299,7 +307,7 @@ class CacheConfig:
     )
     remote_integrity_key: str | None = field(default=None, metadata={"parse": _parse_secret(16)})
     async_save: bool = field(default=True, metadata={"parse": _parse_bool})
-    async_load: bool = field(default=True, metadata={"parse": _parse_bool})
+    async_load: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})
     save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})

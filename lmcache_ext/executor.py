@@ -102,6 +102,13 @@ class TransferExecutor:
         if self._readers is not None:
             self._readers.shutdown(wait=True)
 
+    def wait_slots(self, slots: Sequence[int]) -> None:
+        """Block the host until the copies queued for `slots` have finished (on CUDA; a
+        CPU copy has finished when `run` returns): a caller that hands the blocks to
+        another stream without an event, such as a load that vLLM schedules later."""
+        for slot in slots:
+            self._wait_slot(slot)
+
     def _wait_slot(self, slot: int) -> None:
         """The host is about to touch the slot's bytes: its last copy must be done."""
         if self._copies is not None:

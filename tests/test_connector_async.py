@@ -6,6 +6,7 @@ aborted in flight."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from types import SimpleNamespace
@@ -14,10 +15,11 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 
-from connector_rig import CHUNK, Rig, first_step, hit, no_cached_reqs, prompt, request, same_pages  # noqa: E402
+from connector_rig import CHUNK, Rig, config, first_step, hit, no_cached_reqs, prompt, request, same_pages  # noqa: E402
 from kv_layouts import page_view  # noqa: E402
 
 from lmcache_ext import ops  # noqa: E402
+from lmcache_ext.integration.vllm.scheduler import SchedulerSide  # noqa: E402
 
 
 def slow(monkeypatch: pytest.MonkeyPatch, name: str, delay: float) -> threading.Event:
@@ -174,3 +176,34 @@ def test_a_storm_of_aborted_requests_leaks_no_slot_pin_or_report(tmp_path, monke
     assert slots.num_free + stats["host_chunks"] == slots.num_slots  # every other slot is free again
     for w in rig.workers:
         w.close()
+
+
+def test_shutdown_with_transfers_pending_lets_them_end_and_leaves_whole_files(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    w = rig.workers[0]
+    tokens = prompt(2 * CHUNK + 1, seed=6)
+    started = slow(monkeypatch, "gather", 0.3)
+    plan = first_step(rig.scheduler, request("a", tokens), list(range(9)), len(tokens))
+    w.load(plan)
+    w.save(plan)
+    assert started.wait(5)
+    w.close()  # returns once the gathers and their disk writes have ended
+    report = w.take_report()
+    assert sorted(report.stored.values()) == [1, 1] and sum(report.written.values()) == 2
+    files = [p for p in (tmp_path / "kv").rglob("*") if p.is_file() and len(p.name) == 32]
+    assert len(files) == 2 and not list((tmp_path / "kv").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(("device", "setting", "in_background"),
+                         [("cuda", None, True), ("cpu", None, False), ("cpu", True, True), ("cuda", False, False)])
+def test_where_lower_tier_hits_load_follows_the_device_unless_set(tmp_path, device, setting, in_background):
+    """On a CPU engine a step lasts seconds: a request parked for a background load would
+    wait behind a whole one, so by default its disk hits load before the forward."""
+    rig = Rig(tmp_path)
+    tokens = prompt(CHUNK + 1, seed=7)
+    rig.step([(request("a", tokens), list(range(5)), 0)])
+    for w in rig.workers:
+        w.close()
+    geometry = dataclasses.replace(rig.scheduler._geometry, device_type=device)
+    restarted = SchedulerSide(config(tmp_path, async_load=setting), geometry)
+    assert restarted.num_new_matched_tokens(request("b", tokens), 0) == (CHUNK, in_background)

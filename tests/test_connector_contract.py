@@ -289,6 +289,7 @@ def fake_vllm(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(model="m", revision=None),
         parallel_config=SimpleNamespace(tensor_parallel_size=1), cache_config=SimpleNamespace(),
+        device_config=SimpleNamespace(device_type="cpu"),
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.001}))
     return vllm_config, kv_cache_config
 

@@ -188,7 +188,8 @@ def fake_vllm(groups: int, block_size: int = BLOCK):
     kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["a", "b"])] * groups,
                                       kv_cache_layout="LBHNC")
     vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="m", revision=None),
-                                  parallel_config=SimpleNamespace(tensor_parallel_size=2), cache_config=SimpleNamespace())
+                                  parallel_config=SimpleNamespace(tensor_parallel_size=2), cache_config=SimpleNamespace(),
+                                  device_config=SimpleNamespace(device_type="cpu"))
     return vllm_config, kv_cache_config
 
 

@@ -47,7 +47,7 @@ MIXED = [ASKS[0], NEW[0], ASKS[1], NEW[1], ASKS[2], NEW[2], ASKS[3], NEW[3]]
 
 @pytest.mark.parametrize("mode", ["async", "sync", "async-multiprocess"])
 def test_eight_concurrent_requests_half_of_them_loading_from_disk(model, tmp_path, mode):
-    extra = {"async_save": False, "async_load": False} if mode == "sync" else {}
+    extra = {"async_save": False, "async_load": False} if mode == "sync" else {"async_load": True}  # CPU default: off
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if mode.endswith("multiprocess") else {}
     plain = generate(model, [MIXED], {})["results"]
     disk = tmp_path / "kv"

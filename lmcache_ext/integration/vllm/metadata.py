@@ -62,6 +62,7 @@ class StepPlan(KVConnectorMetadata):
     failed_blocks: list[int] = field(default_factory=list)  # promised to a synchronous load but not loadable
     preempted: list[str] = field(default_factory=list)  # requests whose blocks vLLM reuses from this step on
     clear_tiers: bool = False  # a cache reset: clear the lower tiers (delete disk files) before anything else
+    idle: bool = False  # nothing is scheduled: the step only waits for transfers
 
 
 @dataclass

@@ -122,6 +122,7 @@ class SchedulerSide:
         self._items: dict[int, _Item] = {}
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
         self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
+        self._async_load = config.async_load if config.async_load is not None else geometry.device_type != "cpu"
 
     # -- hits --
 
@@ -133,7 +134,7 @@ class SchedulerSide:
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
         one token to compute, and whether they load in the background (some come from a
-        lower tier, and async_load is on). None while the remote tier's answer is still
+        lower tier, and background loads are on: see `CacheConfig`). None while the remote tier's answer is still
         out, or while a chunk of the hit is being filled for another request. Chunks
         inside vLLM's hit need not be cached: the chained key of a later chunk names
         its whole prefix."""
@@ -153,7 +154,7 @@ class SchedulerSide:
         hit = min((state.found_from + len(state.found)) * chunk, (request.num_tokens - 1) // bs * bs)
         tokens = max(hit - num_computed_tokens, 0)
         lower = any(source is not Source.HOST for source in state.found[: math.ceil(tokens / chunk) + 1])
-        state.load_async = bool(tokens) and lower and self._config.async_load
+        state.load_async = bool(tokens) and lower and self._async_load
         return tokens, state.load_async
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
@@ -206,6 +207,7 @@ class SchedulerSide:
         chunk whose tokens are all computed by the end of this step."""
         plan, self._next = self._next, StepPlan()
         plan.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        plan.idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)

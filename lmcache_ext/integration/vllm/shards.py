@@ -23,6 +23,7 @@ class Geometry:
     num_layers: int
     page_bytes: int
     tp_size: int
+    device_type: str = "cuda"  # where vLLM computes: "cuda", "cpu", ...
 
     def chunk_bytes(self, blocks: int) -> int:
         return self.num_layers * blocks * self.page_bytes
@@ -63,6 +64,7 @@ class Geometry:
             num_layers=len(groups[0].layer_names),
             page_bytes=spec.page_size_bytes,
             tp_size=tp_size,
+            device_type=vllm_config.device_config.device_type,
         )
 
 
