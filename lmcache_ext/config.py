@@ -137,8 +137,13 @@ def _parse_bool(key: str, value: Any, source: str) -> bool:
 
 
 def _parse_optional_bool(key: str, value: Any, source: str) -> bool | None:
-    """None (null: the default decides), or a boolean."""
-    return None if _is_null(value) else _parse_bool(key, value, source)
+    """None (null: the device decides), or a boolean."""
+    if _is_null(value):
+        return None
+    try:
+        return _parse_bool(key, value, source)
+    except ConfigError:
+        raise _fail(key, value, source, "a boolean: true/false, 1/0 or yes/no, or null (the device decides)") from None
 
 
 def _int_parser(minimum: int, meaning: str, maximum: int | None = None) -> Callable[[str, Any, str], int]:

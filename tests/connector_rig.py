@@ -58,11 +58,10 @@ class Rig:
             external = self.matched(request, local)
             self.scheduler.plan_load(request, blocks, external if loads else 0)
             request.external = external
-        output = SimpleNamespace(
-            scheduled_new_reqs=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
-                                for r, b, local in new],
-            scheduled_cached_reqs=no_cached_reqs(),
-            num_scheduled_tokens={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
+        output = step_output(
+            new=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
+                 for r, b, local in new],
+            scheduled={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
         )
         return self.run(self.scheduler.build_plan(output))
 
@@ -120,13 +119,30 @@ def no_cached_reqs() -> SimpleNamespace:
     return SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[])
 
 
+def step_output(new: list[SimpleNamespace] = (), cached: SimpleNamespace | None = None,
+                scheduled: dict[str, int] | None = None, preempted: set[str] = frozenset()) -> SimpleNamespace:
+    """What the connector reads of vLLM's SchedulerOutput for one step."""
+    scheduled = dict(scheduled or {})
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or no_cached_reqs(),
+                           num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
+                           preempted_req_ids=set(preempted))
+
+
+def cached_step(req_id: str, computed: int, new_blocks: list[int] | None, scheduled: int,
+                resumed: bool = False) -> SimpleNamespace:
+    """A step of a request vLLM already runs (or resumes), `scheduled` more tokens."""
+    cached = SimpleNamespace(req_ids=[req_id], new_block_ids=[(new_blocks,) if new_blocks else None],
+                             resumed_req_ids={req_id} if resumed else set(), num_computed_tokens=[computed])
+    return step_output(cached=cached, scheduled={req_id: scheduled})
+
+
 def first_step(scheduler: SchedulerSide, req: SimpleNamespace, blocks: list[int], scheduled: int) -> StepPlan:
     """Look `req` up (no local hit, nothing loaded) and plan the step that computes its
     first `scheduled` tokens in `blocks`."""
     scheduler.num_new_matched_tokens(req, 0)
-    return scheduler.build_plan(SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
-        scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={req.request_id: scheduled}))
+    return scheduler.build_plan(step_output(
+        new=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
+        scheduled={req.request_id: scheduled}))
 
 
 def hit(scheduler: SchedulerSide, req: SimpleNamespace, local: int = 0) -> int | None:

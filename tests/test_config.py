@@ -32,39 +32,42 @@ def raises_with(*fragments: str):
     return pytest.raises(ConfigError, match=".*".join(re.escape(f) for f in fragments))
 
 
+DEFAULTS = {
+    "chunk_size": 256,
+    "local_cpu": True,
+    "max_local_cpu_size": 5.0,
+    "local_disk": None,
+    "max_local_disk_size": 0.0,
+    "remote_url": None,
+    "remote_password": None,
+    "remote_tls_ca_file": None,
+    "remote_tls_cert_file": None,
+    "remote_tls_key_file": None,
+    "remote_tls_verify": True,
+    "remote_timeout_ms": 1000,
+    "remote_ttl_s": 0,
+    "remote_connections": 2,
+    "remote_key_prefix": "lmcache_ext:",
+    "remote_max_value_bytes": 4 << 20,
+    "remote_write_backlog": 32,
+    "remote_integrity_key": None,
+    "async_save": True,
+    "async_load": None,
+    "save_unfull_chunk": False,
+    "save_decode_cache": False,
+    "use_layerwise": False,
+    "cache_policy": "LRU",
+    "disk_o_direct": False,
+    "disk_io_threads": 2,
+    "cpu_copy_threads": 0,
+    "pin_host_memory": "auto",
+    "cache_namespace": "",
+}
+
+
 def test_defaults_match_lmcache_and_our_additions():
     config = load_config(environ=NO_ENV)
-    assert config.to_dict() == {
-        "chunk_size": 256,
-        "local_cpu": True,
-        "max_local_cpu_size": 5.0,
-        "local_disk": None,
-        "max_local_disk_size": 0.0,
-        "remote_url": None,
-        "remote_password": None,
-        "remote_tls_ca_file": None,
-        "remote_tls_cert_file": None,
-        "remote_tls_key_file": None,
-        "remote_tls_verify": True,
-        "remote_timeout_ms": 1000,
-        "remote_ttl_s": 0,
-        "remote_connections": 2,
-        "remote_key_prefix": "lmcache_ext:",
-        "remote_max_value_bytes": 4 << 20,
-        "remote_write_backlog": 32,
-        "remote_integrity_key": None,
-        "async_save": True,
-        "async_load": None,
-        "save_unfull_chunk": False,
-        "save_decode_cache": False,
-        "use_layerwise": False,
-        "cache_policy": "LRU",
-        "disk_o_direct": False,
-        "disk_io_threads": 2,
-        "cpu_copy_threads": 0,
-        "pin_host_memory": "auto",
-        "cache_namespace": "",
-    }
+    assert config.to_dict() == DEFAULTS
     assert config == CacheConfig()
     assert config.host_bytes == 5 * 1024**3 == 5 * GB
     assert config.disk_bytes == 0
@@ -103,6 +106,7 @@ def test_env_alone(tmp_path):
             "LMCACHE_REMOTE_TIMEOUT_MS": "250",
             "LMCACHE_SAVE_UNFULL_CHUNK": "yes",
             "LMCACHE_ASYNC_SAVE": "no",
+            "LMCACHE_ASYNC_LOAD": "false",
             "LMCACHE_SAVE_DECODE_CACHE": "1",
             "LMCACHE_USE_LAYERWISE": "TRUE",
             "LMCACHE_DISK_O_DIRECT": "true",
@@ -113,6 +117,7 @@ def test_env_alone(tmp_path):
         }
     )
     assert config.to_dict() == {
+        **DEFAULTS,
         "chunk_size": 512,
         "local_cpu": False,
         "max_local_cpu_size": 20.0,
@@ -120,23 +125,12 @@ def test_env_alone(tmp_path):
         "max_local_disk_size": 1.5,
         "remote_url": "redis://cache:6379",
         "remote_password": "***",
-        "remote_tls_ca_file": None,
-        "remote_tls_cert_file": None,
-        "remote_tls_key_file": None,
-        "remote_tls_verify": True,
         "remote_timeout_ms": 250,
-        "remote_ttl_s": 0,
-        "remote_connections": 2,
-        "remote_key_prefix": "lmcache_ext:",
-        "remote_max_value_bytes": 4 << 20,
-        "remote_write_backlog": 32,
-        "remote_integrity_key": None,
         "async_save": False,
-        "async_load": None,
+        "async_load": False,
         "save_unfull_chunk": True,
         "save_decode_cache": True,
         "use_layerwise": True,
-        "cache_policy": "LRU",
         "disk_o_direct": True,
         "disk_io_threads": 3,
         "cpu_copy_threads": 2,
@@ -362,6 +356,7 @@ BAD_EXTRA_CONFIG_VALUES = [
     ("cache_namespace", "v1\nv2", NAMESPACE),
     ("cache_namespace", "x" * 257, NAMESPACE),
     ("cache_namespace", 1.5, NAMESPACE),
+    ("async_load", "sometimes", "a boolean: true/false, 1/0 or yes/no, or null (the device decides)"),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 
-from connector_rig import CHUNK, Rig, config, first_step, hit, no_cached_reqs, prompt, request, same_pages  # noqa: E402
+from connector_rig import CHUNK, Rig, config, first_step, hit, prompt, request, same_pages, step_output  # noqa: E402
 from kv_layouts import page_view  # noqa: E402
 
 from lmcache_ext import ops  # noqa: E402
@@ -33,11 +33,6 @@ def slow(monkeypatch: pytest.MonkeyPatch, name: str, delay: float) -> threading.
 
     monkeypatch.setattr(ops, name, slowed)
     return started
-
-
-def empty_step(rig: Rig, **fields: object) -> SimpleNamespace:
-    return SimpleNamespace(scheduled_new_reqs=[], scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={},
-                           **fields)
 
 
 def test_a_store_returns_at_once_holds_the_request_and_is_reported_once(monkeypatch):
@@ -78,7 +73,7 @@ def test_a_preemption_waits_for_the_gather_that_reads_the_reused_blocks(monkeypa
     plan = first_step(rig.scheduler, request("a", tokens), list(range(9)), len(tokens))
     w.load(plan)
     w.save(plan)
-    preempting = rig.scheduler.build_plan(empty_step(rig, preempted_req_ids={"a"}))
+    preempting = rig.scheduler.build_plan(step_output(preempted={"a"}))
     assert preempting.preempted == ["a"]
     begun = time.monotonic()
     w.handle_preemptions(preempting)  # vLLM's next forward overwrites a's blocks after this
@@ -105,7 +100,7 @@ def test_lower_tier_hits_load_in_the_background_and_errors_come_with_the_report(
     assert fresh.scheduler.num_new_matched_tokens(b, 0) == (2 * CHUNK, True)
     fresh.scheduler.plan_load(b, list(range(10, 19)), 2 * CHUNK)
     started = slow(monkeypatch, "scatter", 0.4)
-    plan = fresh.scheduler.build_plan(empty_step(fresh))
+    plan = fresh.scheduler.build_plan(step_output())
     begun = time.monotonic()
     w.load(plan)
     assert time.monotonic() - begun < 0.2 and started.wait(5)  # start_load_kv did not wait
@@ -130,7 +125,7 @@ def test_a_failed_background_load_reports_its_blocks_before_its_request(tmp_path
         if path.is_file() and len(path.name) == 32:
             path.write_bytes(b"not a chunk")  # damaged after the lookup
     w = fresh.workers[0]
-    w.load(fresh.scheduler.build_plan(empty_step(fresh)))
+    w.load(fresh.scheduler.build_plan(step_output()))
     w.drain()
     assert w.get_finished(set()) == (None, {"b"})
     assert w.take_load_errors() == {10, 11, 12, 13}  # in the same step's output as the report
@@ -147,8 +142,7 @@ def test_a_storm_of_aborted_requests_leaks_no_slot_pin_or_report(tmp_path, monke
         tokens = prompt(CHUNK + 1, seed=100 + i)
         rig.scheduler.num_new_matched_tokens(request(rid, tokens), 0)
         outputs.append(SimpleNamespace(req_id=rid, block_ids=(list(range(5 * i, 5 * i + 5)),), num_computed_tokens=0))
-    plan = rig.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=outputs, scheduled_cached_reqs=no_cached_reqs(),
-                                                    num_scheduled_tokens={rid: CHUNK + 1 for rid in ids}))
+    plan = rig.scheduler.build_plan(step_output(new=outputs, scheduled={rid: CHUNK + 1 for rid in ids}))
     for w in rig.workers:
         w.load(plan)
         w.save(plan)

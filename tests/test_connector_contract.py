@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, config, first_step, geometry, hit, loads_of,
-                           no_cached_reqs, prompt, reads_of, request, same_pages)
+from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, cached_step, config, first_step, geometry, hit, loads_of,
+                           prompt, reads_of, request, same_pages, step_output)
 from kv_layouts import page_view
 from vllm import SamplingParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -205,10 +205,7 @@ def test_a_running_request_stores_nothing_after_a_reset():
     plan = first_step(rig.scheduler, request("a", tokens), list(range(9)), CHUNK)  # chunked prefill: on the old weights
     assert len(plan.stores) == 1
     rig.scheduler.reset()
-    plan = rig.scheduler.build_plan(SimpleNamespace(
-        scheduled_new_reqs=[], num_scheduled_tokens={"a": CHUNK + 5},
-        scheduled_cached_reqs=SimpleNamespace(req_ids=["a"], new_block_ids=[None], resumed_req_ids=set(),
-                                              num_computed_tokens=[CHUNK])))
+    plan = rig.scheduler.build_plan(cached_step("a", CHUNK, None, CHUNK + 5))
     assert not plan.stores
 
 
@@ -250,8 +247,7 @@ def test_sleep_mode_unregisters_and_restores_the_kv_cache():
     w.unregister()
     b = request("b", tokens)
     rig.scheduler.plan_load(b, list(range(20, 29)), hit(rig.scheduler, b))
-    plan = rig.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={},
-                                                    scheduled_cached_reqs=no_cached_reqs()))
+    plan = rig.scheduler.build_plan(step_output())
     before = page_view(rig.caches[0][0])[20:28].clone()
     with pytest.raises(RuntimeError, match=r"none is bound: vLLM unregistered it for sleep mode .* \(restore_kv_caches\)"):
         w.load(plan)

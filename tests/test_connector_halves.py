@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, config, first_step, geometry, hit,
-                           loads_of, no_cached_reqs, prompt, reads_of, request, same_pages)
+from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, cached_step, config, first_step,
+                           geometry, hit, loads_of, prompt, reads_of, request, same_pages, step_output)
 from kv_layouts import make_layers, page_view
 
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
@@ -59,8 +59,7 @@ def test_disk_hits_load_in_the_background_and_a_second_request_waits_for_the_pro
     assert fresh.scheduler.num_new_matched_tokens(b, 0) == (2 * CHUNK, True)  # from disk: in the background
     fresh.scheduler.plan_load(b, list(range(10, 19)), 2 * CHUNK)
     assert hit(fresh.scheduler, c) is None  # its chunks are being read for b: ask again, do not read twice
-    plan = fresh.run(fresh.scheduler.build_plan(SimpleNamespace(
-        scheduled_new_reqs=[], scheduled_cached_reqs=no_cached_reqs(), num_scheduled_tokens={})))
+    plan = fresh.run(fresh.scheduler.build_plan(step_output()))
     assert [len(job.items) for job in plan.async_loads] == [2] and len(reads_of(plan)) == 2 and not plan.loads
     assert fresh.recved == {"b"}
     assert same_pages(fresh.caches[0], list(range(10, 18)), source, list(range(8)))
@@ -89,10 +88,7 @@ def test_a_bad_disk_file_becomes_load_errors_then_is_stored_again(tmp_path):
     assert fresh.workers[0].take_load_errors() == {14, 15, 16, 17}
     assert not path.exists()
     # vLLM recomputes those blocks; the next step stores the chunk again
-    plan = fresh.scheduler.build_plan(SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={"b": 1},
-                                                      scheduled_cached_reqs=SimpleNamespace(
-                                                          req_ids=["b"], new_block_ids=[None], resumed_req_ids=set(),
-                                                          num_computed_tokens=[2 * CHUNK])))
+    plan = fresh.scheduler.build_plan(cached_step("b", 2 * CHUNK, None, 1))
     assert [k.key for k in plan.stores] == [key]
 
 
@@ -142,11 +138,7 @@ def test_a_worker_refuses_caches_that_do_not_match_the_config():
 def decode_step(rig: Rig, req: SimpleNamespace, computed: int, new_blocks: list[int] | None,
                 resumed: bool = False) -> StepPlan:
     """A step that computes one more token of a running (or resumed) request."""
-    output = SimpleNamespace(scheduled_new_reqs=[], num_scheduled_tokens={req.request_id: 1},
-                             scheduled_cached_reqs=SimpleNamespace(
-                                 req_ids=[req.request_id], new_block_ids=[(new_blocks,) if new_blocks else None],
-                                 resumed_req_ids={req.request_id} if resumed else set(), num_computed_tokens=[computed]))
-    return rig.scheduler.build_plan(output)
+    return rig.scheduler.build_plan(cached_step(req.request_id, computed, new_blocks, 1, resumed))
 
 
 @pytest.mark.parametrize("save_decode", [False, True])

@@ -14,9 +14,9 @@ this step, so vLLM never has to recompute a promised block for want of a slot.
 Keys chain vLLM's own block-hash extras (request_keys), and `reset` starts a new
 cache epoch (lmcache_ext.epoch).
 
-Transfers outlive steps (config `async_load`, `async_save`, both on by default). A
-hit that needs a lower tier is loaded in the background: vLLM parks the request
-(`load_kv_async`) until the workers report it through `get_finished`. A store is
+Transfers outlive steps. With `async_load` (by default on CUDA engines, not on CPU
+ones) a hit that needs a lower tier is loaded in the background: vLLM parks the
+request (`load_kv_async`) until the workers report it through `get_finished`. A store is
 gathered in the background after the step's forward; a request that ever had a
 store is held at `request_finished` (its blocks are not freed) until the workers
 report its stores done. Every planned item has an id, and the scheduler acts on an
@@ -134,8 +134,9 @@ class SchedulerSide:
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
         one token to compute, and whether they load in the background (some come from a
-        lower tier, and background loads are on: see `CacheConfig`). None while the remote tier's answer is still
-        out, or while a chunk of the hit is being filled for another request. Chunks
+        lower tier, and background loads are on: see `CacheConfig`). None while the
+        remote tier's answer is still out, or while a chunk of the hit is being filled
+        for another request. Chunks
         inside vLLM's hit need not be cached: the chained key of a later chunk names
         its whole prefix."""
         state = self._state(request)
@@ -206,8 +207,8 @@ class SchedulerSide:
         """This step's plan: the loads planned since the last one, and stores of every
         chunk whose tokens are all computed by the end of this step."""
         plan, self._next = self._next, StepPlan()
-        plan.preempted = sorted(getattr(scheduler_output, "preempted_req_ids", None) or ())
-        plan.idle = not getattr(scheduler_output, "total_num_scheduled_tokens", 1)
+        plan.preempted = sorted(scheduler_output.preempted_req_ids or ())
+        plan.idle = not scheduler_output.total_num_scheduled_tokens
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)

@@ -165,7 +165,7 @@ class WorkerSide:
             sending = {r for r in self._finishing if self._saving[r] == 0}
             self._finishing -= sending
             for r in sending:
-                del self._saving[r]
+                self._saving.pop(r, None)
             recving, self._loaded = self._loaded, set()
         return sending or None, recving or None
 
