@@ -29,7 +29,6 @@ import dataclasses
 import json
 import random
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,8 +36,7 @@ from lmcache_ext.demo import connector_config, serve
 from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from remote_servers import Server, redis_binary  # noqa: E402
+from lmcache_ext.testing.remote_servers import Server, redis_binary
 
 
 # Runs in the engine process before vLLM starts: adds up the time spent inside the

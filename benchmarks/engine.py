@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from kv_layouts import make_layers  # noqa: E402
+from lmcache_ext.testing.kv_layouts import make_layers
 
 from lmcache_ext import ops  # noqa: E402
 from lmcache_ext.config import GB, CacheConfig  # noqa: E402

@@ -20,15 +20,13 @@ import ctypes
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from kv_layouts import make_layers, page_view  # noqa: E402
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 from lmcache_ext import _C, ops  # noqa: E402
 

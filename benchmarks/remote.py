@@ -24,8 +24,7 @@ from pathlib import Path
 import glide_sync as glide
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from remote_servers import Server, redis_binary  # noqa: E402
+from lmcache_ext.testing.remote_servers import Server, redis_binary
 
 from engine import emit, median_time  # noqa: E402  (benchmarks/engine.py)
 

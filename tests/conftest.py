@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from remote_servers import Cluster, Server, make_certificates, redis_binary, start_cluster, valkey_binary
+from lmcache_ext.testing.remote_servers import Cluster, Server, make_certificates, redis_binary, start_cluster, valkey_binary
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
 

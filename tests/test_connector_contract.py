@@ -13,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on
 import torch
 from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, cached_step, config, first_step, geometry, hit, loads_of,
                            prompt, reads_of, request, same_pages, step_output)
-from kv_layouts import page_view
+from lmcache_ext.testing.kv_layouts import page_view
 from vllm import SamplingParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.lora.request import LoRARequest

@@ -11,7 +11,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on
 import torch
 from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, cached_step, config, first_step,
                            geometry, hit, loads_of, prompt, reads_of, request, same_pages, step_output)
-from kv_layouts import make_layers, page_view
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 from lmcache_ext import ops
 from lmcache_ext.config import GB, STAGING_SLOTS, CacheConfig

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view, reference_chunk
+from lmcache_ext.testing.kv_layouts import make_layers, page_view, reference_chunk
 
 from lmcache_ext import executor as executor_module
 from lmcache_ext import ops

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from kv_layouts import ELEMENT_DTYPES, make_layers, page_view, reference_chunk, reference_cross_layer_chunk
+from lmcache_ext.testing.kv_layouts import ELEMENT_DTYPES, make_layers, page_view, reference_chunk, reference_cross_layer_chunk
 
 from lmcache_ext import _C, ops
 
