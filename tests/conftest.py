@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from lmcache_ext.integration.vllm.api_server import ApiServer
-from lmcache_ext.testing.remote_servers import Cluster, Server, make_certificates, redis_binary, start_cluster, valkey_binary
+from lmcache_ext.testing.remote_servers import (
+    Cluster,
+    Server,
+    make_certificates,
+    redis_binary,
+    start_cluster,
+    valkey_binary,
+)
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
 

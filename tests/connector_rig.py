@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 # Every module that imports the rig is skipped, with this reason, where vLLM is absent.

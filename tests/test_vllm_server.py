@@ -25,8 +25,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 pytest.importorskip("openai", reason="the openai client is not installed (pip install '.[test]')")
 import httpx
 import openai
-from conftest import running_server
 
+from conftest import running_server
 from lmcache_ext.demo import connector_config
 from lmcache_ext.integration.vllm.api_server import ApiServer
 from lmcache_ext.integration.vllm.offline import fair_cpu_binding

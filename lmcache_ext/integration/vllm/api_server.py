@@ -49,6 +49,12 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     return samples
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A server's `/metrics` (`url` is its root), parsed (see `parse_metrics`)."""
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as reply:
+        return parse_metrics(reply.read().decode())
+
+
 class ApiServer:
     """One server process: `start()` returns once `/health` answers, `stop()` ends it.
 
@@ -99,9 +105,7 @@ class ApiServer:
             return False
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """The server's `/metrics`, parsed (see `parse_metrics`)."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as reply:
-            return parse_metrics(reply.read().decode())
+        return scrape(self.url)
 
     def metric_sum(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` whose labels include `labels`."""
