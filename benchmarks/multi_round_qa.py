@@ -328,9 +328,16 @@ def main() -> None:
             tqdm.write(f"{config.name}: later rounds' TTFT p50 {figures[config.name]['later_ttft_p50_ms']} ms")
     for name, figure in figures.items():
         print_table(f"{name} ({figure['label']})", figure["rounds"])
+    # Every configuration gets the same first-round prompts; later prompts carry each
+    # configuration's own answers. In bf16 a prefix-cache hit (vLLM's or ours) computes the
+    # rest of the prompt in another batch shape than a full prefill, so a near-tie can
+    # break the other way: this is a sanity figure, not the exactness check (the tests).
     reference = figures.get("no_cache", {}).get("answers")
     for figure in figures.values():
-        figure["answers_equal_no_cache"] = None if reference is None else figure.pop("answers") == reference
+        answers = figure.pop("answers")
+        if reference is not None:
+            same = sum(a == b for a, b in zip(answers[0], reference[0]))
+            figure["first_round_answers_as_no_cache"] = f"{same}/{len(reference[0])}"
     result = {"workload": dataclasses.asdict(work), "preset": args.preset, "concurrency": args.concurrency,
               "qps": args.qps, "small_blocks": args.small_blocks, "cpu_binding": fair_cpu_binding(),
               "configurations": figures, "bar": bar(figures)}

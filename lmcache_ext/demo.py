@@ -76,7 +76,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'request':32} {'TTFT ms':>9} {'vs no cache':>12} {'cached/prompt tokens':>22}")
     for r in rows:
         print(f"{r['request']:32} {r['ttft_s'] * 1e3:9.1f} {r['ttft_s'] / cold:12.3f} "
-              f"{r['cached_tokens']:>10}/{r['prompt_tokens']:<11}")
+              f"{r['cached_tokens']:>10}/{r['prompt_tokens']}")
 
 
 def main() -> None:
