@@ -11,10 +11,10 @@ import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from lmcache_ext.integration.vllm.api_server import ApiServer
 from lmcache_ext.testing.remote_servers import (
     Cluster,
     Server,
@@ -23,6 +23,9 @@ from lmcache_ext.testing.remote_servers import (
     start_cluster,
     valkey_binary,
 )
+
+if TYPE_CHECKING:  # lmcache_ext.integration.vllm imports vLLM, which the suite may run without
+    from lmcache_ext.integration.vllm.api_server import ApiServer
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
 
@@ -99,10 +102,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(say: Callable[[str], None], name: str, model: Path, log_dir: Path, **kwargs: object) -> Iterator[ApiServer]:
+def running_server(say: Callable[[str], None], name: str, model: Path, log_dir: Path, **kwargs: Any) -> Iterator[ApiServer]:
     """A vLLM OpenAI-compatible server (`ApiServer(model, **kwargs)`) for the duration of the
     block, its log in `log_dir/<name>.log`; says when it starts, is up and stops."""
-    server = ApiServer(model, log_path=log_dir / f"{name.replace(' ', '_')}.log", **kwargs)  # type: ignore[arg-type]
+    from lmcache_ext.integration.vllm.api_server import ApiServer
+
+    server = ApiServer(model, log_path=log_dir / f"{name.replace(' ', '_')}.log", **kwargs)
     say(f"starting the vLLM server {name!r} (log: {server.log_path})")
     started = time.monotonic()
     server.start()

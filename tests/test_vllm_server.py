@@ -156,6 +156,7 @@ def test_eight_concurrent_requests_share_a_stored_prefix(ours: ApiServer, refere
 
 
 def test_malformed_requests_get_400_and_the_server_keeps_serving(ours: ApiServer, reference: dict) -> None:
+    complete(ours, LONG)  # stored (if an earlier test has not stored it)
     client = openai.OpenAI(base_url=ours.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     bad = {
         "a token id outside the vocabulary": {"prompt": [5, 99999], "max_tokens": 2},
@@ -164,7 +165,7 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(ours: ApiServer
     }
     for what, request in bad.items():
         with pytest.raises(openai.BadRequestError) as error:
-            client.completions.create(model=ours.model, **request)  # type: ignore[call-overload]
+            client.completions.create(model=ours.model, **request)
         assert error.value.status_code == 400, what
     reply = httpx.post(ours.url + "/v1/completions", content=b'{"model": "x", "prompt": [1, 2,',
                        headers={"content-type": "application/json"}, timeout=60)
@@ -177,6 +178,8 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(ours: ApiServer
 
 def test_a_restart_on_the_same_disk_directory_hits_from_disk(ours: ApiServer, reference: dict,
                                                             say: Callable[[str], None]) -> None:
+    for name in ("long", "shared0"):
+        complete(ours, PROMPTS[name])  # stored (if earlier tests have not stored them), then written to disk
     say("restarting the server with the connector on the same disk directory")
     ours.stop()
     ours.start()
