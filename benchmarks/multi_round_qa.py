@@ -122,8 +122,9 @@ class Conversations:
 
 
 def ask(client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float | None, int, list[int], int]:
-    """One streamed greedy completion: TTFT, mean inter-token latency, cached prompt
-    tokens, the answer's token ids and its length."""
+    """One streamed greedy completion: TTFT, mean inter-token latency (as the client sees
+    the tokens arrive: tokens that come in one streamed chunk are 0 apart), cached prompt tokens,
+    the answer's token ids and its length."""
     start = time.perf_counter()
     stream = client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, logprobs=0,
@@ -307,8 +308,9 @@ def main() -> None:
     if args.url:
         chosen = [Configuration("url", args.url, ())]
     total = len(chosen) * work.users * work.rounds
+    load = f"qps {args.qps}" if args.qps else f"concurrency {args.concurrency}"
     tqdm.write(f"{work.users} users x {work.rounds} rounds, prompts {work.system_tokens + work.context_tokens}"
-               f"..{work.longest_prompt()} tokens, concurrency {args.qps and f'qps {args.qps}' or args.concurrency}; "
+               f"..{work.longest_prompt()} tokens, {load}; "
                f"configurations: {', '.join(c.name for c in chosen)}; output in {args.out}")
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="multi_round_qa_") as tmp, \
@@ -342,8 +344,7 @@ def main() -> None:
               "qps": args.qps, "small_blocks": args.small_blocks, "cpu_binding": fair_cpu_binding(),
               "configurations": figures, "bar": bar(figures)}
     (args.out / "multi_round_qa.json").write_text(json.dumps(result, indent=1))
-    title = (f"multi-round QA: {work.users} users x {work.rounds} rounds, {args.preset} tiny Llama, "
-             f"concurrency {args.concurrency}")
+    title = f"multi-round QA: {work.users} users x {work.rounds} rounds, {args.preset} tiny Llama, {load}"
     draw(figures, args.out / "multi_round_qa.png", title)
     print("\nlater rounds' TTFT p50 ms: " + ", ".join(f"{n} {f['later_ttft_p50_ms']}" for n, f in figures.items()))
     if result["bar"] is not None:
