@@ -296,13 +296,17 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("multi_round_qa_out"), help="where JSON, PNG and logs go")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds {args.rounds}: expected at least 2 (the first round is cold for every configuration)")
+    if args.users < 1 or args.concurrency < 1 or (args.qps is not None and args.qps <= 0):
+        parser.error(f"--users {args.users}, --concurrency {args.concurrency}, --qps {args.qps}: expected positive values")
 
     shape = PRESETS[args.preset]
     work = Workload(args.users, args.rounds, args.system_tokens, args.context_tokens, args.question_tokens,
                     args.answer_tokens, shape.vocab)
     args.max_model_len = -(-(work.longest_prompt() + work.answer_tokens) // CPU_BLOCK) * CPU_BLOCK
     if args.small_blocks is None:
-        args.small_blocks = (max(args.concurrency, 1) + 1) * args.max_model_len // CPU_BLOCK
+        args.small_blocks = (args.concurrency + 1) * args.max_model_len // CPU_BLOCK
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = [c for c in configurations(args.small_blocks) if c.name in args.configs.split(",")]
     if args.url:
