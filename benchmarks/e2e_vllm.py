@@ -29,17 +29,13 @@ import dataclasses
 import json
 import random
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
 from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
+from lmcache_ext.testing.remote_servers import Server, redis_binary
 from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from remote_servers import Server, redis_binary  # noqa: E402
-
 
 # Runs in the engine process before vLLM starts: adds up the time spent inside the
 # connector's hooks, the part of the store overhead that sits on the request's path.
@@ -93,7 +89,7 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
     fresh_docs = [[rng.randrange(3, BENCH.vocab) for _ in range(len(d))] for d in docs]
     batch = [p for pair in zip(docs, fresh_docs) for p in pair]
     batch = [p + [rng.randrange(3, BENCH.vocab) for _ in range(40)] for p in batch]
-    configs = (("async_loads", {"async_load": True}), ("sync", {"async_load": False, "async_save": False}),
+    configs: tuple[tuple[str, dict | None], ...] = (("async_loads", {"async_load": True}), ("sync", {"async_load": False, "async_save": False}),
                ("default", {}), ("none", None))
     for name, extra in configs:
         kwargs = {} if extra is None else {"kv_transfer_config": connector_config(work / f"kv_{name}", **extra)}
@@ -181,7 +177,9 @@ def main() -> None:
 def remote_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path) -> list[dict]:
     """One engine stores the documents to a local redis-server; a fresh engine with its
     own host pool and disk directory then asks for them."""
-    server = Server(redis_binary(), work / "redis").start()
+    binary = redis_binary()
+    assert binary is not None, "the caller checks that redis-server is installed"
+    server = Server(binary, work / "redis").start()
     try:
         serve(model, asks, {"kv_transfer_config": connector_config(work / "kv3", remote_url=server.url)})
         return serve(model, [("remote", p) for _, p in asks],

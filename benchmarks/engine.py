@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from kv_layouts import make_layers  # noqa: E402
-
-from lmcache_ext import ops  # noqa: E402
-from lmcache_ext.config import GB, CacheConfig  # noqa: E402
-from lmcache_ext.engine import CacheEngine  # noqa: E402
+from lmcache_ext import ops
+from lmcache_ext.config import GB, CacheConfig
+from lmcache_ext.engine import CacheEngine
+from lmcache_ext.testing.kv_layouts import make_layers
 
 LAYERS, BLOCK, CHUNK = 32, 16, 256
 HEADS, WIDTH = 8, 256  # 64 KiB pages (fp16): a 256-token chunk is 32 MiB
@@ -131,7 +128,12 @@ def disk_tier(root: Path, reps: int) -> None:
             engine.flush()
         for p in prompts:
             writes["plain"].append(timed(plain_write))
-            writes["ours"].append(timed(lambda: (engine.store(p, src), engine.flush())))
+
+            def store_and_flush() -> None:
+                engine.store(p, src)
+                engine.flush()
+
+            writes["ours"].append(timed(store_and_flush))
     reads: dict[str, list[float]] = {"ours": [], "plain": []}
     with CacheEngine(cfg, layers, BLOCK) as engine:
         for p in prompts:

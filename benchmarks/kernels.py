@@ -20,17 +20,14 @@ import ctypes
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from kv_layouts import make_layers, page_view  # noqa: E402
-
-from lmcache_ext import _C, ops  # noqa: E402
+from lmcache_ext import _C, ops
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 # name: (heads, tokens per block, width = K+V head dims, dtype). Page bytes in the comment.
 CASES = {
@@ -50,7 +47,7 @@ LIBC = ctypes.CDLL(None)
 LIBC.memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
-def timed(fn: Callable[[], None], reps: int, sync: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
     """Median seconds of `reps` runs after one warm-up (first-touch faults excluded)."""
     fn()
     sync()

@@ -20,18 +20,16 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import glide_sync as glide
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from remote_servers import Server, redis_binary  # noqa: E402
-
-from engine import emit, median_time  # noqa: E402  (benchmarks/engine.py)
-
-from lmcache_ext.config import CacheConfig  # noqa: E402
-from lmcache_ext.remote_url import parse_remote_url  # noqa: E402
-from lmcache_ext.tiers.remote import RemotePresence, RemoteStore, RemoteTier  # noqa: E402
+from engine import emit, median_time
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.remote_url import parse_remote_url
+from lmcache_ext.testing.remote_servers import Server, redis_binary
+from lmcache_ext.tiers.remote import RemotePresence, RemoteStore, RemoteTier
 
 SIZES_MIB = (1, 4, 16)
 
@@ -79,7 +77,10 @@ def lookup_latency(url: str, reps: int) -> None:
     cfg = CacheConfig(remote_url=url, remote_timeout_ms=10_000)
     store = RemoteStore(cfg, bytes(16))
     for tp in (1, 2, 8):
-        presence = RemotePresence(store, lambda key, tp=tp: [(key + bytes([r]), r) for r in range(tp)])
+        def shards(key: bytes, tp: int = tp) -> list[tuple[bytes, int]]:
+            return [(key + bytes([r]), r) for r in range(tp)]
+
+        presence = RemotePresence(store, shards)
         keys = [os.urandom(16) for _ in range(32)]
         t = median_s(lambda: presence.probe(keys), reps)
         emit({"figure": "remote lookup", "chunks": 32, "tp_ranks": tp, "keys": 32 * tp, "ms": round(t * 1e3, 3)})
@@ -92,7 +93,8 @@ def clients(url: str, reps: int) -> None:
 
     ep = parse_remote_url(url)
     host, port = ep.hosts[0]
-    candidates = {"valkey-glide-sync": raw_client(url), "redis-py+hiredis": redis.Redis(host=host, port=port)}
+    candidates: dict[str, Any] = {"valkey-glide-sync": raw_client(url),
+                                  "redis-py+hiredis": redis.Redis(host=host, port=port)}
     for mib in SIZES_MIB:
         value = os.urandom(mib << 20)
         for name, client in candidates.items():
@@ -115,7 +117,7 @@ def main() -> None:
             if binary is None:
                 sys.exit("redis-server is not installed: apt-get install redis-server, or pass --server")
             server = Server(binary, Path(tmp)).start()
-        url = args.server or server.url
+        url = args.server if server is None else server.url
         try:
             tier_vs_client(url, args.reps, None)
             tier_vs_client(url, args.reps, "benchmark-integrity-key")

@@ -40,6 +40,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any
+
 import yaml
 
 from lmcache_ext.remote_url import FORMS, mask_password, parse_remote_url

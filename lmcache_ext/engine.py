@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 
 import torch
 
@@ -29,13 +29,16 @@ from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
 from lmcache_ext.plans import Plan, SlotCopy, TierTransfer
 from lmcache_ext.tiers import build_storage
 
-KVCaches = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
-Tokens = Union[Sequence[int], torch.Tensor]
+if TYPE_CHECKING:
+    from lmcache_ext.tiers.remote import RemotePresence
+
+KVCaches: TypeAlias = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
+Tokens: TypeAlias = Sequence[int] | torch.Tensor
 
 
 class _Chunk(NamedTuple):
     key: ChunkKey
-    index: int  # position in the request: its blocks start at index * blocks_per_chunk
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) position in the request: its blocks start at index * blocks_per_chunk
     blocks: int  # full blocks it holds (fewer than a chunk only for a partial chunk)
 
 
@@ -101,7 +104,7 @@ class CacheEngine:
         tokens_per_chunk = [self._config.chunk_size] * len(found)
         if found and len(found) == len(keys) and tail_blocks:
             tokens_per_chunk[-1] = tail_blocks * self._block_size
-        by_tier: dict[str, int] = {}
+        by_tier: dict[Source, int] = {}
         for source, n in zip(found, tokens_per_chunk):
             by_tier[source] = by_tier.get(source, 0) + n
         self._stats.lookup(len(tokens), {source.value: n for source, n in by_tier.items()})
@@ -306,14 +309,14 @@ class CacheEngine:
         """The directory's lookup; with a remote tier, the keys past what host and disk
         hold are first probed there (one round trip: a CacheEngine may wait on it)."""
         found = self._directory.lookup(keys)
-        remote = self._storage.presence.get(Source.REMOTE)
+        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
         if remote is None or len(found) == len(keys):
             return found
         remote.probe(keys[len(found) :])
         return self._directory.lookup(keys)
 
     def _forget_remote(self, read: TierTransfer) -> None:
-        remote = self._storage.presence.get(Source.REMOTE)
+        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
         if read.tier is Source.REMOTE and remote is not None:
             remote.forget(read.key)
 

@@ -20,13 +20,12 @@ released memory.
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Protocol
-
-import threading
 
 import torch
 
@@ -140,6 +139,7 @@ class TransferExecutor:
                 if item.whole:
                     groups[len(item.block_ids)].append(item)
                 else:
+                    assert kv is not None, "a partial copy needs the paged cache"
                     self._copy_part(kv, copy, item, on_stream)
             for blocks, members in groups.items():
                 block_ids = [b for item in members for b in item.block_ids]

@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeAlias
 
 import torch
 
 from lmcache_ext import _C, index_ring
 
-BlockIds = Union[Sequence[int], torch.Tensor]
-Chunks = Union[torch.Tensor, Sequence[torch.Tensor]]
+BlockIds: TypeAlias = Sequence[int] | torch.Tensor
+Chunks: TypeAlias = torch.Tensor | Sequence[torch.Tensor]
 
 MAX_LAYERS = 256
 # Grid cap of a CUDA copy with a chunk in host memory (zero-copy over PCIe). Each CTA
@@ -195,7 +195,7 @@ def _copy(
     single = isinstance(chunks, torch.Tensor)
     if not single and (isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence)):
         raise ValueError(f"{name} is a {type(chunks).__name__}; expected a torch.Tensor or a list of them")
-    chunk_list = [chunks] if single else list(chunks)
+    chunk_list: list[torch.Tensor] = [chunks] if single else list(chunks)
     _check_launch(kv, stream, max_ctas)
     if n == 0:
         return

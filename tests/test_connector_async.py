@@ -15,11 +15,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 
-from connector_rig import CHUNK, Rig, config, first_step, hit, prompt, request, same_pages, step_output  # noqa: E402
-from kv_layouts import page_view  # noqa: E402
-
-from lmcache_ext import ops  # noqa: E402
-from lmcache_ext.integration.vllm.scheduler import SchedulerSide  # noqa: E402
+from connector_rig import CHUNK, Rig, config, first_step, hit, prompt, request, same_pages, step_output
+from lmcache_ext import ops
+from lmcache_ext.integration.vllm.scheduler import SchedulerSide
+from lmcache_ext.testing.kv_layouts import page_view
 
 
 def slow(monkeypatch: pytest.MonkeyPatch, name: str, delay: float) -> threading.Event:

@@ -11,15 +11,30 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, CHUNK, LAYERS, PAGE, Rig, cached_step, config, first_step, geometry, hit, loads_of,
-                           prompt, reads_of, request, same_pages, step_output)
-from kv_layouts import page_view
 from vllm import SamplingParams
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.lora.request import LoRARequest
 from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 from vllm.v1.request import Request
 
+from connector_rig import (
+    BLOCK,
+    CHUNK,
+    LAYERS,
+    PAGE,
+    Rig,
+    cached_step,
+    config,
+    first_step,
+    geometry,
+    hit,
+    loads_of,
+    prompt,
+    reads_of,
+    request,
+    same_pages,
+    step_output,
+)
 from lmcache_ext.config import STAGING_SLOTS
 from lmcache_ext.epoch import EPOCH_FILE
 from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic
@@ -27,6 +42,7 @@ from lmcache_ext.integration.vllm.metadata import StepPlan
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, encode_extra_keys
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry, rank_root
+from lmcache_ext.testing.kv_layouts import page_view
 
 EMBED_DIM = 8
 

@@ -9,15 +9,34 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 import torch
-from connector_rig import (BLOCK, BLOCKS, CHUNK, HEADS, LAYERS, PAGE, WIDTH, Rig, cached_step, config, first_step,
-                           geometry, hit, loads_of, prompt, reads_of, request, same_pages, step_output)
-from kv_layouts import make_layers, page_view
 
+from connector_rig import (
+    BLOCK,
+    BLOCKS,
+    CHUNK,
+    HEADS,
+    LAYERS,
+    PAGE,
+    WIDTH,
+    Rig,
+    cached_step,
+    config,
+    first_step,
+    geometry,
+    hit,
+    loads_of,
+    prompt,
+    reads_of,
+    request,
+    same_pages,
+    step_output,
+)
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 
 def test_store_then_hit_loads_exact_bytes_leaving_the_last_token():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view
 
 from lmcache_ext import ops
 from lmcache_ext.config import GB, STAGING_SLOTS, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 LAYERS, BLOCKS, BLOCK = 4, 96, 16
 CHUNK = 64  # 4 blocks a chunk

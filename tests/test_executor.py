@@ -7,13 +7,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view, reference_chunk
 
 from lmcache_ext import executor as executor_module
 from lmcache_ext import ops
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.memory import PinnedSlotPool
 from lmcache_ext.plans import Plan, PlanResult, SlotCopy, Source, TierTransfer
+from lmcache_ext.testing.kv_layouts import make_layers, page_view, reference_chunk
 from lmcache_ext.tiers.disk import DiskTier
 
 

@@ -8,9 +8,15 @@ import threading
 
 import pytest
 import torch
-from kv_layouts import ELEMENT_DTYPES, make_layers, page_view, reference_chunk, reference_cross_layer_chunk
 
 from lmcache_ext import _C, ops
+from lmcache_ext.testing.kv_layouts import (
+    ELEMENT_DTYPES,
+    make_layers,
+    page_view,
+    reference_chunk,
+    reference_cross_layer_chunk,
+)
 
 CUDA = ops.cuda_available()
 gpu = pytest.mark.gpu
@@ -313,8 +319,8 @@ def test_staged_gather_writes_only_the_rows_of_its_pages(device, layer):
     staging = torch.full((kv.chunk_bytes(bpc),), 0xCD, dtype=torch.uint8, device=device)
     ops.gather(kv, ids, host, blocks_per_chunk=bpc, layer=layer, staging=staging)
     expected = torch.full((num_layers, bpc * kv.page_bytes), 0xAB, dtype=torch.uint8)
-    for l in range(num_layers) if layer is None else [layer]:
-        expected[l, : len(ids) * kv.page_bytes] = page_view(layers[l])[ids].cpu().flatten()
+    for i in range(num_layers) if layer is None else [layer]:
+        expected[i, : len(ids) * kv.page_bytes] = page_view(layers[i])[ids].cpu().flatten()
     assert torch.equal(synced(host).view(num_layers, -1), expected)
 
 
@@ -334,14 +340,14 @@ def test_staged_scatter_reads_only_the_rows_of_its_pages(device, layer):
     staging = torch.full((src_kv.chunk_bytes(bpc),), 0xCD, dtype=torch.uint8, device=device)
     ops.scatter(ops.PagedLayers.from_tensors(fresh), dest, host, blocks_per_chunk=bpc, layer=layer, staging=staging)
     synced(host)
-    for l in range(num_layers):
-        pages = page_view(fresh[l]).cpu()
-        if layer is None or l == layer:
-            assert torch.equal(pages[dest], page_view(src_layers[l])[[1, 2]].cpu()), l
+    for i in range(num_layers):
+        pages = page_view(fresh[i]).cpu()
+        if layer is None or i == layer:
+            assert torch.equal(pages[dest], page_view(src_layers[i])[[1, 2]].cpu()), i
             untouched = [b for b in range(32) if b not in dest]
-            assert torch.equal(pages[untouched], before[l][untouched]), l
+            assert torch.equal(pages[untouched], before[i][untouched]), i
         else:
-            assert torch.equal(pages, before[l]), l
+            assert torch.equal(pages, before[i]), i
 
 
 def staged_args(**over):

@@ -17,12 +17,12 @@ pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
                     "the remote tier needs it (lmcache_ext[remote])")
 
 import torch
-from kv_layouts import make_layers, page_view
-from remote_servers import free_port
 
 from lmcache_ext.config import GB, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
+from lmcache_ext.testing.remote_servers import free_port
 from lmcache_ext.tiers.remote import RemoteConfigError, RemoteStore
 
 LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk

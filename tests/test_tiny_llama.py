@@ -13,7 +13,6 @@ pytest.importorskip("safetensors", reason="safetensors is not installed: the tin
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_vllm_connector import CHUNK, cached_of, connector, run_vllm_script, tokens, tokens_of
 
 from lmcache_ext.tiny_llama import build_tiny_llama
+from test_vllm_connector import CHUNK, cached_of, connector, run_vllm_script, tokens, tokens_of
 
 pytestmark = pytest.mark.vllm
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
-from test_vllm_connector import CHUNK, connector, generate, tokens, tokens_of, cached_of
-
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
+from test_vllm_connector import CHUNK, cached_of, connector, generate, tokens, tokens_of
 
 pytestmark = pytest.mark.vllm
 

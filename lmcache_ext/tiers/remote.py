@@ -262,9 +262,9 @@ class RemoteStore:
             )
         timeout = cfg.remote_timeout_ms
         if ep.cluster:
-            advanced = glide.AdvancedGlideClusterClientConfiguration(connection_timeout=timeout, tls_config=tls)
+            cluster = glide.AdvancedGlideClusterClientConfiguration(connection_timeout=timeout, tls_config=tls)
             return glide.GlideClusterClient.create(glide.GlideClusterClientConfiguration(
-                addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, advanced_config=advanced))
+                addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, advanced_config=cluster))
         advanced = glide.AdvancedGlideClientConfiguration(connection_timeout=timeout, tls_config=tls)
         return glide.GlideClient.create(glide.GlideClientConfiguration(
             addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, database_id=ep.db,

@@ -26,19 +26,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.config import load_config
-from lmcache_ext.plans import Source
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats
 from lmcache_ext.integration.vllm.worker import WorkerSide
-
+from lmcache_ext.plans import Source
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ class LMCacheConnectorStats(KVConnectorStats):
     """Counts since the last report: tokens loaded / stored, failed loads, disk writes."""
 
     def reset(self) -> None:
-        self.data = {}
+        self.data: dict[str, int] = {}
 
     def aggregate(self, other: KVConnectorStats) -> LMCacheConnectorStats:
         self.data = dict(Counter(self.data) + Counter(other.data))

@@ -47,14 +47,14 @@ def make_layers(
         buf = random_buffer(num_layers * num_blocks * block)
         inner = (tokens * width, width, 1) if layout == "LBHNC" else (width, heads * width, 1)
         return [
-            buf.as_strided((num_blocks, heads, tokens, width), (block, *inner), l * num_blocks * block)
-            for l in range(num_layers)
+            buf.as_strided((num_blocks, heads, tokens, width), (block, *inner), layer * num_blocks * block)
+            for layer in range(num_layers)
         ]
     if layout == "BLHNC":
         buf = random_buffer(num_blocks * num_layers * page)
         return [
-            buf.as_strided((num_blocks, heads, tokens, width), (num_layers * page, tokens * width, width, 1), l * page)
-            for l in range(num_layers)
+            buf.as_strided((num_blocks, heads, tokens, width), (num_layers * page, tokens * width, width, 1), layer * page)
+            for layer in range(num_layers)
         ]
     raise ValueError(f"layout = {layout!r}: expected separate, LBNHC, LBHNC or BLHNC")
 

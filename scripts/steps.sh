@@ -1,0 +1,27 @@
+# Sourced by the install scripts: a line per step, so nothing is silent for minutes.
+
+step() { printf '\n== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# pip_install PYTHON ARGS...: pip's own lines, less the "Requirement already satisfied" ones.
+pip_install() {
+  "$1" -m pip install --progress-bar off "${@:2}" | { grep -v '^Requirement already satisfied' || true; }
+}
+
+# The package itself, editable, with the compiler's output shown (a CUDA build of every
+# arch takes minutes): its runtime dependencies are installed by the caller.
+build_package() {
+  step "building lmcache_ext (editable; CUDA kernels: LMCACHE_EXT_CUDA=${LMCACHE_EXT_CUDA:-auto}, archs ${LMCACHE_EXT_CUDA_ARCHS:-default})"
+  local log status
+  log=$(mktemp)
+  set +o pipefail
+  python -m pip install --progress-bar off --no-deps -v -e . 2>&1 | tee "$log" \
+    | { grep --line-buffered -E '^ *(\[[0-9]+/[0-9]+\] |-- (CUDA|The CXX|Build files)|Successfully installed)' || true; }
+  status=${PIPESTATUS[0]}
+  set -o pipefail
+  if [ "$status" -ne 0 ]; then
+    tail -n 60 "$log"
+    echo "the build failed (pip exited with $status); the whole log: $log"
+    exit 1
+  fi
+  rm -f "$log"
+}
