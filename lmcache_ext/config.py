@@ -375,6 +375,11 @@ class CacheConfig:
         """max_local_cpu_size in bytes (GB of 1024**3 bytes)."""
         return round(self.max_local_cpu_size * GB)
 
+    def loads_async(self, device_type: str) -> bool:
+        """Whether lower-tier hits load in the background on a `device_type` engine
+        (``async_load``, or when null: on for CUDA, off for a CPU engine)."""
+        return self.async_load if self.async_load is not None else device_type != "cpu"
+
     @property
     def disk_bytes(self) -> int:
         """Byte cap of the disk tier (max_local_disk_size GB of 1024**3 bytes); 0 without one."""

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import Source
 from lmcache_ext.tiers.disk import DiskTier
 
@@ -47,6 +48,22 @@ class Storage:
     tiers: dict[Source, LowerTier]
     presence: dict[Source, Presence] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    _reported: dict[tuple[Source, str], int] = field(default_factory=dict)  # what `record` last saw
+
+    def record(self, recorder: Recorder, part: str = "") -> None:
+        """Each lower tier's usage and capacity when they changed, and its evictions since
+        the last call, into `recorder` (`part`: this process's share of a gauge)."""
+        for source, tier in self.tiers.items():
+            stats = tier.stats()
+            for name in ("usage_bytes", "capacity_bytes", "evictions"):
+                value, seen = stats.get(name), self._reported.get((source, name))
+                if value is None or value == seen:
+                    continue
+                self._reported[(source, name)] = value
+                if name == "evictions":
+                    recorder.evicted(source.value, value - (seen or 0))
+                else:
+                    recorder.set(name, value, source.value, part)
 
     def flush(self) -> None:
         for tier in self.tiers.values():

@@ -45,6 +45,7 @@ from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
 from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import SlotCopy, TierTransfer
 from lmcache_ext.tiers import Presence
 from lmcache_ext.tiers.disk import chunk_path
@@ -112,7 +113,9 @@ class SchedulerSide:
             self._closers = [self._remote.close, store.close]
             lower.append((Source.REMOTE, self._remote))
         self._write_tiers = [source for source, _ in lower]  # a stored chunk goes to every lower tier
-        self._directory = CacheDirectory(self._slots, lower)
+        self._metrics = Recorder()
+        self._host_used = -1  # the host usage last reported
+        self._directory = CacheDirectory(self._slots, lower, on_evict=lambda key: self._metrics.evicted("host"))
         self._namespace = dataclasses.replace(
             geometry.namespace, cache_namespace=config.cache_namespace, epoch=read_epoch(config.local_disk)
         )
@@ -122,7 +125,7 @@ class SchedulerSide:
         self._items: dict[int, _Item] = {}
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
         self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
-        self._async_load = config.async_load if config.async_load is not None else geometry.device_type != "cpu"
+        self._async_load = config.loads_async(geometry.device_type)
 
     # -- hits --
 
@@ -331,6 +334,15 @@ class SchedulerSide:
         """Stop the remote probe and its connection."""
         for close in self._closers:
             close()
+
+    def take_metrics(self) -> Payload:
+        """Host evictions since the last call, and the host pool's usage (all ranks) when it changed."""
+        used = self._slots.num_slots - self._slots.num_free
+        if used != self._host_used:
+            self._host_used = used
+            rank_bytes = self._geometry.chunk_bytes(self._geometry.blocks_per_chunk) * self._geometry.tp_size
+            self._metrics.usage("host", used * rank_bytes, self._slots.num_slots * rank_bytes)
+        return self._metrics.take()
 
     def stats(self) -> dict[str, int]:
         return {"host_chunks": self._directory.host_chunks(), "pinned_slots": self._directory.pinned_slots()}
