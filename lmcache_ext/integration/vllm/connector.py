@@ -65,7 +65,8 @@ def startup_line(config: CacheConfig, geometry: Geometry) -> str:
     slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
     num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
     loads = "in the background" if config.loads_async(geometry.device_type) else "before the forward"
-    return (f"{build_line()}: connector set up with {tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "
+    return (f"{build_line()}: connector set up for a {geometry.device_type} engine with "
+            f"{tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "
             f"lower-tier loads {loads}, stores {'in the background' if config.async_save else 'after the forward'}")
 
 
