@@ -50,6 +50,15 @@ class Header(NamedTuple):
     payload_checksum: int
 
 
+class Fields(NamedTuple):
+    """What a record's header says about it."""
+
+    key: bytes
+    namespace: bytes
+    payload_len: int
+    header: Header
+
+
 def payload_checksum(payload: memoryview | bytes) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
@@ -61,8 +70,8 @@ def encode_header(key: bytes, namespace: bytes, payload_len: int, checksum: int,
     return HEADER.pack(*fields, xxhash.xxh3_64_intdigest(head[:_CHECKED_BYTES]))
 
 
-def check_header(block: memoryview | bytes, key: bytes, namespace: bytes, payload_len: int) -> Header:
-    """Check a record's header against what the reader expects; raises BadRecord."""
+def read_header(block: memoryview | bytes) -> Fields:
+    """A record header's fields, once its magic, version and checksum hold; raises BadRecord."""
     if len(block) < HEADER.size:
         raise BadRecord("truncated")
     magic, version, flags, stored_key, stored_ns, stored_len, checksum, header_checksum = HEADER.unpack_from(block)
@@ -72,13 +81,19 @@ def check_header(block: memoryview | bytes, key: bytes, namespace: bytes, payloa
         raise BadRecord("bad_version")
     if xxhash.xxh3_64_intdigest(memoryview(block)[:_CHECKED_BYTES]) != header_checksum:
         raise BadRecord("bad_header_checksum")
-    if stored_key != key:
+    return Fields(stored_key, stored_ns, stored_len, Header(flags, checksum))
+
+
+def check_header(block: memoryview | bytes, key: bytes, namespace: bytes, payload_len: int) -> Header:
+    """Check a record's header against what the reader expects; raises BadRecord."""
+    fields = read_header(block)
+    if fields.key != key:
         raise BadRecord("wrong_key")
-    if stored_ns != namespace:
+    if fields.namespace != namespace:
         raise BadRecord("wrong_namespace")
-    if stored_len != payload_len:
+    if fields.payload_len != payload_len:
         raise BadRecord("wrong_length")
-    return Header(flags, checksum)
+    return fields.header
 
 
 def check_payload(payload: memoryview | bytes, header: Header) -> None:
