@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import Source
 from lmcache_ext.tiers.disk import DiskTier
@@ -44,7 +44,7 @@ class Storage:
     """A process's host pool and lower tiers (in lookup order: disk, then remote), and
     how the directory of a `CacheEngine` sees those tiers."""
 
-    pool: PinnedSlotPool
+    pool: HostSlotPool
     tiers: dict[Source, LowerTier]
     presence: dict[Source, Presence] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
@@ -85,7 +85,7 @@ def build_storage(
     `disk_root` (capped at `disk_bytes`) when there is one, and the remote tier when
     `remote_url` is set, reading and writing the shards of TP rank `rank`. Records
     carry `namespace` (16 bytes): the fingerprint of the cache that writes them."""
-    storage = Storage(PinnedSlotPool.for_config(config, slot_bytes), {})
+    storage = Storage(HostSlotPool.for_config(config, slot_bytes), {})
     if disk_root is not None:
         disk = DiskTier(disk_root, max(disk_bytes, 1), threads=config.disk_io_threads, o_direct=config.disk_o_direct,
                         namespace=namespace)

@@ -65,11 +65,11 @@ from typing import Any
 
 import numpy as np
 
+from lmcache_ext.keys import KEY_BYTES
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
     FLAG_PADDED,
     HEADER,
-    KEY_BYTES,
     BadRecord,
     Fields,
     Header,

@@ -24,16 +24,19 @@ from typing import NamedTuple
 
 import xxhash
 
+from lmcache_ext.keys import KEY_BYTES
+
 MAGIC = b"LMCXCHNK"
-FORMAT_VERSION = 2
+RECORD_FORMAT_VERSION = 2
+"""Version of the record header (`HEADER`); what the payload's bytes mean is versioned
+by the key's namespace (`lmcache_ext.keys.FORMAT_VERSION`)."""
 FLAG_PADDED = 1  # disk: the payload is followed by zeros up to a 4096 multiple
 FLAG_MAC = 2  # a TAG_BYTES tag over header and payload follows the payload
 FLAG_PARTS = 4  # remote: the payload is stored in parts under other keys (see tiers.remote)
 KNOWN_FLAGS = FLAG_PADDED | FLAG_MAC | FLAG_PARTS
-KEY_BYTES = 16
 TAG_BYTES = 32
 # magic, format version, flags, key, namespace, payload length, payload xxh3-64, xxh3-64 of the fields before it
-HEADER = Struct("<8sHH16s16sQQQ")
+HEADER = Struct(f"<8sHH{KEY_BYTES}s{KEY_BYTES}sQQQ")
 _CHECKED_BYTES = HEADER.size - 8  # the header checksum covers every field before it
 
 
@@ -65,7 +68,7 @@ def payload_checksum(payload: memoryview | bytes) -> int:
 
 def encode_header(key: bytes, namespace: bytes, payload_len: int, checksum: int, flags: int) -> bytes:
     """The HEADER.size bytes a record starts with."""
-    fields = (MAGIC, FORMAT_VERSION, flags, key, namespace, payload_len, checksum)
+    fields = (MAGIC, RECORD_FORMAT_VERSION, flags, key, namespace, payload_len, checksum)
     head = HEADER.pack(*fields, 0)
     return HEADER.pack(*fields, xxhash.xxh3_64_intdigest(head[:_CHECKED_BYTES]))
 
@@ -77,7 +80,7 @@ def read_header(block: memoryview | bytes) -> Fields:
     magic, version, flags, stored_key, stored_ns, stored_len, checksum, header_checksum = HEADER.unpack_from(block)
     if magic != MAGIC:
         raise BadRecord("bad_magic")
-    if version != FORMAT_VERSION or flags & ~KNOWN_FLAGS:
+    if version != RECORD_FORMAT_VERSION or flags & ~KNOWN_FLAGS:
         raise BadRecord("bad_version")
     if xxhash.xxh3_64_intdigest(memoryview(block)[:_CHECKED_BYTES]) != header_checksum:
         raise BadRecord("bad_header_checksum")

@@ -32,7 +32,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.about import build_line, tiers_line
 from lmcache_ext.config import CacheConfig, load_config
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder, merge
 from lmcache_ext.plans import Source
 from lmcache_ext.integration.vllm.idle import IdleSide
@@ -63,7 +63,7 @@ def share_vllm_log() -> None:
 def startup_line(config: CacheConfig, geometry: Geometry) -> str:
     """What the connector is set up to do, in one line of vLLM's log."""
     slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
-    num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
+    num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
     loads = "in the background" if config.loads_async(geometry.device_type) else "before the forward"
     return (f"{build_line()}: connector set up for a {geometry.device_type} engine with "
             f"{tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "

@@ -44,7 +44,7 @@ from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan,
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import SlotCopy, TierTransfer
 from lmcache_ext.tiers import Presence
@@ -100,7 +100,7 @@ class SchedulerSide:
         self._geometry = geometry
         g = geometry
         slot_bytes = g.chunk_bytes(g.blocks_per_chunk)
-        num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
+        num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
         self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
         lower: list[tuple[Source, Presence]] = []
         if config.local_disk:
