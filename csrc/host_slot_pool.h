@@ -2,7 +2,7 @@
 // one full KV chunk), mapped once, page-locked for DMA when a CUDA device is
 // there, and handed out by an O(1) thread-safe allocator with per-slot
 // reference counts (a transfer pins the slot it reads or writes, so eviction
-// cannot free it underneath).
+// cannot free it underneath: invariant 2 in docs/architecture.md).
 //
 // The arena is never inherited by a forked child (MADV_DONTFORK): a fork would
 // otherwise copy tens of GiB of page-locked memory into the child, or leave the

@@ -18,7 +18,7 @@ Sources, later winning (see `load_config`):
    ``lmcache.`` prefix.
 
 Every value from every source is checked when it is read, so a bad value is an
-error even when a later source overrides it. Strings are coerced: booleans read
+error even when a later source overrides it (invariant 7). Strings are coerced: booleans read
 true/false/1/0/yes/no (any case); ``null``, ``none`` and the empty string mean None
 where None is allowed; the two sizes take a number of GB or a number with a unit
 (``"512M"``, ``"8G"``, ``"1.5T"``, any case, an optional ``B``/``iB``). A GB here is

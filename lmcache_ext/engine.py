@@ -152,7 +152,7 @@ class CacheEngine:
     def store_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
         """`store` on the engine's transfer thread: returns at once, with a future of what
         `store` returns. The caller keeps the KV in `block_ids` unchanged until the future
-        is done. A chunk becomes visible to lookups only once its copy is complete."""
+        is done. A chunk becomes visible to lookups only once its copy is complete (invariant 1)."""
         self._check_open()
         return self._transfers.submit(self.store, tokens, block_ids)
 

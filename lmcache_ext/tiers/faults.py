@@ -1,7 +1,7 @@
 """Faults logged once per burst: a full disk or a damaged directory fails every
 operation for a while, and one line says so; the first success after it says how many
 operations the burst cost. The counters (``stats()``, the ``failures`` metric) keep
-every fault."""
+every fault. A fault costs hits, never correctness (invariant 4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The one record format of every tier below host memory: a fixed binary header, then
-the raw payload — never a pickle (invariant 5 of the design).
+the raw payload — never a pickle (invariant 5; invariants are numbered in docs/architecture.md).
 
 Header (``HEADER``, little-endian, 68 bytes): magic ``LMCXCHNK``, format version,
 flags, the 16-byte chunk key, the 16-byte namespace fingerprint of the cache that

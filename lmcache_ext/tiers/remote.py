@@ -16,9 +16,9 @@ are a hash tag: in a cluster every part sits in the manifest's slot, so a write 
 one MULTI/EXEC of parts and manifest (a reader sees all of a chunk or none of it)
 and a read is one MGET of manifest and parts, the parts landing straight in the
 slot. A later eviction of a part makes that chunk a miss, never wrong bytes.
-Nothing is ever unpickled.
+Nothing is ever unpickled (invariant 5).
 
-Faults cost hits, never a crash or a hang: every call has ``remote_timeout_ms``; a
+Faults cost hits, never a crash or a hang (invariant 4): every call has ``remote_timeout_ms``; a
 connectivity fault puts the tier in backoff (0.5 s doubling to 30 s) during which
 reads miss and writes are skipped, counted; a warning marks the start of each burst
 and an info line its end. Misconfiguration (authentication refused, a TLS

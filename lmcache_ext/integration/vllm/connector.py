@@ -5,7 +5,7 @@ vLLM makes one instance per role: in the scheduler process it is the
 (copies and tier I/O). Host hits load in `start_load_kv` before the forward;
 lower-tier hits load in the background (`load_kv_async`, reported through
 `get_finished`); stores gather in the background after `wait_for_save`, holding a
-finished request's blocks until they are done. A hit promises only chunks that can be loaded, so under
+finished request's blocks until they are done. A hit promises only chunks that can be loaded (invariant 9), so under
 vLLM's default `kv_load_failure_policy: "fail"` no request fails for want of a
 host slot; a chunk that fails its checks on load (a corrupt file) is reported
 through `get_block_ids_with_load_errors`, which only `"recompute"` turns into

@@ -8,7 +8,7 @@ remote presence from a background probe of every rank's records: while that prob
 is out, a lookup answers None (vLLM asks again next step) instead of waiting on the
 network. The probe starts as soon as vLLM hands over a new request.
 
-A hit promises only chunks that can be loaded: the lookup counts the host slots a
+A hit promises only chunks that can be loaded (invariant 9): the lookup counts the host slots a
 load would need (see `CacheDirectory.lookup`), after the loads already planned in
 this step, so vLLM never has to recompute a promised block for want of a slot.
 Keys chain vLLM's own block-hash extras (request_keys), and `reset` starts a new
@@ -20,7 +20,7 @@ request (`load_kv_async`) until the workers report it through `get_finished`. A 
 gathered in the background after the step's forward; a request that ever had a
 store is held at `request_finished` (its blocks are not freed) until the workers
 report its stores done. Every planned item has an id, and the scheduler acts on an
-item once every rank has reported it. A chunk being filled for one load is never
+item once every rank has reported it (invariant 8). A chunk being filled for one load is never
 promised to another: a lookup that reaches it answers None and asks again.
 """
 

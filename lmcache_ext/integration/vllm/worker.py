@@ -122,7 +122,7 @@ class WorkerSide:
     def load(self, plan: StepPlan) -> None:
         """A cache reset's clearing of the lower tiers first; then the loads of host hits
         into the planned blocks; then the background loads start. Failures become load
-        errors, so vLLM recomputes those blocks."""
+        errors, so vLLM recomputes those blocks (invariant 3)."""
         if plan.clear_tiers and self._storage is not None:
             for source, tier in self._storage.tiers.items():
                 logger.info("lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
