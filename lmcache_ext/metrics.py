@@ -133,7 +133,7 @@ class Recorder:
         if amount:
             self._add({Kind.COUNTER.value: {name: {label: amount}}})
 
-    def set(self, name: str, value: int, label: str = "", part: str = "") -> None:
+    def gauge(self, name: str, value: int, label: str = "", part: str = "") -> None:
         self._add({Kind.GAUGE.value: {name: {label: {part: value}}}})
 
     def observe(self, name: str, seconds: float, label: str = "") -> None:
@@ -165,9 +165,9 @@ class Recorder:
         self.count("failures", times, kind)
 
     def usage(self, tier: str, nbytes: int, capacity: int | None = None, part: str = "") -> None:
-        self.set("usage_bytes", nbytes, tier, part)
+        self.gauge("usage_bytes", nbytes, tier, part)
         if capacity is not None:
-            self.set("capacity_bytes", capacity, tier, part)
+            self.gauge("capacity_bytes", capacity, tier, part)
 
     @contextmanager
     def timer(self, op: str) -> Iterator[None]:

@@ -63,7 +63,7 @@ class Storage:
                 if name == "evictions":
                     recorder.evicted(source.value, value - (seen or 0))
                 else:
-                    recorder.set(name, value, source.value, part)
+                    recorder.gauge(name, value, source.value, part)
 
     def flush(self) -> None:
         for tier in self.tiers.values():
