@@ -18,7 +18,7 @@ Sources, later winning (see `load_config`):
    ``lmcache.`` prefix.
 
 Every value from every source is checked when it is read, so a bad value is an
-error even when a later source overrides it. Strings are coerced: booleans read
+error even when a later source overrides it (invariant 7). Strings are coerced: booleans read
 true/false/1/0/yes/no (any case); ``null``, ``none`` and the empty string mean None
 where None is allowed; the two sizes take a number of GB or a number with a unit
 (``"512M"``, ``"8G"``, ``"1.5T"``, any case, an optional ``B``/``iB``). A GB here is
@@ -375,6 +375,11 @@ class CacheConfig:
     def host_bytes(self) -> int:
         """max_local_cpu_size in bytes (GB of 1024**3 bytes)."""
         return round(self.max_local_cpu_size * GB)
+
+    def loads_async(self, device_type: str) -> bool:
+        """Whether lower-tier hits load in the background on a `device_type` engine
+        (``async_load``, or when null: on for CUDA, off for a CPU engine)."""
+        return self.async_load if self.async_load is not None else device_type != "cpu"
 
     @property
     def disk_bytes(self) -> int:

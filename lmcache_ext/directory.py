@@ -3,10 +3,10 @@ what to evict. Pure bookkeeping — it never touches a byte.
 
 A host entry becomes visible to lookups only once its bytes are complete
 (``commit``), and a pinned entry (a transfer is reading or writing its slot) is
-never evicted: invariants 1 and 2 of the design. Eviction is LRU over ready,
+never evicted: invariants 1 and 2 (docs/architecture.md). Eviction is LRU over ready,
 unpinned host entries; a chunk that is also on disk only loses its host copy.
 
-A lookup answers only what a load could pin right now: a chunk in a lower tier
+A lookup answers only what a load could pin right now (invariant 9): a chunk in a lower tier
 counts only while a host slot can be had to promote it into (a free slot, or one
 taken from an unpinned entry that the same load does not use), so every hit that
 is promised can be loaded, whatever earlier reservations already hold.

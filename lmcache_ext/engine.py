@@ -25,7 +25,7 @@ from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
 from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
-from lmcache_ext.metrics import RETRIEVE_SECONDS, STORE_SECONDS, EngineStats
+from lmcache_ext.metrics import EngineStats
 from lmcache_ext.plans import Plan, SlotCopy, TierTransfer
 from lmcache_ext.tiers import build_storage
 
@@ -115,7 +115,7 @@ class CacheEngine:
         tokens are now cached (stored by this call or before). Full chunks only,
         unless save_unfull_chunk. Lower tiers are written in the background."""
         self._check_open()
-        with STORE_SECONDS.time():
+        with self._stats.timer("store"):
             chunks = self._chunks(tokens)
             blocks = self._block_list(block_ids, chunks, "store")
             cached, fills = [], []
@@ -147,13 +147,15 @@ class CacheEngine:
                     self._writes_left[chunk.key] = len(self._storage.tiers)
                 writes += [TierTransfer(tier, chunk.key, slot, self._payload_bytes(chunk)) for tier in self._storage.tiers]
             self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
-            self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes)
+            self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes,
+                              self._pool.num_slots * self._pool.slot_bytes)
+            self._storage.record(self._stats)  # here, not in a write's callback: a tier may hold its lock there
             return self._tokens_of(cached)
 
     def store_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
         """`store` on the engine's transfer thread: returns at once, with a future of what
         `store` returns. The caller keeps the KV in `block_ids` unchanged until the future
-        is done. A chunk becomes visible to lookups only once its copy is complete."""
+        is done. A chunk becomes visible to lookups only once its copy is complete (invariant 1)."""
         self._check_open()
         return self._transfers.submit(self.store, tokens, block_ids)
 
@@ -167,7 +169,7 @@ class CacheEngine:
         """Load the longest cached prefix of `tokens` into `block_ids`; returns its
         length in tokens. Stops at the first miss or at a chunk that fails its checks."""
         self._check_open()
-        with RETRIEVE_SECONDS.time():
+        with self._stats.timer("load"):
             chunks = self._chunks(tokens)
             blocks = self._block_list(block_ids, chunks, "retrieve")
             self._lookup([c.key for c in chunks])  # asks the remote tier, whose answer reserve_loads uses
@@ -219,6 +221,7 @@ class CacheEngine:
 
     def stats(self) -> dict[str, Any]:
         """Counters of this engine plus the current state of its tiers."""
+        self._storage.record(self._stats)
         out: dict[str, Any] = self._stats.snapshot()
         out.update(
             host_slots=self._pool.num_slots,
@@ -321,8 +324,6 @@ class CacheEngine:
             remote.forget(read.key)
 
     def _write_done(self, write: TierTransfer, ok: bool) -> None:
-        if write.tier is Source.DISK:
-            self._stats.usage("disk", self._storage.tiers[Source.DISK].stats()["usage_bytes"])
         if ok:
             self._stats.stored(write.tier.value, write.nbytes // self._kv.chunk_bytes(1) * self._block_size,
                                write.nbytes)

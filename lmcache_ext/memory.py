@@ -1,8 +1,9 @@
-"""The host tier's pinned memory seen from Python: slots of one arena as tensors.
+"""The host tier's memory seen from Python: slots of one arena as tensors.
 
-The arena, its allocator and its reference counts live in C++
-(``_C.HostSlotPool``), so C++ transfer threads and Python share one source of
-truth. This module adds what only Python needs: zero-copy ``torch`` views of a
+The arena, its allocator and its reference counts live in C++ (``HostSlotPool`` in
+``csrc/host_slot_pool.h``, bound as ``_C.HostSlotPool``; one name from C++ to
+Python), so C++ transfer threads and Python share one source of truth. It is
+page-locked when a CUDA device is there (``pin``), plain memory otherwise. This module adds what only Python needs: zero-copy ``torch`` views of a
 slot, and sizing a pool from a byte budget such as ``max_local_cpu_size``.
 """
 
@@ -14,10 +15,10 @@ from lmcache_ext import _C
 from lmcache_ext.config import STAGING_SLOTS, CacheConfig
 
 
-class PinnedSlotPool(_C.HostSlotPool):
+class HostSlotPool(_C.HostSlotPool):
     """A pool of equal host slots, one full KV chunk each.
 
-    ``PinnedSlotPool(slot_bytes, num_slots, pin="auto", lock=False, device=-1)``.
+    ``HostSlotPool(slot_bytes, num_slots, pin="auto", lock=False, device=-1)``.
     Inherits ``alloc() -> int | None``, ``free``, ``pin``, ``unpin``, ``refcount``,
     ``address`` and the size properties from ``_C.HostSlotPool``; each slot
     starts on a 4096-byte boundary (``slot_stride`` apart).
@@ -46,7 +47,7 @@ class PinnedSlotPool(_C.HostSlotPool):
     @classmethod
     def for_budget(
         cls, total_bytes: int, slot_bytes: int, *, pin: str = "auto", lock: bool = False, device: int = -1
-    ) -> PinnedSlotPool:
+    ) -> HostSlotPool:
         """As many slots as fit in ``total_bytes`` (`slots_for`)."""
         return cls(slot_bytes, cls.slots_for(total_bytes, slot_bytes), pin=pin, lock=lock, device=device)
 
@@ -59,7 +60,7 @@ class PinnedSlotPool(_C.HostSlotPool):
         return cls.slots_for(config.host_bytes, slot_bytes) if config.local_cpu else STAGING_SLOTS
 
     @classmethod
-    def for_config(cls, config: CacheConfig, slot_bytes: int, *, device: int = -1) -> PinnedSlotPool:
+    def for_config(cls, config: CacheConfig, slot_bytes: int, *, device: int = -1) -> HostSlotPool:
         """The host pool that `config` asks for (`slots_for_config`)."""
         return cls(slot_bytes, cls.slots_for_config(config, slot_bytes), pin=config.pin_host_memory, device=device)
 

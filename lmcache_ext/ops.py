@@ -1,7 +1,8 @@
 """Torch-facing wrappers of the page-copy kernels.
 
 They turn tensors into the raw addresses ``lmcache_ext._C`` takes, and check
-every argument before a byte moves: the kernels trust what they are given.
+every argument before a byte moves (invariant 7): the kernels trust what they are
+given.
 
 A *page* is the bytes of one block of one layer. A chunk buffer holds pages
 laid out ``[layer][block][page_bytes]``. A cross-layer cache (each block holds

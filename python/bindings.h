@@ -12,6 +12,6 @@ namespace lmc::py_bind {
 void throw_if_error(const Status& status);
 
 void bind_page_copy(pybind11::module_& m);
-void bind_host_pool(pybind11::module_& m);
+void bind_host_slot_pool(pybind11::module_& m);
 
 }  // namespace lmc::py_bind

@@ -40,5 +40,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &lmc::cuda::device_count,
         "CUDA devices visible now; 0 without CUDA, a driver or a device.");
   lmc::py_bind::bind_page_copy(m);
-  lmc::py_bind::bind_host_pool(m);
+  lmc::py_bind::bind_host_slot_pool(m);
 }

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from lmcache_ext.config import GB, IGNORED_LMCACHE_KEYS, STAGING_SLOTS, CacheConfig, ConfigError, load_config
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 
 NO_ENV: dict[str, str] = {}
 
@@ -564,11 +564,11 @@ def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
 def test_the_host_pool_is_the_host_tier_or_only_staging_slots():
     on = load_config({"max_local_cpu_size": 1}, environ={})
     off = load_config({"max_local_cpu_size": 1, "local_cpu": False}, environ={})
-    assert PinnedSlotPool.slots_for_config(on, 1 << 20) == GB >> 20
-    assert PinnedSlotPool.slots_for_config(off, 1 << 20) == STAGING_SLOTS
+    assert HostSlotPool.slots_for_config(on, 1 << 20) == GB >> 20
+    assert HostSlotPool.slots_for_config(off, 1 << 20) == STAGING_SLOTS
     # slots smaller than a page still sit on a 4096-byte stride: staging needs whole strides
-    assert PinnedSlotPool.slots_for_config(off, 100) == STAGING_SLOTS
-    pool = PinnedSlotPool.for_config(off, 100)
+    assert HostSlotPool.slots_for_config(off, 100) == STAGING_SLOTS
+    pool = HostSlotPool.for_config(off, 100)
     assert (pool.num_slots, pool.slot_bytes) == (STAGING_SLOTS, 100)
 
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 
 
 class FakeDisk:
@@ -19,9 +19,9 @@ class FakeDisk:
         return key in self.keys
 
 
-def slots(n: int) -> PinnedSlotPool:
+def slots(n: int) -> HostSlotPool:
     """A real slot allocator with n tiny slots."""
-    return PinnedSlotPool(1, n, pin="never")
+    return HostSlotPool(1, n, pin="never")
 
 
 def k(i: int) -> bytes:

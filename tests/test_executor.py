@@ -11,7 +11,7 @@ import torch
 from lmcache_ext import executor as executor_module
 from lmcache_ext import ops
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.plans import Plan, PlanResult, SlotCopy, Source, TierTransfer
 from lmcache_ext.testing.kv_layouts import make_layers, page_view, reference_chunk
 from lmcache_ext.tiers.disk import DiskTier
@@ -21,7 +21,7 @@ def test_partial_copies_address_the_chunk_from_its_first_block():
     for layout in ("LBNHC", "BLHNC"):
         layers = make_layers(layout, 3, 32, 2, 16, 8, torch.float16, seed=1)
         kv = ops.PagedLayers.from_tensors(layers)
-        pool = PinnedSlotPool(kv.chunk_bytes(4), 2, pin="never")
+        pool = HostSlotPool(kv.chunk_bytes(4), 2, pin="never")
         executor = TransferExecutor(kv, pool, {})
         result = executor.run(Plan(gathers=(SlotCopy(0, (4, 5, 6, 7)), SlotCopy(1, (8, 9, 10, 11)))))
         assert result.gathers == (True, True)
@@ -51,7 +51,7 @@ def fake_cuda(kv: ops.PagedLayers) -> ops.PagedLayers:
 
 def test_a_cuda_cache_with_pageable_slots_is_refused_at_start_up():
     kv = ops.PagedLayers.from_tensors(make_layers("LBNHC", 2, 8, 1, 4, 8, torch.float16, seed=2))
-    pool = PinnedSlotPool(kv.chunk_bytes(2), 2, pin="never")
+    pool = HostSlotPool(kv.chunk_bytes(2), 2, pin="never")
     message = r"the KV cache is on cuda:0 but the host slot pool is not page-locked"
     with pytest.raises(ValueError, match=message):
         TransferExecutor(fake_cuda(kv), pool, {})
@@ -63,7 +63,7 @@ def test_a_cuda_cache_with_pageable_slots_is_refused_at_start_up():
 class StandIns:
     """CPU stand-ins for the CUDA pieces the executor drives, logging what it asks of them."""
 
-    def __init__(self, pool: PinnedSlotPool) -> None:
+    def __init__(self, pool: HostSlotPool) -> None:
         self.log: list[tuple] = []
         self.pool = pool
         self.is_page_locked = True
@@ -101,7 +101,7 @@ class StandIns:
 
 def test_cuda_copies_run_on_the_copy_stream_and_the_host_waits_only_for_slots_it_touches(monkeypatch):
     kv = ops.PagedLayers.from_tensors(make_layers("LBNHC", 2, 8, 1, 4, 8, torch.float16, seed=3))
-    fake = StandIns(PinnedSlotPool(kv.chunk_bytes(2), 2, pin="never"))
+    fake = StandIns(HostSlotPool(kv.chunk_bytes(2), 2, pin="never"))
     monkeypatch.setattr(executor_module, "CopyStream", fake.copy_stream)
     monkeypatch.setattr(ops, "gather", fake.copy("gather"))
     monkeypatch.setattr(ops, "scatter", fake.copy("scatter"))
@@ -124,7 +124,7 @@ def test_cuda_copies_run_on_the_copy_stream_and_the_host_waits_only_for_slots_it
 def cuda_rig(pool_slots: int = 4, disk: DiskTier | None = None):
     layers = make_layers("LBNHC", 4, 64, 2, 16, 64, torch.float16, "cuda", seed=4)
     kv = ops.PagedLayers.from_tensors(layers)
-    pool = PinnedSlotPool(kv.chunk_bytes(4), pool_slots, pin="always")
+    pool = HostSlotPool(kv.chunk_bytes(4), pool_slots, pin="always")
     return layers, kv, pool, TransferExecutor(kv, pool, {Source.DISK: disk} if disk else {})
 
 
@@ -209,4 +209,4 @@ def test_a_cuda_cache_with_pageable_slots_is_refused_on_a_real_device():
     layers = make_layers("LBNHC", 2, 8, 1, 4, 8, torch.float16, "cuda", seed=6)
     kv = ops.PagedLayers.from_tensors(layers)
     with pytest.raises(ValueError, match="not page-locked"):
-        TransferExecutor(kv, PinnedSlotPool(kv.chunk_bytes(2), 2, pin="never"), {})
+        TransferExecutor(kv, HostSlotPool(kv.chunk_bytes(2), 2, pin="never"), {})

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lmcache_ext import _C
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
 
 NO_CUDA_DEVICE = _C.cuda_device_count() == 0
 PAGE = 4096
@@ -26,7 +26,7 @@ HUGE_PAGE = 2 << 20
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def pool_state(pool: PinnedSlotPool) -> tuple[int, list[int]]:
+def pool_state(pool: HostSlotPool) -> tuple[int, list[int]]:
     return pool.num_free, [pool.refcount(s) for s in range(pool.num_slots)]
 
 
@@ -52,7 +52,7 @@ def vm_flags(address: int) -> list[str]:
 
 
 def test_alloc_hands_out_every_slot_once_then_none() -> None:
-    pool = PinnedSlotPool(1000, 4, pin="never")
+    pool = HostSlotPool(1000, 4, pin="never")
     slots = [pool.alloc() for _ in range(4)]
     assert sorted(slots) == [0, 1, 2, 3]
     assert pool.alloc() is None
@@ -60,7 +60,7 @@ def test_alloc_hands_out_every_slot_once_then_none() -> None:
 
 
 def test_freed_slot_is_handed_out_again() -> None:
-    pool = PinnedSlotPool(1000, 3, pin="never")
+    pool = HostSlotPool(1000, 3, pin="never")
     slots = [pool.alloc() for _ in range(3)]
     pool.free(slots[1])
     assert pool_state(pool)[0] == 1
@@ -73,7 +73,7 @@ def test_freed_slot_is_handed_out_again() -> None:
 
 
 def test_pin_and_unpin_count_holders() -> None:
-    pool = PinnedSlotPool(1000, 2, pin="never")
+    pool = HostSlotPool(1000, 2, pin="never")
     slot = pool.alloc()
     assert pool.refcount(slot) == 1
     pool.pin(slot)
@@ -88,9 +88,9 @@ def test_pin_and_unpin_count_holders() -> None:
 
 
 @pytest.fixture
-def busy_pool() -> tuple[PinnedSlotPool, dict[str, int]]:
+def busy_pool() -> tuple[HostSlotPool, dict[str, int]]:
     """A 4-slot pool with one free slot, one allocated, one pinned once, one pinned twice."""
-    pool = PinnedSlotPool(1000, 4, pin="never")
+    pool = HostSlotPool(1000, 4, pin="never")
     free, allocated, pinned_once, pinned_twice = (pool.alloc() for _ in range(4))
     pool.free(free)
     pool.pin(pinned_once)
@@ -116,7 +116,7 @@ def busy_pool() -> tuple[PinnedSlotPool, dict[str, int]]:
     ],
 )
 def test_misuse_of_a_slot_raises_and_changes_nothing(
-    busy_pool: tuple[PinnedSlotPool, dict[str, int]], method: str, which: str, message: str
+    busy_pool: tuple[HostSlotPool, dict[str, int]], method: str, which: str, message: str
 ) -> None:
     pool, slots = busy_pool
     before = pool_state(pool)
@@ -130,7 +130,7 @@ def test_misuse_of_a_slot_raises_and_changes_nothing(
 @pytest.mark.parametrize("method", ["free", "pin", "unpin", "refcount", "address", "view"])
 @pytest.mark.parametrize("slot", [4, 70, -1])
 def test_out_of_range_slot_raises_and_changes_nothing(
-    busy_pool: tuple[PinnedSlotPool, dict[str, int]], method: str, slot: int
+    busy_pool: tuple[HostSlotPool, dict[str, int]], method: str, slot: int
 ) -> None:
     pool, _ = busy_pool
     before = pool_state(pool)
@@ -144,7 +144,7 @@ def test_concurrent_alloc_free_never_shares_a_slot() -> None:
     """8 threads over 5 slots, each until it has held a slot `grants` times (counting grants,
     not attempts: under load a thread may lose every race for a while)."""
     num_threads, grants = 8, 1500
-    pool = PinnedSlotPool(64, 5, pin="never")
+    pool = HostSlotPool(64, 5, pin="never")
     stamps = [ctypes.c_int64.from_address(pool.address(s)) for s in range(pool.num_slots)]
     errors: list[str] = []
     granted = [0] * num_threads
@@ -202,41 +202,41 @@ def test_bad_sizes_raise_naming_the_value(
     slot_bytes: int, num_slots: int, error: type[Exception], message: str
 ) -> None:
     with pytest.raises(error) as info:
-        PinnedSlotPool(slot_bytes, num_slots, pin="never")
+        HostSlotPool(slot_bytes, num_slots, pin="never")
     assert message in str(info.value)
 
 
 def test_unknown_pin_mode_raises_naming_it() -> None:
     with pytest.raises(ValueError) as info:
-        PinnedSlotPool(4096, 2, pin="bogus")
+        HostSlotPool(4096, 2, pin="bogus")
     assert str(info.value) == "pin = 'bogus': expected 'auto', 'never' or 'always'"
 
 
 @pytest.mark.skipif(not NO_CUDA_DEVICE, reason="a CUDA device is visible")
 def test_without_a_device_always_fails_and_auto_stays_plain() -> None:
     with pytest.raises(RuntimeError, match="no CUDA device is visible"):
-        PinnedSlotPool(4096, 2, pin="always")
-    assert not PinnedSlotPool(4096, 2, pin="auto").is_page_locked
+        HostSlotPool(4096, 2, pin="always")
+    assert not HostSlotPool(4096, 2, pin="auto").is_page_locked
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")
 def test_with_a_device_auto_and_always_page_lock() -> None:
-    assert PinnedSlotPool(HUGE_PAGE, 2, pin="always").is_page_locked
-    assert PinnedSlotPool(HUGE_PAGE, 2, pin="auto").is_page_locked
-    assert not PinnedSlotPool(HUGE_PAGE, 2, pin="never").is_page_locked
+    assert HostSlotPool(HUGE_PAGE, 2, pin="always").is_page_locked
+    assert HostSlotPool(HUGE_PAGE, 2, pin="auto").is_page_locked
+    assert not HostSlotPool(HUGE_PAGE, 2, pin="never").is_page_locked
 
 
 def test_a_device_index_below_minus_one_is_refused() -> None:
     with pytest.raises(ValueError) as info:
-        PinnedSlotPool(4096, 2, pin="never", device=-2)
+        HostSlotPool(4096, 2, pin="never", device=-2)
     assert str(info.value) == (
         "device = -2: expected a CUDA device index, or -1 for the calling thread's current device"
     )
 
 
 def test_a_pool_that_is_not_page_locked_has_no_device_address() -> None:
-    pool = PinnedSlotPool(4096, 2, pin="never")
+    pool = HostSlotPool(4096, 2, pin="never")
     assert (pool.device, pool.device_base_address) == (-1, 0)
     assert _C.device_addresses([pool.address(1), 12345]) == [pool.address(1), 12345]
 
@@ -248,7 +248,7 @@ def test_page_locking_that_fails_fails_creation_naming_why(pin: str) -> None:
     """A pool left pageable would fail every CUDA copy while serving; creation fails instead."""
     count = _C.cuda_device_count()
     with pytest.raises(ValueError) as info:
-        PinnedSlotPool(4096, 2, pin=pin, device=count)
+        HostSlotPool(4096, 2, pin=pin, device=count)
     assert str(info.value).startswith(f"pin = {pin}: cannot page-lock the host pool of 8192 bytes: device = {count} is out of range")
 
 
@@ -258,7 +258,7 @@ def test_page_locked_pool_is_addressed_where_the_driver_maps_it() -> None:
     from cuda_driver import can_use_host_pointer, host_device_pointer
 
     torch.zeros(1, device="cuda")  # a current context on this thread, as in a vLLM worker
-    pool = PinnedSlotPool(HUGE_PAGE, 2, pin="always")
+    pool = HostSlotPool(HUGE_PAGE, 2, pin="always")
     assert pool.device == torch.cuda.current_device()
     mapped = host_device_pointer(pool.base_address)
     assert pool.device_base_address == (pool.base_address if can_use_host_pointer(pool.device) else mapped)
@@ -275,7 +275,7 @@ def test_a_pool_dropped_on_a_thread_without_cuda_leaves_no_context_there() -> No
 
     torch.zeros(1, device="cuda")
     before = current_context()
-    holder = [PinnedSlotPool(HUGE_PAGE, 2, pin="always")]
+    holder = [HostSlotPool(HUGE_PAGE, 2, pin="always")]
     seen: list[int] = []
 
     def drop() -> None:
@@ -292,30 +292,30 @@ def test_a_pool_dropped_on_a_thread_without_cuda_leaves_no_context_there() -> No
 
 
 def test_for_budget_fits_whole_strides() -> None:
-    stride = PinnedSlotPool.stride_for(5000)
+    stride = HostSlotPool.stride_for(5000)
     assert stride == 8192
-    pool = PinnedSlotPool.for_budget(3 * stride + stride - 1, 5000, pin="never")
+    pool = HostSlotPool.for_budget(3 * stride + stride - 1, 5000, pin="never")
     assert (pool.num_slots, pool.slot_bytes, pool.slot_stride) == (3, 5000, 8192)
 
 
 def test_for_budget_rejects_a_budget_below_one_slot() -> None:
     with pytest.raises(ValueError) as info:
-        PinnedSlotPool.for_budget(8191, 5000)
+        HostSlotPool.for_budget(8191, 5000)
     assert str(info.value) == (
         "total_bytes = 8191 holds no slot: "
         "slot_bytes = 5000 takes 8192 bytes (a 4096-aligned stride)"
     )
     with pytest.raises(ValueError, match="slot_bytes = 0: expected a positive number of bytes"):
-        PinnedSlotPool.for_budget(1 << 20, 0)
+        HostSlotPool.for_budget(1 << 20, 0)
     with pytest.raises(TypeError, match=r"total_bytes = 1500000000\.0: expected an int number"):
-        PinnedSlotPool.for_budget(1.5e9, 5000)
+        HostSlotPool.for_budget(1.5e9, 5000)
 
 
 def test_repr_names_the_class_and_counts() -> None:
-    pool = PinnedSlotPool(1000, 3, pin="never")
+    pool = HostSlotPool(1000, 3, pin="never")
     pool.alloc()
     assert repr(pool) == (
-        "PinnedSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False)"
+        "HostSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False)"
     )
 
 
@@ -324,10 +324,10 @@ def test_repr_names_the_class_and_counts() -> None:
 
 @pytest.mark.parametrize("slot_bytes", [1, 4095, 4096, 4097, 5000, (1 << 20) + 1])
 def test_every_slot_is_page_aligned(slot_bytes: int) -> None:
-    pool = PinnedSlotPool(slot_bytes, 5, pin="never")
+    pool = HostSlotPool(slot_bytes, 5, pin="never")
     stride = pool.slot_stride
     assert stride % PAGE == 0 and slot_bytes <= stride < slot_bytes + PAGE
-    assert stride == PinnedSlotPool.stride_for(slot_bytes)
+    assert stride == HostSlotPool.stride_for(slot_bytes)
     assert pool.arena_bytes == 5 * stride
     for s in range(5):
         assert pool.address(s) == pool.base_address + s * stride
@@ -335,7 +335,7 @@ def test_every_slot_is_page_aligned(slot_bytes: int) -> None:
 
 
 def test_view_is_the_slot_zero_copy() -> None:
-    pool = PinnedSlotPool(5000, 3, pin="never")
+    pool = HostSlotPool(5000, 3, pin="never")
     slot = pool.alloc()
     view = pool.view(slot)
     assert (view.dtype, view.shape, view.data_ptr()) == (torch.uint8, (5000,), pool.address(slot))
@@ -348,7 +348,7 @@ def test_view_is_the_slot_zero_copy() -> None:
 
 
 def test_slot_views_do_not_overlap() -> None:
-    pool = PinnedSlotPool(5000, 4, pin="never")
+    pool = HostSlotPool(5000, 4, pin="never")
     for s in range(4):
         pool.view(s).fill_(s + 1)
     for s in range(4):
@@ -356,7 +356,7 @@ def test_slot_views_do_not_overlap() -> None:
 
 
 def test_view_keeps_the_arena_alive() -> None:
-    pool = PinnedSlotPool(5000, 2, pin="never")
+    pool = HostSlotPool(5000, 2, pin="never")
     alive = weakref.ref(pool)
     view = pool.view(1)
     del pool
@@ -373,7 +373,7 @@ def test_view_keeps_the_arena_alive() -> None:
 
 
 def test_large_arena_is_huge_page_aligned_and_advised() -> None:
-    pool = PinnedSlotPool(HUGE_PAGE, 2, pin="never")
+    pool = HostSlotPool(HUGE_PAGE, 2, pin="never")
     assert pool.base_address % HUGE_PAGE == 0
     thp_built = Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
     assert ("hg" in vm_flags(pool.base_address)) == thp_built
@@ -381,14 +381,14 @@ def test_large_arena_is_huge_page_aligned_and_advised() -> None:
 
 def test_lock_false_locks_nothing() -> None:
     before = locked_kib()
-    pool = PinnedSlotPool(PAGE, 4, pin="never")
+    pool = HostSlotPool(PAGE, 4, pin="never")
     assert not pool.is_mlocked
     assert locked_kib() == before
 
 
 def test_lock_true_reports_what_the_kernel_locked() -> None:
     before = locked_kib()
-    pool = PinnedSlotPool(PAGE, 4, pin="never", lock=True)
+    pool = HostSlotPool(PAGE, 4, pin="never", lock=True)
     assert locked_kib() - before == (16 if pool.is_mlocked else 0)
     del pool
     assert locked_kib() == before
@@ -407,11 +407,11 @@ def test_lock_true_stays_unlocked_when_mlock_is_not_permitted() -> None:
         """
         import re
         from pathlib import Path
-        from lmcache_ext.memory import PinnedSlotPool
+        from lmcache_ext.memory import HostSlotPool
 
         caps = int(re.search(r"CapEff:\\s+(\\w+)", Path("/proc/self/status").read_text())[1], 16)
         assert not caps & (1 << 14), "CAP_IPC_LOCK is still effective"
-        pool = PinnedSlotPool(4096, 4, pin="never", lock=True)
+        pool = HostSlotPool(4096, 4, pin="never", lock=True)
         slot = pool.alloc()
         pool.view(slot).fill_(7)
         print(pool.is_mlocked, int(pool.view(slot).sum()))
@@ -438,22 +438,22 @@ def test_the_arena_is_faulted_in_at_creation():
             return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) * 1024
 
     before = rss()
-    pool = PinnedSlotPool(1 << 20, 64, pin="never")
+    pool = HostSlotPool(1 << 20, 64, pin="never")
     assert pool.is_populated
     assert rss() - before >= 60 << 20
 
 
 def test_slots_for_a_budget_count_the_padded_stride():
-    assert PinnedSlotPool.slots_for(10 * 8192, 4097) == 10
-    assert PinnedSlotPool.slots_for(8191, 4096) == 1
+    assert HostSlotPool.slots_for(10 * 8192, 4097) == 10
+    assert HostSlotPool.slots_for(8191, 4096) == 1
     with pytest.raises(ValueError, match=r"total_bytes = 4095 holds no slot: slot_bytes = 1 takes 4096 bytes"):
-        PinnedSlotPool.slots_for(4095, 1)
+        HostSlotPool.slots_for(4095, 1)
 
 
 FORK_CHILD = """
 import os, sys
-from lmcache_ext.memory import PinnedSlotPool
-pool = PinnedSlotPool(2 << 20, 2, pin=sys.argv[1])
+from lmcache_ext.memory import HostSlotPool
+pool = HostSlotPool(2 << 20, 2, pin=sys.argv[1])
 pool.view(0).fill_(7)
 low, high = pool.base_address, pool.base_address + pool.arena_bytes
 pid = os.fork()
@@ -472,7 +472,7 @@ print(os.waitstatus_to_exitcode(status), int(pool.view(0)[:4].sum()))
 )
 def test_a_forked_child_does_not_inherit_the_arena(pin: str) -> None:
     """MADV_DONTFORK: fork neither copies the (page-locked) arena nor shares its pages."""
-    pool = PinnedSlotPool(HUGE_PAGE, 2, pin="never")
+    pool = HostSlotPool(HUGE_PAGE, 2, pin="never")
     assert "dc" in vm_flags(pool.base_address)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-c", FORK_CHILD, pin], env=env, capture_output=True, text=True, timeout=120)

@@ -147,7 +147,7 @@ def test_a_slow_server_times_out_without_hanging_the_caller(redis):
         assert b.stats()["pinned_slots"] == 0
 
 
-def test_a_full_server_fails_stores_only(redis):
+def test_a_full_server_fails_stores_only_with_one_warning(redis, caplog):
     redis.cli("CONFIG", "SET", "maxmemory", "1mb")
     redis.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
     redis.cli("DEBUG", "POPULATE", "2000", "ballast", "1000")  # 2 MB of other data
@@ -156,8 +156,11 @@ def test_a_full_server_fails_stores_only(redis):
         assert a.store(tokens, list(range(8))) == 2 * CHUNK
         a.flush()
         assert a.stats()["remote_writes_failed"] == {"full": 2}
+        assert a.stats()["failures_remote_write"] == 2
         assert a.stats()["pinned_slots"] == 0
         assert a.retrieve(tokens, list(range(20, 28))) == 2 * CHUNK  # from its host tier
+    burst = [r.getMessage() for r in caplog.records if "remote writes to" in r.getMessage()]
+    assert len(burst) == 1 and "failing (full: " in burst[0]  # two faults, one line
 
 
 def test_an_evicting_server_turns_old_chunks_into_misses(redis):

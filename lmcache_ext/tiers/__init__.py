@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
+from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import Source
 from lmcache_ext.tiers.disk import DiskTier
 
@@ -43,10 +44,26 @@ class Storage:
     """A process's host pool and lower tiers (in lookup order: disk, then remote), and
     how the directory of a `CacheEngine` sees those tiers."""
 
-    pool: PinnedSlotPool
+    pool: HostSlotPool
     tiers: dict[Source, LowerTier]
     presence: dict[Source, Presence] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    _reported: dict[tuple[Source, str], int] = field(default_factory=dict)  # what `record` last saw
+
+    def record(self, recorder: Recorder, part: str = "") -> None:
+        """Each lower tier's usage and capacity when they changed, and its evictions since
+        the last call, into `recorder` (`part`: this process's share of a gauge)."""
+        for source, tier in self.tiers.items():
+            stats = tier.stats()
+            for name in ("usage_bytes", "capacity_bytes", "evictions"):
+                value, seen = stats.get(name), self._reported.get((source, name))
+                if value is None or value == seen:
+                    continue
+                self._reported[(source, name)] = value
+                if name == "evictions":
+                    recorder.evicted(source.value, value - (seen or 0))
+                else:
+                    recorder.gauge(name, value, source.value, part)
 
     def flush(self) -> None:
         for tier in self.tiers.values():
@@ -68,7 +85,7 @@ def build_storage(
     `disk_root` (capped at `disk_bytes`) when there is one, and the remote tier when
     `remote_url` is set, reading and writing the shards of TP rank `rank`. Records
     carry `namespace` (16 bytes): the fingerprint of the cache that writes them."""
-    storage = Storage(PinnedSlotPool.for_config(config, slot_bytes), {})
+    storage = Storage(HostSlotPool.for_config(config, slot_bytes), {})
     if disk_root is not None:
         disk = DiskTier(disk_root, max(disk_bytes, 1), threads=config.disk_io_threads, o_direct=config.disk_o_direct,
                         namespace=namespace)

@@ -65,17 +65,20 @@ from typing import Any
 
 import numpy as np
 
+from lmcache_ext.keys import KEY_BYTES
+from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
     FLAG_PADDED,
     HEADER,
-    KEY_BYTES,
     BadRecord,
+    Fields,
     Header,
     check_header,
     check_payload,
     encode_header,
     payload_checksum,
+    read_header,
 )
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,41 @@ def chunk_path(root: Path, key: bytes) -> Path:
     return root / hex_key[:2] / hex_key
 
 
+def is_tier_root(root: Path) -> bool:
+    """Whether `root` is laid out as a disk tier's directory (its 256 sub-directories)."""
+    return all((root / sub).is_dir() for sub in _FANOUT)
+
+
+def scan_root(root: Path) -> tuple[list[tuple[int, bytes, int]], list[Path]]:
+    """The chunk files under a tier's `root` as (mtime_ns, key, size), and the paths that
+    are not usable chunk files: temp files, unparsable names, files too short to hold
+    a header. Reads no file."""
+    found, junk = [], []
+    for sub in _FANOUT:
+        with os.scandir(root / sub) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if (
+                    _CHUNK_NAME.fullmatch(entry.name)
+                    and entry.name.startswith(sub)
+                    and stat.S_ISREG(st.st_mode)
+                    and st.st_size > HEADER_SIZE
+                ):
+                    found.append((st.st_mtime_ns, bytes.fromhex(entry.name), st.st_size))
+                else:
+                    junk.append(Path(entry.path))
+    return found, junk
+
+
+def read_file_header(path: Path) -> Fields:
+    """The record header at the start of a chunk file (checked: magic, version, header
+    checksum); raises BadRecord or OSError."""
+    with open(path, "rb") as f:
+        return read_header(f.read(HEADER.size))
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         os.unlink(path)
@@ -209,6 +247,8 @@ class DiskTier:
         self._writes_failed: Counter[str] = Counter()
         self._reads_corrupt: Counter[str] = Counter()
         self._reads_failed: Counter[str] = Counter()
+        self._write_faults = FaultLog(log, f"disk writes under {self._root}")
+        self._read_faults = FaultLog(log, f"disk reads under {self._root}")
         self._scan()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="lmcache-disk")
 
@@ -239,30 +279,15 @@ class DiskTier:
         )
 
     def _scan(self) -> None:
-        """Index the chunk files already under the root; delete temp files, files with
-        an unparsable name and files too short to hold a header."""
-        found = []
-        removed = 0
-        for sub in _FANOUT:
-            with os.scandir(self._root / sub) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                    if (
-                        _CHUNK_NAME.fullmatch(entry.name)
-                        and entry.name.startswith(sub)
-                        and stat.S_ISREG(st.st_mode)
-                        and st.st_size > HEADER_SIZE
-                    ):
-                        found.append((st.st_mtime_ns, bytes.fromhex(entry.name), st.st_size))
-                    else:
-                        _unlink_quietly(Path(entry.path))
-                        removed += 1
+        """Index the chunk files already under the root, least recently used first;
+        delete the files `scan_root` finds unusable."""
+        found, junk = scan_root(self._root)
+        for path in junk:
+            _unlink_quietly(path)
         for _, key, size in sorted(found):
             self._index[key] = size
             self._usage += size
-        self._counts["removed_at_start"] = removed
+        self._counts["removed_at_start"] = len(junk)
         self._evict_down_to(self._capacity)
 
     # ------------------------------------------------------------------ public API
@@ -348,6 +373,7 @@ class DiskTier:
         except BadRecord as bad:
             with self._lock:
                 self._reads_corrupt[bad.kind] += 1
+            self._read_faults.failed(bad.kind, path)
             return False
         except FileNotFoundError:
             with self._lock:
@@ -358,7 +384,9 @@ class DiskTier:
         except OSError as exc:
             with self._lock:
                 self._reads_failed[_error_kind(exc)] += 1
+            self._read_faults.failed(_error_kind(exc), exc)
             return False
+        self._read_faults.succeeded()
         with self._lock:
             self._counts["reads_hit"] += 1
             self._counts["direct_reads"] += direct
@@ -366,6 +394,27 @@ class DiskTier:
                 self._index.move_to_end(key)
         self._stamp(key)
         return True
+
+    def verify(self, key: bytes) -> str | None:
+        """Check the whole file of `key` (header, size, payload checksum) against what its
+        own header says, whatever namespace wrote it; delete it when a check fails.
+        Returns the failed check's kind, or None; an OSError while reading propagates
+        and the file stays. For ``python -m lmcache_ext verify``."""
+        path = self.path_of(key)
+        try:
+            fields = read_file_header(path)
+            if fields.key != key:
+                raise BadRecord("wrong_key")
+        except BadRecord as bad:
+            with self._lock:
+                self._drop(key)
+            return bad.kind
+        try:
+            self._read_checked(path, key, memoryview(bytearray(fields.payload_len)), direct=False,
+                               namespace=fields.namespace)
+        except BadRecord as bad:
+            return bad.kind  # deleted by _read_checked
+        return None
 
     def clear(self) -> int:
         """Forget every stored chunk and delete its file in the background (a cache
@@ -476,6 +525,8 @@ class DiskTier:
 
     def _write_job(self, key: bytes, payload: memoryview, on_done: Callable[[bool], None] | None) -> bool:
         ok = self._store(key, payload)
+        if ok:
+            self._write_faults.succeeded()
         if on_done is not None:
             try:
                 on_done(ok)
@@ -492,6 +543,8 @@ class DiskTier:
             full = "too_large" if size > self._capacity else "no_room" if self._reserved + size > self._capacity else ""
             if full:
                 self._writes_failed[full] += 1
+                self._write_faults.failed(full, f"{size} bytes, {self._capacity - self._reserved} free of "
+                                                f"{self._capacity}")
                 return False
             self._evict_down_to(self._capacity - self._reserved - size)
             self._reserved += size
@@ -506,6 +559,7 @@ class DiskTier:
             with self._lock:
                 self._reserved -= size
                 self._writes_failed[_error_kind(exc)] += 1
+            self._write_faults.failed(_error_kind(exc), exc)
             return False
         with self._lock:
             self._reserved -= size
@@ -518,6 +572,7 @@ class DiskTier:
             except OSError as exc:
                 _unlink_quietly(temp)
                 self._writes_failed[_error_kind(exc)] += 1
+                self._write_faults.failed(_error_kind(exc), exc)
                 return False
             self._index[key] = size
             self._usage += size
@@ -562,12 +617,12 @@ class DiskTier:
         self._read_checked(path, key, out, direct=False)
         return False
 
-    def _read_checked(self, path: Path, key: bytes, out: memoryview, direct: bool) -> None:
+    def _read_checked(self, path: Path, key: bytes, out: memoryview, direct: bool, namespace: bytes | None = None) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
         try:
             st = os.fstat(fd)
             try:
-                _read_payload(fd, st.st_size, key, self._namespace, out, direct)
+                _read_payload(fd, st.st_size, key, self._namespace if namespace is None else namespace, out, direct)
             except BadRecord:
                 self._delete_bad(key, path, st)
                 raise

@@ -1,5 +1,5 @@
 """The one record format of every tier below host memory: a fixed binary header, then
-the raw payload — never a pickle (invariant 5 of the design).
+the raw payload — never a pickle (invariant 5; invariants are numbered in docs/architecture.md).
 
 Header (``HEADER``, little-endian, 68 bytes): magic ``LMCXCHNK``, format version,
 flags, the 16-byte chunk key, the 16-byte namespace fingerprint of the cache that
@@ -24,16 +24,19 @@ from typing import NamedTuple
 
 import xxhash
 
+from lmcache_ext.keys import KEY_BYTES
+
 MAGIC = b"LMCXCHNK"
-FORMAT_VERSION = 2
+RECORD_FORMAT_VERSION = 2
+"""Version of the record header (`HEADER`); what the payload's bytes mean is versioned
+by the key's namespace (`lmcache_ext.keys.FORMAT_VERSION`)."""
 FLAG_PADDED = 1  # disk: the payload is followed by zeros up to a 4096 multiple
 FLAG_MAC = 2  # a TAG_BYTES tag over header and payload follows the payload
 FLAG_PARTS = 4  # remote: the payload is stored in parts under other keys (see tiers.remote)
 KNOWN_FLAGS = FLAG_PADDED | FLAG_MAC | FLAG_PARTS
-KEY_BYTES = 16
 TAG_BYTES = 32
 # magic, format version, flags, key, namespace, payload length, payload xxh3-64, xxh3-64 of the fields before it
-HEADER = Struct("<8sHH16s16sQQQ")
+HEADER = Struct(f"<8sHH{KEY_BYTES}s{KEY_BYTES}sQQQ")
 _CHECKED_BYTES = HEADER.size - 8  # the header checksum covers every field before it
 
 
@@ -50,35 +53,50 @@ class Header(NamedTuple):
     payload_checksum: int
 
 
+class Fields(NamedTuple):
+    """What a record's header says about it."""
+
+    key: bytes
+    namespace: bytes
+    payload_len: int
+    header: Header
+
+
 def payload_checksum(payload: memoryview | bytes) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
 def encode_header(key: bytes, namespace: bytes, payload_len: int, checksum: int, flags: int) -> bytes:
     """The HEADER.size bytes a record starts with."""
-    fields = (MAGIC, FORMAT_VERSION, flags, key, namespace, payload_len, checksum)
+    fields = (MAGIC, RECORD_FORMAT_VERSION, flags, key, namespace, payload_len, checksum)
     head = HEADER.pack(*fields, 0)
     return HEADER.pack(*fields, xxhash.xxh3_64_intdigest(head[:_CHECKED_BYTES]))
 
 
-def check_header(block: memoryview | bytes, key: bytes, namespace: bytes, payload_len: int) -> Header:
-    """Check a record's header against what the reader expects; raises BadRecord."""
+def read_header(block: memoryview | bytes) -> Fields:
+    """A record header's fields, once its magic, version and checksum hold; raises BadRecord."""
     if len(block) < HEADER.size:
         raise BadRecord("truncated")
     magic, version, flags, stored_key, stored_ns, stored_len, checksum, header_checksum = HEADER.unpack_from(block)
     if magic != MAGIC:
         raise BadRecord("bad_magic")
-    if version != FORMAT_VERSION or flags & ~KNOWN_FLAGS:
+    if version != RECORD_FORMAT_VERSION or flags & ~KNOWN_FLAGS:
         raise BadRecord("bad_version")
     if xxhash.xxh3_64_intdigest(memoryview(block)[:_CHECKED_BYTES]) != header_checksum:
         raise BadRecord("bad_header_checksum")
-    if stored_key != key:
+    return Fields(stored_key, stored_ns, stored_len, Header(flags, checksum))
+
+
+def check_header(block: memoryview | bytes, key: bytes, namespace: bytes, payload_len: int) -> Header:
+    """Check a record's header against what the reader expects; raises BadRecord."""
+    fields = read_header(block)
+    if fields.key != key:
         raise BadRecord("wrong_key")
-    if stored_ns != namespace:
+    if fields.namespace != namespace:
         raise BadRecord("wrong_namespace")
-    if stored_len != payload_len:
+    if fields.payload_len != payload_len:
         raise BadRecord("wrong_length")
-    return Header(flags, checksum)
+    return fields.header
 
 
 def check_payload(payload: memoryview | bytes, header: Header) -> None:

@@ -16,9 +16,9 @@ are a hash tag: in a cluster every part sits in the manifest's slot, so a write 
 one MULTI/EXEC of parts and manifest (a reader sees all of a chunk or none of it)
 and a read is one MGET of manifest and parts, the parts landing straight in the
 slot. A later eviction of a part makes that chunk a miss, never wrong bytes.
-Nothing is ever unpickled.
+Nothing is ever unpickled (invariant 5).
 
-Faults cost hits, never a crash or a hang: every call has ``remote_timeout_ms``; a
+Faults cost hits, never a crash or a hang (invariant 4): every call has ``remote_timeout_ms``; a
 connectivity fault puts the tier in backoff (0.5 s doubling to 30 s) during which
 reads miss and writes are skipped, counted; a warning marks the start of each burst
 and an info line its end. Misconfiguration (authentication refused, a TLS
@@ -48,6 +48,7 @@ from glide_shared.exceptions import TimeoutError as GlideTimeoutError
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.remote_url import RemoteEndpoint, mask_password, parse_remote_url
+from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
     FLAG_MAC,
@@ -374,6 +375,8 @@ class RemoteTier:
         self._counts: Counter[str] = Counter()
         self._reads_bad: Counter[str] = Counter()
         self._writes_failed: Counter[str] = Counter()
+        self._write_faults = FaultLog(logger, f"remote writes to {store.shown_url}")
+        self._read_faults = FaultLog(logger, f"remote reads from {store.shown_url}")
 
     # -- reads --
 
@@ -386,11 +389,14 @@ class RemoteTier:
             self._store.call(lambda client: self._read(client, key, manifest, view))
         except BadRecord as bad:
             self._count(self._reads_bad, bad.kind)
+            if bad.kind not in ("missing", "missing_part"):  # evicted by the server: a plain miss
+                self._read_faults.failed(bad.kind, f"key {key.hex()}")
             return False
         except (Unavailable, GlideError) as exc:
             self._count(self._counts, "reads_skipped" if isinstance(exc, Unavailable) else "reads_failed")
             return False
         self._count(self._counts, "reads_hit")
+        self._read_faults.succeeded()
         return True
 
     def _read(self, client: Any, key: bytes, manifest_key: bytes, out: memoryview) -> None:
@@ -465,9 +471,12 @@ class RemoteTier:
             self._store.call(lambda client: self._write(client, key, payload))
             ok = True
             self._count(self._counts, "writes_ok")
+            self._write_faults.succeeded()
         except GlideError as exc:
             ok = False
-            self._count(self._writes_failed, "full" if "OOM" in str(exc) or "maxmemory" in str(exc) else "refused")
+            kind = "full" if "OOM" in str(exc) or "maxmemory" in str(exc) else "refused"
+            self._count(self._writes_failed, kind)
+            self._write_faults.failed(kind, exc)
         except Unavailable:
             ok = False
             self._count(self._counts, "writes_skipped")

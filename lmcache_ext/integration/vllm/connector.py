@@ -5,7 +5,7 @@ vLLM makes one instance per role: in the scheduler process it is the
 (copies and tier I/O). Host hits load in `start_load_kv` before the forward;
 lower-tier hits load in the background (`load_kv_async`, reported through
 `get_finished`); stores gather in the background after `wait_for_save`, holding a
-finished request's blocks until they are done. A hit promises only chunks that can be loaded, so under
+finished request's blocks until they are done. A hit promises only chunks that can be loaded (invariant 9), so under
 vLLM's default `kv_load_failure_policy: "fail"` no request fails for want of a
 host slot; a chunk that fails its checks on load (a corrupt file) is reported
 through `get_block_ids_with_load_errors`, which only `"recompute"` turns into
@@ -26,19 +26,49 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from lmcache_ext.config import load_config
+from lmcache_ext.about import build_line, tiers_line
+from lmcache_ext.config import CacheConfig, load_config
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import Geometry
-from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats
+from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats, LMCachePromMetrics
 from lmcache_ext.integration.vllm.worker import WorkerSide
+from lmcache_ext.memory import HostSlotPool
+from lmcache_ext.metrics import Recorder, merge
 from lmcache_ext.plans import Source
 
 logger = logging.getLogger(__name__)
+
+
+def share_vllm_log() -> None:
+    """Make the ``lmcache_ext`` loggers write where vLLM's do. vLLM configures only its
+    own ``vllm`` logger, so without this our start-up line and fault warnings would not
+    reach a server's output. Left alone when the application configured ``lmcache_ext``
+    or the root logger itself, or when vLLM's logging is off."""
+    ours, theirs = logging.getLogger("lmcache_ext"), logging.getLogger("vllm")
+    if ours.handlers or logging.getLogger().handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
+def startup_line(config: CacheConfig, geometry: Geometry) -> str:
+    """What the connector is set up to do, in one line of vLLM's log."""
+    slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
+    num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
+    loads = "in the background" if config.loads_async(geometry.device_type) else "before the forward"
+    return (f"{build_line()}: connector set up for a {geometry.device_type} engine with "
+            f"{tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "
+            f"lower-tier loads {loads}, stores {'in the background' if config.async_save else 'after the forward'}")
+
+
+share_vllm_log()
 
 SUPPORTED_VLLM = ("0.32", "0.33")
 HIT_SOURCES = {Source.HOST: CacheHitSource.HOST, Source.DISK: CacheHitSource.DISK,
@@ -68,9 +98,13 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
             self._config.warn_unimplemented()
         geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | IdleSide | None = None
+        self._lookups = Recorder()  # lookups, counted when vLLM admits the request
+        self._asked: dict[str, int] = {}  # request id -> vLLM's own hit at our last lookup
         self._worker: WorkerSide | IdleSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self._config, geometry) if geometry else IdleSide()
+            if geometry is not None:
+                logger.info("%s", startup_line(self._config, geometry))
         elif geometry is not None:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -131,14 +165,23 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return self._worker_side().take_report()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self._worker is None:
-            return None
-        counts = self._worker.take_counts()
-        return LMCacheConnectorStats(data=counts) if counts else None
+        """What this half counted since the last call (vLLM asks both halves each step
+        and merges them): lookups, hits, host usage and evictions from the scheduler;
+        loads, stores, failures, disk usage and latencies from each worker."""
+        side = self._worker if self._worker is not None else self._scheduler
+        assert side is not None
+        stats = LMCacheConnectorStats(data=merge(side.take_metrics(), self._lookups.take()))
+        return None if stats.is_empty() else stats
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return LMCacheConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        """The ``lmcache_ext:`` series on vLLM's /metrics (see lmcache_ext.metrics)."""
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         for side in (self._worker, self._scheduler):
@@ -153,7 +196,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """None while the remote tier's answer is out: vLLM asks again next step. A hit
         that needs a lower tier loads in the background (True)."""
-        return self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens)
+        tokens, load_async = self._scheduler_side().num_new_matched_tokens(request, num_computed_tokens)
+        if tokens is not None:
+            self._asked[request.request_id] = num_computed_tokens
+        return tokens, load_async
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """Our hit tokens split by the tier that holds them (vLLM's cached-by-source metric)."""
@@ -161,7 +207,14 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return {HIT_SOURCES[source]: tokens for source, tokens in sources.items()}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
-        self._scheduler_side().plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+        """Plan the load; count the lookup now that vLLM admitted the request (as vLLM
+        counts its own: a request that waits for blocks is asked again, and counted once)."""
+        side = self._scheduler_side()
+        side.plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+        asked = self._asked.pop(request.request_id, None)
+        if asked is not None:
+            hits = side.hit_sources(request, num_external_tokens) if num_external_tokens > 0 else {}
+            self._lookups.lookup(request.num_tokens - asked, {source.value: n for source, n in hits.items()})
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return self._scheduler_side().build_plan(scheduler_output)
@@ -176,6 +229,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """True keeps the request's blocks until the workers report its stores done."""
+        self._asked.pop(request.request_id, None)
         return self._scheduler_side().finished(request.request_id), None
 
     def has_pending_push_work(self) -> bool:

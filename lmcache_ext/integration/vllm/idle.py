@@ -7,6 +7,7 @@ from typing import Any
 
 from lmcache_ext.directory import Source
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.metrics import Payload, empty_payload
 
 
 class IdleSide:
@@ -67,8 +68,8 @@ class IdleSide:
     def take_report(self) -> WorkerReport | None:
         return None
 
-    def take_counts(self) -> dict[str, int]:
-        return {}
+    def take_metrics(self) -> Payload:
+        return empty_payload()
 
     def take_load_errors(self) -> set[int]:
         return set()

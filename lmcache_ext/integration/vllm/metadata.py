@@ -4,7 +4,7 @@ Scheduler -> workers: `StepPlan` (vLLM's connector metadata). Every planned item
 has an id, unique in the scheduler's lifetime. Workers -> scheduler: `WorkerReport`
 (vLLM's connector worker metadata): per item id, how many ranks reported each
 outcome, summed over TP ranks by `aggregate`, so the scheduler acts on an item only
-once every rank has reported it. Items outlive steps: an asynchronous load or save
+once every rank has reported it (invariant 8). Items outlive steps: an asynchronous load or save
 is reported in whichever later step it ends.
 """
 

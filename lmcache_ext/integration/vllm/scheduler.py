@@ -8,7 +8,7 @@ remote presence from a background probe of every rank's records: while that prob
 is out, a lookup answers None (vLLM asks again next step) instead of waiting on the
 network. The probe starts as soon as vLLM hands over a new request.
 
-A hit promises only chunks that can be loaded: the lookup counts the host slots a
+A hit promises only chunks that can be loaded (invariant 9): the lookup counts the host slots a
 load would need (see `CacheDirectory.lookup`), after the loads already planned in
 this step, so vLLM never has to recompute a promised block for want of a slot.
 Keys chain vLLM's own block-hash extras (request_keys), and `reset` starts a new
@@ -20,7 +20,7 @@ request (`load_kv_async`) until the workers report it through `get_finished`. A 
 gathered in the background after the step's forward; a request that ever had a
 store is held at `request_finished` (its blocks are not freed) until the workers
 report its stores done. Every planned item has an id, and the scheduler acts on an
-item once every rank has reported it. A chunk being filled for one load is never
+item once every rank has reported it (invariant 8). A chunk being filled for one load is never
 promised to another: a lookup that reaches it answers None and asks again.
 """
 
@@ -44,7 +44,8 @@ from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan,
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
-from lmcache_ext.memory import PinnedSlotPool
+from lmcache_ext.memory import HostSlotPool
+from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import SlotCopy, TierTransfer
 from lmcache_ext.tiers import Presence
 from lmcache_ext.tiers.disk import chunk_path
@@ -99,7 +100,7 @@ class SchedulerSide:
         self._geometry = geometry
         g = geometry
         slot_bytes = g.chunk_bytes(g.blocks_per_chunk)
-        num_slots = PinnedSlotPool.slots_for_config(config, slot_bytes)
+        num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
         self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
         lower: list[tuple[Source, Presence]] = []
         if config.local_disk:
@@ -112,7 +113,9 @@ class SchedulerSide:
             self._closers = [self._remote.close, store.close]
             lower.append((Source.REMOTE, self._remote))
         self._write_tiers = [source for source, _ in lower]  # a stored chunk goes to every lower tier
-        self._directory = CacheDirectory(self._slots, lower)
+        self._metrics = Recorder()
+        self._host_used = -1  # the host usage last reported
+        self._directory = CacheDirectory(self._slots, lower, on_evict=lambda key: self._metrics.evicted("host"))
         self._namespace = dataclasses.replace(
             geometry.namespace, cache_namespace=config.cache_namespace, epoch=read_epoch(config.local_disk)
         )
@@ -122,7 +125,7 @@ class SchedulerSide:
         self._items: dict[int, _Item] = {}
         self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
         self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
-        self._async_load = config.async_load if config.async_load is not None else geometry.device_type != "cpu"
+        self._async_load = config.loads_async(geometry.device_type)
 
     # -- hits --
 
@@ -331,6 +334,15 @@ class SchedulerSide:
         """Stop the remote probe and its connection."""
         for close in self._closers:
             close()
+
+    def take_metrics(self) -> Payload:
+        """Host evictions since the last call, and the host pool's usage (all ranks) when it changed."""
+        used = self._slots.num_slots - self._slots.num_free
+        if used != self._host_used:
+            self._host_used = used
+            rank_bytes = self._geometry.chunk_bytes(self._geometry.blocks_per_chunk) * self._geometry.tp_size
+            self._metrics.usage("host", used * rank_bytes, self._slots.num_slots * rank_bytes)
+        return self._metrics.take()
 
     def stats(self) -> dict[str, int]:
         return {"host_chunks": self._directory.host_chunks(), "pinned_slots": self._directory.pinned_slots()}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,8 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
-from lmcache_ext.plans import Plan, PlanResult, Source, TierTransfer
+from lmcache_ext.metrics import Payload, Recorder
+from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ class WorkerSide:
         self._lock = threading.Lock()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
-        self._counts: Counter[str] = Counter()
+        self._metrics = Recorder()
+        self._token_share = 1 if tp_rank == 0 else 0  # tokens count once: rank 0's; bytes on every rank
         self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="lmcache-load")
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="lmcache-save")
@@ -119,7 +122,7 @@ class WorkerSide:
     def load(self, plan: StepPlan) -> None:
         """A cache reset's clearing of the lower tiers first; then the loads of host hits
         into the planned blocks; then the background loads start. Failures become load
-        errors, so vLLM recomputes those blocks."""
+        errors, so vLLM recomputes those blocks (invariant 3)."""
         if plan.clear_tiers and self._storage is not None:
             for source, tier in self._storage.tiers.items():
                 logger.info("lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
@@ -182,13 +185,17 @@ class WorkerSide:
         """Fill slots from the lower tiers, then copy them into the planned blocks;
         report each item, and make a failed one's blocks load errors."""
         reads = tuple(self._shard(i.read) for i in items if i.read is not None)
-        result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
-        bs = self._geometry.block_size
+        with self._metrics.timer("load"):
+            result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
         with self._lock:
             for item, ok in zip(items, result.scatters):
                 (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
-                self._counts["loaded_tokens" if ok else "failed_load_tokens"] += len(item.copy.block_ids) * bs
-                if not ok:
+                tier = item.read.tier.value if item.read is not None else "host"
+                if ok:
+                    self._metrics.loaded(tier, self._tokens(item.copy.block_ids),
+                                         self._geometry.chunk_bytes(len(item.copy.block_ids)))
+                else:
+                    self._metrics.failed(f"{tier}_read")
                     self._load_errors.update(item.copy.block_ids)
 
     def _load_in_background(self, job: AsyncLoad) -> None:
@@ -213,16 +220,19 @@ class WorkerSide:
         tiers. A failed gather reports its writes as done, so every rank reports each."""
         try:
             if gathered is None:
-                gathered = self._run(Plan(gathers=tuple(i.copy for i in items))).gathers
+                with self._metrics.timer("store"):
+                    gathered = self._run(Plan(gathers=tuple(i.copy for i in items))).gathers
         except Exception:
             gathered = tuple(False for _ in items)
             logger.exception("lmcache_ext worker %d: %d gathers failed", self._rank, len(items))
-        bs = self._geometry.block_size
         writes, item_of = [], {}
         with self._lock:
             for item, ok in zip(items, gathered):
                 (self._report.stored if ok else self._report.store_failed)[item.id] += 1
-                self._counts["stored_tokens" if ok else "failed_store_tokens"] += len(item.copy.block_ids) * bs
+                if ok:
+                    self._metrics.stored("host", self._tokens(item.copy.block_ids), self._chunk_bytes(item))
+                else:
+                    self._metrics.failed("store")
                 self._saving[item.req_id] -= 1
                 if not ok:
                     self._report.written[item.id] += len(item.writes)
@@ -230,9 +240,11 @@ class WorkerSide:
                 for tier in item.writes:
                     shard = self._shard(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
                     writes.append(shard)
-                    item_of[(tier, shard.key)] = item.id
+                    item_of[(tier, shard.key)] = item
             self._saves_done.notify_all()
-        self._run(Plan(writes=tuple(writes)), on_write_done=lambda w, ok: self._written(w.tier, item_of[(w.tier, w.key)], ok))
+        start = time.perf_counter()
+        self._run(Plan(writes=tuple(writes)),
+                  on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start))
 
     def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> None:
         future = pool.submit(fn, *args)
@@ -252,11 +264,11 @@ class WorkerSide:
             report, self._report = self._report, WorkerReport()
         return None if report.is_empty() else report
 
-    def take_counts(self) -> dict[str, int]:
-        """Transfer counts since the last call."""
-        with self._lock:
-            counts, self._counts = self._counts, Counter()
-        return dict(counts)
+    def take_metrics(self) -> Payload:
+        """What this rank counted since the last call, with its tiers' usage and evictions."""
+        if self._storage is not None:
+            self._storage.record(self._metrics, part=str(self._rank))
+        return self._metrics.take()
 
     def take_load_errors(self) -> set[int]:
         with self._lock:
@@ -280,12 +292,17 @@ class WorkerSide:
         if self._executor is not None:
             self._executor.close()
 
-    def _written(self, tier: Source, item_id: int, ok: bool) -> None:
+    def _written(self, write: TierTransfer, item: StoreItem, ok: bool, start: float) -> None:
         """A tier write ended; once every tier's has, the slot is free to evict (a failed
         write costs that tier's copy only)."""
+        tier = write.tier.value
+        self._metrics.observe("transfer_seconds", time.perf_counter() - start, f"{tier}_write")
+        if ok:
+            self._metrics.stored(tier, self._tokens(item.copy.block_ids), write.nbytes)
+        else:
+            self._metrics.failed(f"{tier}_write")
         with self._lock:
-            self._report.written[item_id] += 1
-            self._counts[f"{tier.value}_writes" if ok else f"failed_{tier.value}_writes"] += 1
+            self._report.written[item.id] += 1
 
     def _run(self, plan: Plan, on_write_done: Callable[[TierTransfer, bool], None] | None = None) -> PlanResult:
         return self._executor_checked().run(plan, on_write_done)
@@ -298,6 +315,10 @@ class WorkerSide:
     def _shard(self, t: TierTransfer) -> TierTransfer:
         """The transfer of this rank's shard of the chunk."""
         return dataclasses.replace(t, key=rank_key(t.key, self._rank, self._geometry))
+
+    def _tokens(self, block_ids: Sequence[int]) -> int:
+        """Tokens in `block_ids` as this rank counts them (`_token_share`)."""
+        return len(block_ids) * self._geometry.block_size * self._token_share
 
     def _chunk_bytes(self, item: StoreItem) -> int:
         return self._geometry.chunk_bytes(len(item.copy.block_ids))

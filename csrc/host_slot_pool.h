@@ -2,7 +2,7 @@
 // one full KV chunk), mapped once, page-locked for DMA when a CUDA device is
 // there, and handed out by an O(1) thread-safe allocator with per-slot
 // reference counts (a transfer pins the slot it reads or writes, so eviction
-// cannot free it underneath).
+// cannot free it underneath: invariant 2 in docs/architecture.md).
 //
 // The arena is never inherited by a forked child (MADV_DONTFORK): a fork would
 // otherwise copy tens of GiB of page-locked memory into the child, or leave the
@@ -29,7 +29,7 @@ enum class PinMode {
 // The calling thread's current CUDA device (for page-locking).
 constexpr int kCurrentDevice = -1;
 
-class HostPool {
+class HostSlotPool {
  public:
   // Every slot starts on a page boundary: O_DIRECT and vector copies need it.
   static constexpr int64_t kSlotAlignment = 4096;
@@ -43,14 +43,14 @@ class HostPool {
   // thread's) and fails creation, with CUDA's error text, when it cannot: a pool
   // left pageable would fail every CUDA copy later, mid-serving.
   static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
-                       std::unique_ptr<HostPool>* out);
+                       std::unique_ptr<HostSlotPool>* out);
   // The stride that create() would use for slot_bytes (rounded up to
   // kSlotAlignment), so callers can size a pool from a byte budget.
   static Status stride_for(int64_t slot_bytes, int64_t* stride);
 
-  ~HostPool();
-  HostPool(const HostPool&) = delete;
-  HostPool& operator=(const HostPool&) = delete;
+  ~HostSlotPool();
+  HostSlotPool(const HostSlotPool&) = delete;
+  HostSlotPool& operator=(const HostSlotPool&) = delete;
 
   // A free slot with refcount 1, or -1 when none is free (never blocks).
   int64_t alloc();
@@ -83,12 +83,12 @@ class HostPool {
   bool is_populated() const { return populated_; }
 
  private:
-  HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
+  HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
   Status check_slot(int64_t slot) const;
   // Registers the arena with `device` and records where kernels address it.
   Status page_lock(int device);
   // Checks the slot id, then runs fn(refcount of that slot) under the lock;
-  // `Self` is HostPool or const HostPool, so getters and updates share it.
+  // `Self` is HostSlotPool or const HostSlotPool, so getters and updates share it.
   template <typename Self, typename Fn>
   static Status with_refcount(Self& self, int64_t slot, Fn&& fn);
 

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "bindings.h"
-#include "host_pool.h"
+#include "host_slot_pool.h"
 
 namespace py = pybind11;
 
@@ -25,15 +25,15 @@ PinMode parse_pin(const std::string& pin) {
   throw py::value_error("pin = '" + pin + "': expected 'auto', 'never' or 'always'");
 }
 
-std::unique_ptr<HostPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin,
+std::unique_ptr<HostSlotPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin,
                                     bool lock, int device) {
   const PinMode mode = parse_pin(pin);
-  std::unique_ptr<HostPool> pool;
+  std::unique_ptr<HostSlotPool> pool;
   Status st;
   {
     // mlock and cudaHostRegister touch every page of the arena: seconds for a large pool.
     py::gil_scoped_release release;
-    st = HostPool::create(slot_bytes, num_slots, mode, lock, device, &pool);
+    st = HostSlotPool::create(slot_bytes, num_slots, mode, lock, device, &pool);
   }
   throw_if_error(st);
   return pool;
@@ -41,7 +41,7 @@ std::unique_ptr<HostPool> make_pool(int64_t slot_bytes, int64_t num_slots, const
 
 // Slot-state calls release the GIL so that Python threads contend on the
 // pool's own lock, as the C++ transfer threads do.
-void call_released(HostPool& pool, Status (HostPool::*fn)(int64_t), int64_t slot) {
+void call_released(HostSlotPool& pool, Status (HostSlotPool::*fn)(int64_t), int64_t slot) {
   Status st;
   {
     py::gil_scoped_release release;
@@ -52,8 +52,8 @@ void call_released(HostPool& pool, Status (HostPool::*fn)(int64_t), int64_t slot
 
 }  // namespace
 
-void bind_host_pool(py::module_& m) {
-  py::class_<HostPool, std::unique_ptr<HostPool>>(
+void bind_host_slot_pool(py::module_& m) {
+  py::class_<HostSlotPool, std::unique_ptr<HostSlotPool>>(
       m, "HostSlotPool", py::buffer_protocol(),
       "One host arena of num_slots equal slots (each slot_bytes long, 4096-aligned), "
       "mapped once; page-locked for CUDA when pin allows and a device is visible. "
@@ -68,14 +68,14 @@ void bind_host_pool(py::module_& m) {
           "stride_for",
           [](int64_t slot_bytes) {
             int64_t stride = 0;
-            throw_if_error(HostPool::stride_for(slot_bytes, &stride));
+            throw_if_error(HostSlotPool::stride_for(slot_bytes, &stride));
             return stride;
           },
           py::arg("slot_bytes"),
           "The slot stride a pool of this slot_bytes uses (rounded up to 4096).")
       .def(
           "alloc",
-          [](HostPool& pool) -> py::object {
+          [](HostSlotPool& pool) -> py::object {
             int64_t slot = 0;
             {
               py::gil_scoped_release release;
@@ -86,18 +86,18 @@ void bind_host_pool(py::module_& m) {
           },
           "A free slot with refcount 1, or None when every slot is taken.")
       .def(
-          "free", [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::free, slot); },
+          "free", [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::free, slot); },
           py::arg("slot"), "Return an allocated slot that holds no pin to the free list.")
       .def(
-          "pin", [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::pin, slot); },
+          "pin", [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::pin, slot); },
           py::arg("slot"), "Add a holder to an allocated slot (a transfer in flight).")
       .def(
           "unpin",
-          [](HostPool& pool, int64_t slot) { call_released(pool, &HostPool::unpin, slot); },
+          [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::unpin, slot); },
           py::arg("slot"), "Release one pin taken with pin().")
       .def(
           "refcount",
-          [](const HostPool& pool, int64_t slot) {
+          [](const HostSlotPool& pool, int64_t slot) {
             int64_t count = 0;
             throw_if_error(pool.refcount(slot, &count));
             return count;
@@ -105,34 +105,34 @@ void bind_host_pool(py::module_& m) {
           py::arg("slot"), "0 when free, 1 when allocated, 1 + pins when pinned.")
       .def(
           "address",
-          [](const HostPool& pool, int64_t slot) {
+          [](const HostSlotPool& pool, int64_t slot) {
             char* ptr = nullptr;
             throw_if_error(pool.slot_address(slot, &ptr));
             return reinterpret_cast<uintptr_t>(ptr);
           },
           py::arg("slot"), "Host address of the slot's first byte.")
-      .def_property_readonly("num_slots", &HostPool::num_slots)
-      .def_property_readonly("num_free", &HostPool::num_free)
-      .def_property_readonly("slot_bytes", &HostPool::slot_bytes)
-      .def_property_readonly("slot_stride", &HostPool::slot_stride)
-      .def_property_readonly("arena_bytes", &HostPool::arena_bytes)
+      .def_property_readonly("num_slots", &HostSlotPool::num_slots)
+      .def_property_readonly("num_free", &HostSlotPool::num_free)
+      .def_property_readonly("slot_bytes", &HostSlotPool::slot_bytes)
+      .def_property_readonly("slot_stride", &HostSlotPool::slot_stride)
+      .def_property_readonly("arena_bytes", &HostSlotPool::arena_bytes)
       .def_property_readonly(
           "base_address",
-          [](const HostPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
-      .def_property_readonly("is_page_locked", &HostPool::is_page_locked,
+          [](const HostSlotPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
+      .def_property_readonly("is_page_locked", &HostSlotPool::is_page_locked,
                              "Registered with cudaHostRegister (fast and zero-copy DMA).")
-      .def_property_readonly("device", &HostPool::device,
+      .def_property_readonly("device", &HostSlotPool::device,
                              "The CUDA device the arena is registered with, -1 when not page-locked.")
-      .def_property_readonly("device_base_address", &HostPool::device_base,
+      .def_property_readonly("device_base_address", &HostSlotPool::device_base,
                              "The arena's first byte as CUDA kernels address it (0 when not "
                              "page-locked).")
-      .def_property_readonly("is_mlocked", &HostPool::is_mlocked,
+      .def_property_readonly("is_mlocked", &HostSlotPool::is_mlocked,
                              "lock=True was asked for and mlock was permitted.")
-      .def_property_readonly("is_populated", &HostPool::is_populated,
+      .def_property_readonly("is_populated", &HostSlotPool::is_populated,
                              "Every page was faulted in at creation (MADV_POPULATE_WRITE).")
       .def("__repr__",
            [](py::handle self) {
-             const auto& pool = self.cast<const HostPool&>();
+             const auto& pool = self.cast<const HostSlotPool&>();
              const std::string type_name = py::str(py::type::handle_of(self).attr("__name__"));
              return type_name + "(slot_bytes=" + std::to_string(pool.slot_bytes()) +
                     ", num_slots=" + std::to_string(pool.num_slots()) +
@@ -140,14 +140,14 @@ void bind_host_pool(py::module_& m) {
                     ", page_locked=" + (pool.is_page_locked() ? "True" : "False") +
                     ", mlocked=" + (pool.is_mlocked() ? "True" : "False") + ")";
            })
-      .def_buffer([](HostPool& pool) {
+      .def_buffer([](HostSlotPool& pool) {
         return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {pool.arena_bytes()}, {int64_t{1}}, /*readonly=*/false);
       });
   m.def(
       "device_addresses",
       [](std::vector<int64_t> ptrs) {
-        for (int64_t& p : ptrs) p = HostPool::device_address_of(p);
+        for (int64_t& p : ptrs) p = HostSlotPool::device_address_of(p);
         return ptrs;
       },
       py::arg("ptrs"),

@@ -1,4 +1,4 @@
-#include "host_pool.h"
+#include "host_slot_pool.h"
 
 #include <sys/mman.h>
 
@@ -44,7 +44,7 @@ std::string pin_name(PinMode pin) { return pin == PinMode::kAlways ? "always" : 
 // `align - page` bytes more and trims both ends. No MAP_NORESERVE: a size the
 // system cannot back fails here rather than crashing on first touch.
 Status map_aligned(int64_t bytes, int64_t align, char** out) {
-  const int64_t slack = align - HostPool::kSlotAlignment;
+  const int64_t slack = align - HostSlotPool::kSlotAlignment;
   if (bytes > kMaxInt64 - slack) return Status::OutOfMemory("the mapping overflows 64 bits");
   void* raw = mmap(nullptr, static_cast<size_t>(bytes + slack), PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -61,7 +61,7 @@ Status map_aligned(int64_t bytes, int64_t align, char** out) {
 
 }  // namespace
 
-Status HostPool::stride_for(int64_t slot_bytes, int64_t* stride) {
+Status HostSlotPool::stride_for(int64_t slot_bytes, int64_t* stride) {
   if (slot_bytes <= 0)
     return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
                                    ": expected a positive number of bytes");
@@ -73,8 +73,8 @@ Status HostPool::stride_for(int64_t slot_bytes, int64_t* stride) {
   return Status::Ok();
 }
 
-Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
-                        std::unique_ptr<HostPool>* out) {
+Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
+                        std::unique_ptr<HostSlotPool>* out) {
   int64_t stride = 0;
   Status st = stride_for(slot_bytes, &stride);
   if (!st.ok()) return st;
@@ -102,9 +102,9 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
     return Status::OutOfMemory("cannot map the host pool: " + std::to_string(num_slots) +
                                " slots x " + std::to_string(stride) + " bytes = " +
                                std::to_string(arena) + " bytes: " + st.message());
-  std::unique_ptr<HostPool> pool;
+  std::unique_ptr<HostSlotPool> pool;
   try {
-    pool.reset(new HostPool(base, slot_bytes, stride, num_slots));
+    pool.reset(new HostSlotPool(base, slot_bytes, stride, num_slots));
   } catch (const std::bad_alloc&) {
     munmap(base, static_cast<size_t>(arena));
     return Status::OutOfMemory("cannot allocate the free list of " + std::to_string(num_slots) +
@@ -112,7 +112,7 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
   }
 
   // Before registering: a fork must neither copy the arena into the child nor
-  // share its pages with it (see host_pool.h).
+  // share its pages with it (see host_slot_pool.h).
   if (madvise(base, static_cast<size_t>(arena), MADV_DONTFORK) != 0)
     return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " +
                                std::string(std::strerror(errno)));
@@ -140,7 +140,7 @@ Status HostPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool
   return Status::Ok();
 }
 
-HostPool::HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots)
+HostSlotPool::HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots)
     : base_(base),
       slot_bytes_(slot_bytes),
       slot_stride_(slot_stride),
@@ -151,7 +151,7 @@ HostPool::HostPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t 
   for (int64_t i = 0; i < num_slots; ++i) free_slots_[static_cast<size_t>(i)] = num_slots - 1 - i;
 }
 
-Status HostPool::page_lock(int device) {
+Status HostSlotPool::page_lock(int device) {
   if (device == kCurrentDevice) {
     Status st = cuda::current_device(&device);
     if (!st.ok()) return st;
@@ -169,7 +169,7 @@ Status HostPool::page_lock(int device) {
   return Status::Ok();
 }
 
-int64_t HostPool::device_address_of(int64_t ptr) {
+int64_t HostSlotPool::device_address_of(int64_t ptr) {
   std::lock_guard<std::mutex> lk(g_mappings_mutex);
   auto it = g_mappings.upper_bound(ptr);
   if (it == g_mappings.begin()) return ptr;
@@ -177,7 +177,7 @@ int64_t HostPool::device_address_of(int64_t ptr) {
   return ptr < it->second.end ? it->second.device_base + (ptr - it->first) : ptr;
 }
 
-HostPool::~HostPool() {
+HostSlotPool::~HostSlotPool() {
   const size_t bytes = static_cast<size_t>(arena_bytes());
   if (page_locked_) {
     {
@@ -190,7 +190,7 @@ HostPool::~HostPool() {
   munmap(base_, bytes);
 }
 
-Status HostPool::check_slot(int64_t slot) const {
+Status HostSlotPool::check_slot(int64_t slot) const {
   if (slot < 0 || slot >= num_slots_)
     return Status::InvalidArgument("slot = " + std::to_string(slot) +
                                    " is out of range: the pool has " +
@@ -198,7 +198,7 @@ Status HostPool::check_slot(int64_t slot) const {
   return Status::Ok();
 }
 
-int64_t HostPool::alloc() {
+int64_t HostSlotPool::alloc() {
   std::lock_guard<std::mutex> lk(mutex_);
   if (free_slots_.empty()) return -1;
   const int64_t slot = free_slots_.back();
@@ -208,14 +208,14 @@ int64_t HostPool::alloc() {
 }
 
 template <typename Self, typename Fn>
-Status HostPool::with_refcount(Self& self, int64_t slot, Fn&& fn) {
+Status HostSlotPool::with_refcount(Self& self, int64_t slot, Fn&& fn) {
   Status st = self.check_slot(slot);
   if (!st.ok()) return st;
   std::lock_guard<std::mutex> lk(self.mutex_);
   return fn(self.refcounts_[static_cast<size_t>(slot)]);
 }
 
-Status HostPool::free(int64_t slot) {
+Status HostSlotPool::free(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
     if (count == 0)
       return Status::InvalidArgument(slot_name(slot) + " is not allocated (freed twice?)");
@@ -231,7 +231,7 @@ Status HostPool::free(int64_t slot) {
   });
 }
 
-Status HostPool::pin(int64_t slot) {
+Status HostSlotPool::pin(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
     if (count == 0)
       return Status::InvalidArgument(slot_name(slot) +
@@ -241,7 +241,7 @@ Status HostPool::pin(int64_t slot) {
   });
 }
 
-Status HostPool::unpin(int64_t slot) {
+Status HostSlotPool::unpin(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
     if (count <= 1)
       return Status::InvalidArgument(slot_name(slot) + " holds no pin to release (refcount " +
@@ -251,21 +251,21 @@ Status HostPool::unpin(int64_t slot) {
   });
 }
 
-Status HostPool::refcount(int64_t slot, int64_t* out) const {
+Status HostSlotPool::refcount(int64_t slot, int64_t* out) const {
   return with_refcount(*this, slot, [&](const int64_t& count) {
     *out = count;
     return Status::Ok();
   });
 }
 
-Status HostPool::slot_address(int64_t slot, char** out) const {
+Status HostSlotPool::slot_address(int64_t slot, char** out) const {
   Status st = check_slot(slot);
   if (!st.ok()) return st;
   *out = base_ + slot * slot_stride_;
   return Status::Ok();
 }
 
-int64_t HostPool::num_free() const {
+int64_t HostSlotPool::num_free() const {
   std::lock_guard<std::mutex> lk(mutex_);
   return static_cast<int64_t>(free_slots_.size());
 }
