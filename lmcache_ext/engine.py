@@ -87,7 +87,6 @@ class CacheEngine:
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="lmcache-engine")
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
-        config.warn_unimplemented()
         self._closed = False
         self._close_lock = threading.Lock()
 

@@ -20,6 +20,7 @@ released memory.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -80,13 +81,7 @@ class TransferExecutor:
 
     def run(self, plan: Plan, on_write_done: WriteDone | None = None) -> PlanResult:
         with self._gate.shared():
-            kv = self._kv
-            if (plan.scatters or plan.gathers) and kv is None:
-                raise RuntimeError(
-                    f"the plan copies {len(plan.scatters) + len(plan.gathers)} chunks to or from the paged KV "
-                    "cache, but none is bound: vLLM unregistered it for sleep mode (unregister_kv_caches) and "
-                    "has not restored it (restore_kv_caches)"
-                )
+            kv = self._bound(len(plan.scatters) + len(plan.gathers))
             reads = self._read(plan.reads)
             unreadable = {r.slot for r, ok in zip(plan.reads, reads) if not ok}
             scatters = self._copy(kv, ops.scatter, plan.scatters, unreadable)
@@ -95,6 +90,24 @@ class TransferExecutor:
         for w in plan.writes:
             self._write(w, w.slot not in unfilled, on_write_done)
         return PlanResult(tuple(reads), tuple(scatters), tuple(gathers))
+
+    def copy_layer(self, direction: str, items: Sequence[SlotCopy], layer: int) -> torch.cuda.Event | None:
+        """Layer `layer`'s pages of `items`, the layerwise path: "scatter" (slot -> paged)
+        or "gather" (paged -> slot), into or from that layer's slice of each slot. On CUDA
+        the copy is queued on the copy stream after what the current stream queued so far,
+        and the returned event marks its end: the caller decides where the current stream
+        waits for it. On CPU the copy has ended when this returns (None)."""
+        if direction not in ("scatter", "gather"):
+            raise ValueError(f"direction = {direction!r}: expected 'scatter' or 'gather'")
+        copy = functools.partial(ops.scatter if direction == "scatter" else ops.gather, layer=layer)
+        with self._gate.shared():
+            kv = self._bound(len(items))
+            if self._copies is None:
+                self._copy_items(kv, copy, items, {})
+                return None
+            stream = self._copies.after_current()
+            self._copy_items(kv, copy, items, {"stream": stream})
+            return self._copies.mark([item.slot for item in items])
 
     def close(self) -> None:
         if self._copies is not None:
@@ -134,18 +147,32 @@ class TransferExecutor:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
         runnable = [item for item in items if item.slot not in skip]
-        groups: dict[int, list[SlotCopy]] = defaultdict(list)
         with self._copy_stream([item.slot for item in runnable]) as on_stream:
-            for item in runnable:
-                if item.whole:
-                    groups[len(item.block_ids)].append(item)
-                else:
-                    self._copy_part(kv, copy, item, on_stream)
-            for blocks, members in groups.items():
-                block_ids = [b for item in members for b in item.block_ids]
-                chunks = [self._slots.view(item.slot) for item in members]
-                copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
+            self._copy_items(kv, copy, runnable, on_stream)
         return [item.slot not in skip for item in items]
+
+    def _copy_items(self, kv: ops.PagedLayers, copy: Callable[..., None], items: Sequence[SlotCopy],
+                    on_stream: dict[str, torch.cuda.Stream]) -> None:
+        groups: dict[int, list[SlotCopy]] = defaultdict(list)
+        for item in items:
+            if item.whole:
+                groups[len(item.block_ids)].append(item)
+            else:
+                self._copy_part(kv, copy, item, on_stream)
+        for blocks, members in groups.items():
+            block_ids = [b for item in members for b in item.block_ids]
+            chunks = [self._slots.view(item.slot) for item in members]
+            copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
+
+    def _bound(self, copies: int) -> ops.PagedLayers | None:
+        """The bound paged cache; raises when `copies` chunks would move and none is bound."""
+        if copies and self._kv is None:
+            raise RuntimeError(
+                f"the plan copies {copies} chunks to or from the paged KV "
+                "cache, but none is bound: vLLM unregistered it for sleep mode (unregister_kv_caches) and "
+                "has not restored it (restore_kv_caches)"
+            )
+        return self._kv
 
     @contextmanager
     def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, torch.cuda.Stream]]:

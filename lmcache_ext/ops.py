@@ -211,14 +211,13 @@ def _copy(
             f"{name} has {len(chunk_list)} chunk buffers; expected {want_chunks} for {n} blocks "
             f"at {blocks_per_chunk} blocks per chunk"
         )
-    if layer is None:
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                              or not 0 <= layer < kv.num_layers):
+        raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
+    if layer is None or kv.cross_layer:
         layer_ptrs, page_bytes = kv.chunk_geometry()
         first_layer = 0
     else:
-        if kv.cross_layer:
-            raise ValueError("layer copies need a per-layer layout; this cache is cross-layer (BL*)")
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.num_layers:
-            raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
         layer_ptrs, page_bytes = (kv.layer_ptrs[layer],), kv.page_bytes
         first_layer = layer
     layer_stride = blocks_per_chunk * kv.page_bytes
@@ -229,6 +228,9 @@ def _copy(
     ]
     for c, (t, need) in enumerate(zip(chunk_list, needs)):
         _check_chunk_tensor(kv, t, name if single else f"{name}[{c}]", need, staging is not None)
+    if layer is not None and kv.cross_layer:
+        _copy_cross_layer_layer(direction, kv, ids, chunk_list, blocks_per_chunk, layer, staging, stream, max_ctas)
+        return
     geometry = _Geometry(layer_ptrs, page_bytes, layer_stride, first_layer)
     if staging is not None:
         _copy_staged(direction, kv, ids, chunk_list, geometry, staging, stream, max_ctas)
@@ -268,6 +270,29 @@ def _copy(
             max_ctas=_grid_cap(max_ctas, on_host),
             **args,
         )
+
+
+def _copy_cross_layer_layer(direction: str, kv: PagedLayers, ids: torch.Tensor, chunk_list: list[torch.Tensor],
+                            blocks_per_chunk: int, layer: int, staging: torch.Tensor | None,
+                            stream: torch.cuda.Stream | None, max_ctas: int | None) -> None:
+    """One layer of a cross-layer cache, whose chunks read [block][layer][page]: each
+    block's page of `layer` is its own one-page chunk, so one launch moves them all and
+    the chunk's bytes are the same as a whole-chunk copy's."""
+    if staging is not None:
+        raise ValueError("a staged layer copy needs a per-layer layout; this cache is cross-layer (BL*)")
+    block_bytes = kv.num_layers * kv.page_bytes
+    offset = layer * kv.page_bytes
+    pages = []
+    for c in range(len(chunk_list)):
+        flat = chunk_list[c].reshape(-1).view(torch.uint8)
+        for j in range(min(blocks_per_chunk, ids.numel() - c * blocks_per_chunk)):
+            start = j * block_bytes + offset
+            pages.append(flat[start:start + kv.page_bytes])
+    one_layer = PagedLayers(
+        layer_ptrs=(kv.layer_ptrs[layer],), block_stride=kv.block_stride, page_bytes=kv.page_bytes,
+        num_blocks=kv.num_blocks, device=kv.device, tensors=kv.tensors,
+    )
+    _copy(direction, one_layer, ids, pages, 1, None, None, stream, max_ctas)
 
 
 @dataclass(frozen=True)
