@@ -5,7 +5,8 @@ Copies of the same block count go out as one kernel launch over all their slots.
 Tier writes run on the tiers' own threads and report through a callback, so a
 plan never waits on one (the slot stays pinned by the directory until then).
 
-On a CUDA cache the copies run on the executor's own stream, ordered against the
+On a CUDA cache the copies run (SM kernels, or the copy engines with
+cuda_copy_path "dma") on the executor's own stream, ordered against the
 caller's current stream by events (`copy_stream`), and `run` returns without waiting
 for them: the host waits for a slot's copy only before a tier write reads the slot
 or a tier read overwrites it. Such a cache needs page-locked slots; the executor
@@ -50,12 +51,15 @@ class TransferExecutor:
     """Runs plans against one paged cache, one slot pool and the tiers below it."""
 
     def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, tiers: Mapping[Source, LowerTier],
-                 read_threads: int = 2) -> None:
+                 read_threads: int = 2, cuda_copy_path: str = "kernel") -> None:
         _check_reachable(kv, slots)
         self._kv: ops.PagedLayers | None = kv
         self._device = kv.device
         self._gate = _BindGate()
         self._slots = slots
+        if cuda_copy_path not in ops.COPY_PATHS:
+            raise ValueError(f"cuda_copy_path = {cuda_copy_path!r}: expected one of {', '.join(ops.COPY_PATHS)}")
+        self._cuda_path = cuda_copy_path
         self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
         self._tiers = dict(tiers)
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if tiers else None
@@ -106,7 +110,7 @@ class TransferExecutor:
                 self._copy_items(kv, copy, items, {})
                 return None
             stream = self._copies.after_current()
-            self._copy_items(kv, copy, items, {"stream": stream})
+            self._copy_items(kv, copy, items, {"stream": stream, "path": self._cuda_path})
             return self._copies.mark([item.slot for item in items])
 
     def close(self) -> None:
@@ -152,7 +156,7 @@ class TransferExecutor:
         return [item.slot not in skip for item in items]
 
     def _copy_items(self, kv: ops.PagedLayers, copy: Callable[..., None], items: Sequence[SlotCopy],
-                    on_stream: dict[str, torch.cuda.Stream]) -> None:
+                    on_stream: dict[str, object]) -> None:
         groups: dict[int, list[SlotCopy]] = defaultdict(list)
         for item in items:
             if item.whole:
@@ -175,16 +179,16 @@ class TransferExecutor:
         return self._kv
 
     @contextmanager
-    def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, torch.cuda.Stream]]:
+    def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, object]]:
         """The copy kwargs that put a copy on the executor's stream (none on CPU)."""
         if self._copies is None or not slots:
             yield {}
             return
         with self._copies.copies(slots) as stream:
-            yield {"stream": stream}
+            yield {"stream": stream, "path": self._cuda_path}
 
     def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy,
-                   on_stream: dict[str, torch.cuda.Stream]) -> None:
+                   on_stream: dict[str, object]) -> None:
         """Blocks first.. of a chunk: the slot seen from block `first`, layers still
         chunk_blocks pages apart."""
         offset = item.first * kv.chunk_geometry()[1]

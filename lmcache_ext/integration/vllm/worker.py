@@ -103,7 +103,8 @@ class WorkerSide:
         )
         self._storage = storage
         self._executor = TransferExecutor(kv, storage.pool, storage.tiers,
-                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections))
+                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections),
+                                          cuda_copy_path=cfg.cuda_copy_path)
         if cfg.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
         logger.info("lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s", self._rank,
