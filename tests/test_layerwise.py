@@ -137,3 +137,38 @@ def test_at_tp2_a_chunk_is_visible_only_once_every_rank_has_every_layer(monkeypa
     slow.drain()
     rig.scheduler.apply_report(slow.take_report())
     assert hit(rig.scheduler, request("c", tokens)) == 2 * CHUNK
+
+
+def test_the_connector_asks_for_cross_layer_blocks_and_piecewise_graphs_by_setting():
+    from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic as Connector
+
+    def vllm_config(**extra):
+        return SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+
+    assert Connector.get_required_kvcache_layout(vllm_config()) == "BLNHC"
+    assert Connector.get_required_kvcache_layout(vllm_config(use_layerwise=True)) is None
+    assert Connector.get_required_kvcache_layout(vllm_config(cross_layer_blocks=False)) is None
+    assert Connector.requires_piecewise_for_cudagraph({"use_layerwise": True}) is True
+    assert Connector.requires_piecewise_for_cudagraph({}) is False
+
+
+def test_a_cross_layer_cache_with_use_layerwise_moves_whole_steps_with_a_warning(caplog):
+    from kv_layouts import make_layers
+
+    from connector_rig import BLOCK, BLOCKS, HEADS, LAYERS, WIDTH, config, geometry
+    from lmcache_ext.integration.vllm.worker import WorkerSide
+    import torch
+
+    w = WorkerSide(config(use_layerwise=True), geometry(), 0)
+    cache = make_layers("BLHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
+    with caplog.at_level("WARNING"):
+        w.register(dict(zip(LAYER_NAMES, cache)))
+    assert "cross-layer" in caplog.text
+    tokens = prompt(CHUNK + 1, seed=7)
+    rig = Rig()
+    rig.workers[0].close()
+    rig.workers, rig.caches = [w], [cache]
+    rig.step([(request("a", tokens), [0, 1, 2, 3, 4], 0)])
+    rig.step([(request("b", tokens), [10, 11, 12, 13, 14], 0)])
+    assert same_pages(rig.caches[0], [10, 11, 12, 13], rig.caches[0], [0, 1, 2, 3])
+    w.close()

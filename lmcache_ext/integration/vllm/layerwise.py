@@ -36,7 +36,8 @@ class LayerwiseLoad:
     """The per-layer scatters of one step's loads, started at once."""
 
     def __init__(self, executor: TransferExecutor, items: Sequence[SlotCopy], num_layers: int,
-                 submit: Submit) -> None:
+                 submit: Submit | None) -> None:
+        """`submit(fn, *args)` runs the CPU copies on a thread (unused on CUDA)."""
         self._executor = executor
         self._items = tuple(items)
         self._failed = False
@@ -46,6 +47,7 @@ class LayerwiseLoad:
             self._queue_all(num_layers)
             self._job: Future | None = None
         else:
+            assert submit is not None, "CPU layerwise loads run on a copy thread: submit is required"
             self._job = submit(self._run_all, num_layers)
 
     def _queue_all(self, num_layers: int) -> None:
