@@ -115,6 +115,28 @@ def cpu_case(name: str, reps: int) -> list[dict]:
     return rows
 
 
+def cpu_cross_layer_rows(name: str, reps: int) -> list[dict]:
+    """The same chunk from a per-layer (LBNHC: one piece per layer and block) and a
+    cross-layer (BLNHC: one piece per block) cache, by the CPU twin of each copy path."""
+    heads, tokens, width, dtype = CASES[name]
+    cache_blocks = BLOCKS + BLOCKS // 8
+    ids = torch.randperm(cache_blocks, generator=torch.Generator().manual_seed(0))[:BLOCKS]
+    caches = {layout: ops.PagedLayers.from_tensors(make_layers(layout, LAYERS, cache_blocks, heads, tokens, width, dtype))
+              for layout in ("LBNHC", "BLNHC")}
+    chunk = torch.empty(caches["LBNHC"].chunk_bytes(BLOCKS), dtype=torch.uint8)
+    rows = []
+    for direction, copy in (("gather", ops.gather), ("scatter", ops.scatter)):
+        for path in ops.COPY_PATHS:
+            t = {layout: timed(lambda: copy(kv, ids, chunk, path=path), reps, lambda: None)
+                 for layout, kv in caches.items()}
+            rows.append({"case": name, "figure": "cross_layer_vs_per_layer", "direction": direction, "device": "cpu",
+                         "path": path, "bytes": chunk.numel(),
+                         "per_layer_gbps": round(chunk.numel() / t["LBNHC"] / 1e9, 2),
+                         "cross_layer_gbps": round(chunk.numel() / t["BLNHC"] / 1e9, 2),
+                         "ratio_cross_vs_per_layer": round(t["LBNHC"] / t["BLNHC"], 3)})
+    return rows
+
+
 def cuda_bytes(name: str) -> dict[str, int]:
     """Memory a CUDA case takes: the per-layer and cross-layer caches, staging and contiguous
     buffers; the pinned chunk."""
@@ -375,6 +397,8 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="with --device cuda: print what would be measured, run nothing")
     parser.add_argument("--no-interference", action="store_true", help="with --device cuda: skip the compute slowdown")
     parser.add_argument("--no-layerwise", action="store_true", help="with --device cuda: skip the layerwise overlap")
+    parser.add_argument("--cross-layer", action="store_true",
+                        help="on CPU: only the cross-layer vs per-layer copies, for each copy path's twin")
     args = parser.parse_args()
     cases = args.case or list(CASES)
     if args.plan:
@@ -383,6 +407,10 @@ def main() -> None:
         emit(plan_rows(cases), args.out)
         return
     ops.set_cpu_copy_options(threads=args.threads)
+    if args.cross_layer:
+        for name in cases:
+            emit(cpu_cross_layer_rows(name, args.reps), args.out)
+        return
     if args.device == "cuda" and not ops.cuda_available():
         raise SystemExit(f"--device cuda: no CUDA device (build_info: {_C.build_info()})")
     if args.device == "cuda" and not args.no_layerwise:
