@@ -22,8 +22,9 @@ TP shard and reports per item id what happened.
   `save_layer` gathers one layer of the step's stores as the forward writes it, and
   `save` (wait_for_save) completes both: loads are reported, with their errors, and
   stores take the usual way (a chunk is reported stored only with every layer in its
-  slot, so it becomes visible only once complete on every rank). A cross-layer cache
-  (BL* layouts) has no per-layer copy: it moves whole steps.
+  slot, so it becomes visible only once complete on every rank). On a cross-layer
+  cache (BL* layouts) a layer's copy writes its page of each block of the chunk, so
+  the chunk's bytes are those of a whole-step copy.
 - Sleep mode (vLLM 0.33): `unregister` waits for every transfer that touches the KV
   cache, then forgets its addresses; until `restore` re-reads them from the views
   registered at start-up, a step that would copy blocks raises, naming why.
@@ -88,10 +89,7 @@ class WorkerSide:
         kv = self._paged(kv_caches)
         self._kv_caches = dict(kv_caches)
         self._layer_index = {name: i for i, name in enumerate(kv_caches)}
-        self._layerwise = self._config.use_layerwise and not kv.cross_layer
-        if self._config.use_layerwise and kv.cross_layer:
-            logger.warning("lmcache_ext worker %d: use_layerwise is set but the KV cache is cross-layer (%s): "
-                           "copies move whole steps", self._rank, kv.layout)
+        self._layerwise = self._config.use_layerwise
         if self._executor is not None:
             self._executor.bind(kv)
             return
