@@ -383,7 +383,6 @@ class WorkerSide:
         return self._geometry.chunk_bytes(len(item.copy.block_ids))
 
 
-
 def _already(gathered: tuple[bool, ...]) -> Callable[[], tuple[bool, ...]]:
     """The outcome of gathers queued already, as the callable `_store` takes."""
     return lambda: gathered
