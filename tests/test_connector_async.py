@@ -149,9 +149,13 @@ def test_a_storm_of_aborted_requests_leaks_no_slot_pin_or_report(tmp_path, monke
     held = {rid for rid in ids if rig.scheduler.finished(rid)}  # every one aborted right away
     assert held == set(ids)
     reported: list[str] = []
+    by_rank: list[set[str]] = [set() for _ in rig.workers]  # vLLM counts each rank's reports across steps
     for _ in range(50):  # steps until every rank has reported every held request once
-        sent = [w.get_finished(set(ids) if not reported and _ == 0 else set())[0] or set() for w in rig.workers]
-        reported += sorted(set.intersection(*sent))
+        sent = [w.get_finished(set(ids) if _ == 0 else set())[0] or set() for w in rig.workers]
+        for rank, done in zip(by_rank, sent):
+            assert not rank & done, f"reported twice by one rank: {sorted(rank & done)}"
+            rank |= done
+        reported = sorted(set.intersection(*by_rank))
         report = None
         for w in rig.workers:
             part = w.take_report()
