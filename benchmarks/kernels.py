@@ -219,7 +219,7 @@ def layerwise_rows(reps: int) -> list[dict]:
     LayerwiseLoad: layer i loads while layer i-1 computes), load-then-compute, and
     compute alone (the floor), per copy path."""
     from lmcache_ext.executor import TransferExecutor
-    from lmcache_ext.integration.vllm.layerwise import LayerwiseLoad
+    from lmcache_ext.layerwise import LayerwiseLoad
     from lmcache_ext.plans import SlotCopy
 
     heads, tokens, width, dtype = CASES["cuda_like"]

@@ -10,7 +10,7 @@ from kv_layouts import make_layers, page_view
 
 from lmcache_ext import ops
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.integration.vllm.layerwise import LayerwiseLoad, LayerwiseSave
+from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.plans import Plan, SlotCopy
 
 CUDA = ops.cuda_available()

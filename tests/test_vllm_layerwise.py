@@ -26,7 +26,7 @@ BATCHES = [[ASK_A], [ASK_B]]
 WHOLE_STEP_HITS = [[0], [3 * CHUNK]]  # what test_vllm_connector sees for the same prompts
 
 COUNT_LAYER_HOOKS = """
-from lmcache_ext.integration.vllm import layerwise
+from lmcache_ext import layerwise
 calls = {"waits": 0, "gathers": 0}
 def counted(cls, name, key):
     real = getattr(cls, name)

@@ -17,7 +17,7 @@ TP shard and reports per item id what happened.
   of its time: in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM runs such steps
   back to back while a request waits for its load, and that busy loop would keep the
   transfer threads from the GIL (measured: a disk hit took 0.55 s instead of 0.03).
-- Layerwise (`use_layerwise`, `layerwise.py`): `load` starts the per-layer scatters of
+- Layerwise (`use_layerwise`, `lmcache_ext/layerwise.py`): `load` starts the per-layer scatters of
   the step's host-hit loads (tier reads first), `wait_layer` waits for one layer,
   `save_layer` gathers one layer of the step's stores as the forward writes it, and
   `save` (wait_for_save) completes both: loads are reported, with their errors, and
@@ -45,7 +45,7 @@ import torch
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.integration.vllm.layerwise import LayerwiseLoad, LayerwiseSave
+from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.plans import Plan, PlanResult, Source, TierTransfer
