@@ -4,8 +4,11 @@
 #   build    compiles the extension in place for the local GPU (setup.py build_ext:
 #            no pip, no build isolation, nothing fetched)
 #   tests    pytest -m gpu (vLLM and transformers tests skip: that machine has neither)
-#   bench    benchmarks/kernels.py --device cuda: zero-copy GB/s vs cudaMemcpyAsync per
-#            grid cap, SMs used, compute slowdown beside a copy (largest case ~12.5 GiB)
+#   bench    benchmarks/kernels.py --device cuda: 32 layers loaded layerwise beside a
+#            per-layer matmul vs load-then-compute vs compute alone (kernel and DMA paths);
+#            zero-copy GB/s vs cudaMemcpyAsync per grid cap, the DMA path
+#            (cudaMemcpyBatchAsync) on per-layer and cross-layer caches, SMs used, compute
+#            slowdown beside each copy kind (largest case ~21 GiB)
 # Each stage prints one line `gpu_check: STAGE: PASS|FAIL|SKIP (...)`; everything lands
 # in $OUT (default /tmp/gpu_check): summary.txt, prereqs.txt, nvidia-smi.txt, build.log,
 # build_info.json, pytest_gpu.log, pytest_gpu.xml, bench.log, kernels_cuda.jsonl.

@@ -34,6 +34,13 @@ struct Launch {
 // page-locked host memory seen through its device address (zero-copy). No host sync.
 Status page_copy(const PageCopyArgs& a, CopyDirection dir, const Launch& launch);
 
+// The copy-engine path: the runs of contiguous bytes of `a` (page_copy_runs.h) as one
+// cudaMemcpyBatchAsync (CUDA >= 12.8 on a non-legacy stream), else one cudaMemcpyAsync
+// per run; no SM copies. Block ids and the chunk table are read on the host; chunk
+// addresses are host addresses of page-locked memory or device addresses. No host sync.
+Status page_copy_dma(const PageCopyArgs& a, CopyDirection dir, const Launch& launch);
+bool has_batch_memcpy();  // built against CUDA >= 12.8 (cudaMemcpyBatchAsync)
+
 // The staged copy (staged_copy.h): gather runs the kernel into the staging buffer, then
 // one cudaMemcpy2DAsync of the rows to host; scatter the reverse. No host sync.
 Status page_copy_staged(const StagedCopy& s, CopyDirection dir, const Launch& launch);

@@ -67,6 +67,12 @@ SECRET_KEYS = ("remote_password", "remote_integrity_key")
 """Settings never shown: in messages, logs, to_dict() and repr() they read ``***``."""
 CACHE_POLICIES = ("LRU",)
 PIN_HOST_MEMORY_MODES = ("auto", "never", "always")
+CUDA_COPY_PATHS = ("kernel", "dma")
+"""How a CUDA cache's pages move to and from host slots: SM copy kernels, or the copy
+engines (cudaMemcpyBatchAsync) for runs of contiguous pages."""
+CROSS_LAYER_LAYOUT = "BLNHC"
+"""The layout asked of vLLM for cross-layer blocks: block outermost, then layer, then
+FlashAttention's token-major order inside a page."""
 
 _IGNORED_BY_FEATURE: dict[str, tuple[str, ...]] = {
     "remote serialisation (chunks are stored as raw bytes)": ("remote_serde",),
@@ -317,6 +323,8 @@ class CacheConfig:
     save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})
+    cross_layer_blocks: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})
+    cuda_copy_path: str = field(default="kernel", metadata={"parse": _choice_parser(CUDA_COPY_PATHS)})
     cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
     disk_o_direct: bool = field(default=False, metadata={"parse": _parse_bool})
     disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
@@ -396,11 +404,12 @@ class CacheConfig:
                 f"expected a chunk_size of whole blocks, e.g. {block_size * max(1, self.chunk_size // block_size)}"
             )
 
-    def warn_unimplemented(self) -> None:
-        """Log the settings a user may carry over from LMCache that this version accepts
-        but does not act on."""
-        if self.use_layerwise:
-            logger.warning("use_layerwise is set: lmcache_ext loads and stores whole steps, not layer by layer")
+    def required_kv_layout(self) -> str | None:
+        """The KV layout to ask vLLM for: cross-layer blocks (BLNHC) where whole steps move
+        (cross_layer_blocks unset or true, use_layerwise off), else no preference."""
+        if self.use_layerwise or self.cross_layer_blocks is False:
+            return None
+        return CROSS_LAYER_LAYOUT
 
     def to_dict(self) -> dict[str, Any]:
         """The settings by key, for logs; a password in remote_url is masked."""

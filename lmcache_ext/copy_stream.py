@@ -29,17 +29,28 @@ class CopyStream:
     @contextmanager
     def copies(self, slots: Iterable[int]) -> Iterator[torch.cuda.Stream]:
         """Queue copies that read or write `slots` on the yielded stream."""
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
+        stream = self.after_current()
         try:
-            yield self._stream
+            yield stream
         finally:
-            done = torch.cuda.Event()
-            done.record(self._stream)
-            current.wait_event(done)
-            for slot in slots:
-                self._slot_events[slot] = done
-            self._last = done
+            torch.cuda.current_stream(self.device).wait_event(self.mark(slots))
+
+    def after_current(self) -> torch.cuda.Stream:
+        """The copy stream, ordered after what the current stream queued so far (the
+        layer the forward just wrote, the last use of blocks about to be loaded)."""
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._stream
+
+    def mark(self, slots: Iterable[int]) -> torch.cuda.Event:
+        """An event after the copies queued so far, remembered as `slots`' last copy.
+        The caller makes the current stream wait for it where it needs the bytes (a
+        layerwise load: before that layer's attention, not before the whole forward)."""
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        for slot in slots:
+            self._slot_events[slot] = done
+        self._last = done
+        return done
 
     def wait_slot(self, slot: int) -> None:
         """Block the host until the last copy queued for `slot` has finished."""

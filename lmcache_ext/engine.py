@@ -84,13 +84,13 @@ class CacheEngine:
         self._directory = CacheDirectory(self._pool, list(self._storage.presence.items()),
                                          on_evict=lambda key: self._stats.evicted("host"))
         self._executor = TransferExecutor(self._kv, self._pool, self._storage.tiers,
-                                          read_threads=max(config.disk_io_threads, config.remote_connections))
+                                          read_threads=max(config.disk_io_threads, config.remote_connections),
+                                          cuda_copy_path=config.cuda_copy_path)
         self._writes_left: dict[ChunkKey, int] = {}  # tier writes still running per stored chunk
         self._writes_lock = threading.Lock()
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="lmcache-engine")
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
-        config.warn_unimplemented()
         self._closed = False
         self._close_lock = threading.Lock()
 

@@ -5,7 +5,8 @@ Copies of the same block count go out as one kernel launch over all their slots.
 Tier writes run on the tiers' own threads and report through a callback, so a
 plan never waits on one (the slot stays pinned by the directory until then).
 
-On a CUDA cache the copies run on the executor's own stream, ordered against the
+On a CUDA cache the copies run (SM kernels, or the copy engines with
+cuda_copy_path "dma") on the executor's own stream, ordered against the
 caller's current stream by events (`copy_stream`), and `run` returns without waiting
 for them: the host waits for a slot's copy only before a tier write reads the slot
 or a tier read overwrites it. Such a cache needs page-locked slots; the executor
@@ -20,6 +21,7 @@ released memory.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,12 +50,15 @@ class TransferExecutor:
     """Runs plans against one paged cache, one slot pool and the tiers below it."""
 
     def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, tiers: Mapping[Source, LowerTier],
-                 read_threads: int = 2) -> None:
+                 read_threads: int = 2, cuda_copy_path: str = "kernel") -> None:
         _check_reachable(kv, slots)
         self._kv: ops.PagedLayers | None = kv
         self._device = kv.device
         self._gate = _BindGate()
         self._slots = slots
+        if cuda_copy_path not in ops.COPY_PATHS:
+            raise ValueError(f"cuda_copy_path = {cuda_copy_path!r}: expected one of {', '.join(ops.COPY_PATHS)}")
+        self._cuda_path = cuda_copy_path
         self._copies = CopyStream(kv.device) if kv.device.type == "cuda" else None
         self._tiers = dict(tiers)
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="lmcache-read") if tiers else None
@@ -79,13 +84,7 @@ class TransferExecutor:
 
     def run(self, plan: Plan, on_write_done: WriteDone | None = None) -> PlanResult:
         with self._gate.shared():
-            kv = self._kv
-            if (plan.scatters or plan.gathers) and kv is None:
-                raise RuntimeError(
-                    f"the plan copies {len(plan.scatters) + len(plan.gathers)} chunks to or from the paged KV "
-                    "cache, but none is bound: vLLM unregistered it for sleep mode (unregister_kv_caches) and "
-                    "has not restored it (restore_kv_caches)"
-                )
+            kv = self._bound(len(plan.scatters) + len(plan.gathers))
             reads = self._read(plan.reads)
             unreadable = {r.slot for r, ok in zip(plan.reads, reads) if not ok}
             scatters = self._copy(kv, ops.scatter, plan.scatters, unreadable)
@@ -94,6 +93,24 @@ class TransferExecutor:
         for w in plan.writes:
             self._write(w, w.slot not in unfilled, on_write_done)
         return PlanResult(tuple(reads), tuple(scatters), tuple(gathers))
+
+    def copy_layer(self, direction: str, items: Sequence[SlotCopy], layer: int) -> torch.cuda.Event | None:
+        """Layer `layer`'s pages of `items`, the layerwise path: "scatter" (slot -> paged)
+        or "gather" (paged -> slot), into or from that layer's slice of each slot. On CUDA
+        the copy is queued on the copy stream after what the current stream queued so far,
+        and the returned event marks its end: the caller decides where the current stream
+        waits for it. On CPU the copy has ended when this returns (None)."""
+        if direction not in ("scatter", "gather"):
+            raise ValueError(f"direction = {direction!r}: expected 'scatter' or 'gather'")
+        copy = functools.partial(ops.scatter if direction == "scatter" else ops.gather, layer=layer)
+        with self._gate.shared():
+            kv = self._bound(len(items))
+            if self._copies is None:
+                self._copy_items(kv, copy, items, {})
+                return None
+            stream = self._copies.after_current()
+            self._copy_items(kv, copy, items, {"stream": stream, "path": self._cuda_path})
+            return self._copies.mark([item.slot for item in items])
 
     def close(self) -> None:
         if self._copies is not None:
@@ -133,31 +150,44 @@ class TransferExecutor:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
         runnable = [item for item in items if item.slot not in skip]
-        groups: dict[int, list[SlotCopy]] = defaultdict(list)
         with self._copy_stream([item.slot for item in runnable]) as on_stream:
-            for item in runnable:
-                if item.whole:
-                    groups[len(item.block_ids)].append(item)
-                else:
-                    assert kv is not None, "a partial copy needs the paged cache"
-                    self._copy_part(kv, copy, item, on_stream)
-            for blocks, members in groups.items():
-                block_ids = [b for item in members for b in item.block_ids]
-                chunks = [self._slots.view(item.slot) for item in members]
-                copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
+            self._copy_items(kv, copy, runnable, on_stream)
         return [item.slot not in skip for item in items]
 
+    def _copy_items(self, kv: ops.PagedLayers, copy: Callable[..., None], items: Sequence[SlotCopy],
+                    on_stream: dict[str, object]) -> None:
+        groups: dict[int, list[SlotCopy]] = defaultdict(list)
+        for item in items:
+            if item.whole:
+                groups[len(item.block_ids)].append(item)
+            else:
+                self._copy_part(kv, copy, item, on_stream)
+        for blocks, members in groups.items():
+            block_ids = [b for item in members for b in item.block_ids]
+            chunks = [self._slots.view(item.slot) for item in members]
+            copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
+
+    def _bound(self, copies: int) -> ops.PagedLayers | None:
+        """The bound paged cache; raises when `copies` chunks would move and none is bound."""
+        if copies and self._kv is None:
+            raise RuntimeError(
+                f"the plan copies {copies} chunks to or from the paged KV "
+                "cache, but none is bound: vLLM unregistered it for sleep mode (unregister_kv_caches) and "
+                "has not restored it (restore_kv_caches)"
+            )
+        return self._kv
+
     @contextmanager
-    def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, torch.cuda.Stream]]:
+    def _copy_stream(self, slots: list[int]) -> Iterator[dict[str, object]]:
         """The copy kwargs that put a copy on the executor's stream (none on CPU)."""
         if self._copies is None or not slots:
             yield {}
             return
         with self._copies.copies(slots) as stream:
-            yield {"stream": stream}
+            yield {"stream": stream, "path": self._cuda_path}
 
     def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy,
-                   on_stream: dict[str, torch.cuda.Stream]) -> None:
+                   on_stream: dict[str, object]) -> None:
         """Blocks first.. of a chunk: the slot seen from block `first`, layers still
         chunk_blocks pages apart."""
         offset = item.first * kv.chunk_geometry()[1]

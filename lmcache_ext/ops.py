@@ -25,6 +25,9 @@ BlockIds: TypeAlias = Sequence[int] | torch.Tensor
 Chunks: TypeAlias = torch.Tensor | Sequence[torch.Tensor]
 
 MAX_LAYERS = 256
+COPY_PATHS = ("kernel", "dma")
+"""kernel: SM copy kernels (CPU: the threaded twin); dma: the copy engines, one piece per
+run of contiguous bytes (cudaMemcpyBatchAsync; CPU: one memcpy per run)."""
 # Grid cap of a CUDA copy with a chunk in host memory (zero-copy over PCIe). Each CTA
 # keeps 16 KiB of loads in flight, so 32 CTAs keep 512 KiB: over twice the ~0.2 MB that
 # fill a PCIe 5 x16 link, on at most 32 SMs, leaving the rest to the model.
@@ -189,6 +192,7 @@ def _copy(
     staging: torch.Tensor | None,
     stream: torch.cuda.Stream | None,
     max_ctas: int | None,
+    path: str = "kernel",
 ) -> None:
     ids = check_block_ids(kv, block_ids)
     n = ids.numel()
@@ -198,6 +202,7 @@ def _copy(
         raise ValueError(f"{name} is a {type(chunks).__name__}; expected a torch.Tensor or a list of them")
     chunk_list: list[torch.Tensor] = [chunks] if single else list(chunks)
     _check_launch(kv, stream, max_ctas)
+    _check_path(path, staging, max_ctas)
     if n == 0:
         return
     if blocks_per_chunk is None:
@@ -212,14 +217,13 @@ def _copy(
             f"{name} has {len(chunk_list)} chunk buffers; expected {want_chunks} for {n} blocks "
             f"at {blocks_per_chunk} blocks per chunk"
         )
-    if layer is None:
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                              or not 0 <= layer < kv.num_layers):
+        raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
+    if layer is None or kv.cross_layer:
         layer_ptrs, page_bytes = kv.chunk_geometry()
         first_layer = 0
     else:
-        if kv.cross_layer:
-            raise ValueError("layer copies need a per-layer layout; this cache is cross-layer (BL*)")
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.num_layers:
-            raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
         layer_ptrs, page_bytes = (kv.layer_ptrs[layer],), kv.page_bytes
         first_layer = layer
     layer_stride = blocks_per_chunk * kv.page_bytes
@@ -230,6 +234,10 @@ def _copy(
     ]
     for c, (t, need) in enumerate(zip(chunk_list, needs)):
         _check_chunk_tensor(kv, t, name if single else f"{name}[{c}]", need, staging is not None)
+    if layer is not None and kv.cross_layer:
+        _copy_cross_layer_layer(direction, kv, ids, chunk_list, blocks_per_chunk, layer, staging, stream, max_ctas,
+                                path)
+        return
     geometry = _Geometry(layer_ptrs, page_bytes, layer_stride, first_layer)
     if staging is not None:
         _copy_staged(direction, kv, ids, chunk_list, geometry, staging, stream, max_ctas)
@@ -244,14 +252,20 @@ def _copy(
         blocks_per_chunk=blocks_per_chunk,
         chunk_layer_stride=layer_stride,
         chunk_first_layer=first_layer,
+        path=path,
     )
-    if kv.device.type == "cpu":
+    if kv.device.type == "cpu" or path == "dma":  # block ids and chunk table read on the host
         table = torch.tensor([t.data_ptr() for t in chunk_list], dtype=torch.int64) if not single else None
+        on_cuda = {} if kv.device.type == "cpu" else dict(
+            device_index=kv.device.index,
+            stream=(stream if stream is not None else torch.cuda.current_stream(kv.device)).cuda_stream,
+        )
         _C.page_copy(
             block_ids_ptr=ids.data_ptr(),
             chunk_ptr=chunk_list[0].data_ptr() if single else 0,
             chunk_table_ptr=table.data_ptr() if table is not None else 0,
             **args,
+            **on_cuda,
         )
         return
     on_host = any(t.device.type == "cpu" for t in chunk_list)
@@ -269,6 +283,29 @@ def _copy(
             max_ctas=_grid_cap(max_ctas, on_host),
             **args,
         )
+
+
+def _copy_cross_layer_layer(direction: str, kv: PagedLayers, ids: torch.Tensor, chunk_list: list[torch.Tensor],
+                            blocks_per_chunk: int, layer: int, staging: torch.Tensor | None,
+                            stream: torch.cuda.Stream | None, max_ctas: int | None, path: str) -> None:
+    """One layer of a cross-layer cache, whose chunks read [block][layer][page]: each
+    block's page of `layer` is its own one-page chunk, so one launch moves them all and
+    the chunk's bytes are the same as a whole-chunk copy's."""
+    if staging is not None:
+        raise ValueError("a staged layer copy needs a per-layer layout; this cache is cross-layer (BL*)")
+    block_bytes = kv.num_layers * kv.page_bytes
+    offset = layer * kv.page_bytes
+    pages = []
+    for c in range(len(chunk_list)):
+        flat = chunk_list[c].reshape(-1).view(torch.uint8)
+        for j in range(min(blocks_per_chunk, ids.numel() - c * blocks_per_chunk)):
+            start = j * block_bytes + offset
+            pages.append(flat[start:start + kv.page_bytes])
+    one_layer = PagedLayers(
+        layer_ptrs=(kv.layer_ptrs[layer],), block_stride=kv.block_stride, page_bytes=kv.page_bytes,
+        num_blocks=kv.num_blocks, device=kv.device, tensors=kv.tensors,
+    )
+    _copy(direction, one_layer, ids, pages, 1, None, None, stream, max_ctas, path)
 
 
 @dataclass(frozen=True)
@@ -291,6 +328,15 @@ def _check_launch(kv: PagedLayers, stream: torch.cuda.Stream | None, max_ctas: i
         raise ValueError(f"stream = {stream!r}: expected a torch.cuda.Stream on {kv.device} like the cache")
     if max_ctas is not None and (isinstance(max_ctas, bool) or not isinstance(max_ctas, int) or max_ctas < 0):
         raise ValueError(f"max_ctas = {max_ctas!r}: expected a positive int, or 0 for no cap")
+
+
+def _check_path(path: str, staging: torch.Tensor | None, max_ctas: int | None) -> None:
+    if path not in COPY_PATHS:
+        raise ValueError(f"path = {path!r}: expected one of {', '.join(COPY_PATHS)}")
+    if path == "dma" and staging is not None:
+        raise ValueError("path = 'dma' copies pages directly; a staged copy runs a kernel into its staging buffer")
+    if path == "dma" and max_ctas is not None:
+        raise ValueError("max_ctas caps a copy kernel's grid; path = 'dma' runs no kernel")
 
 
 def _grid_cap(max_ctas: int | None, on_host: bool) -> int:
@@ -357,6 +403,7 @@ def gather(
     staging: torch.Tensor | None = None,
     stream: torch.cuda.Stream | None = None,
     max_ctas: int | None = None,
+    path: str = "kernel",
 ) -> None:
     """Copy the pages of `block_ids` from the paged cache into chunk buffers, in one launch.
 
@@ -368,9 +415,11 @@ def gather(
     len(layers) * len(block_ids) * page_bytes bytes; on a CPU cache the staged path
     runs its CPU twin). CUDA only: the copy is queued on `stream` (default: the
     current stream) without a host sync, with at most `max_ctas` CTAs (default:
-    ZERO_COPY_MAX_CTAS when a chunk is in host memory, no cap otherwise).
+    ZERO_COPY_MAX_CTAS when a chunk is in host memory, no cap otherwise). `path`
+    "dma" moves the pages with the copy engines instead of a kernel, one piece per run
+    of contiguous bytes (COPY_PATHS).
     """
-    _copy("gather", kv, block_ids, out, blocks_per_chunk, layer, staging, stream, max_ctas)
+    _copy("gather", kv, block_ids, out, blocks_per_chunk, layer, staging, stream, max_ctas, path)
 
 
 def scatter(
@@ -383,9 +432,10 @@ def scatter(
     staging: torch.Tensor | None = None,
     stream: torch.cuda.Stream | None = None,
     max_ctas: int | None = None,
+    path: str = "kernel",
 ) -> None:
     """The inverse of `gather`: copy chunk buffers back into the pages of `block_ids`."""
-    _copy("scatter", kv, block_ids, src, blocks_per_chunk, layer, staging, stream, max_ctas)
+    _copy("scatter", kv, block_ids, src, blocks_per_chunk, layer, staging, stream, max_ctas, path)
 
 
 def set_cpu_copy_options(*, threads: int = 0, streaming_min_bytes: int = 8 << 20) -> None:

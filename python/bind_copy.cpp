@@ -9,6 +9,7 @@
 #include "cuda_api.h"
 #include "launch_shape.h"
 #include "page_copy_cpu.h"
+#include "page_copy_runs.h"
 #include "staged_copy.h"
 
 namespace py = pybind11;
@@ -21,6 +22,17 @@ CopyDirection parse_direction(const std::string& direction) {
   if (direction == "gather") return CopyDirection::kGather;
   if (direction == "scatter") return CopyDirection::kScatter;
   throw py::value_error("direction = '" + direction + "': expected 'gather' or 'scatter'");
+}
+
+bool parse_dma(const std::string& path) {
+  if (path != "kernel" && path != "dma")
+    throw py::value_error("path = '" + path + "': expected 'kernel' or 'dma'");
+  return path == "dma";
+}
+
+Status run_page_copy(const PageCopyArgs& a, CopyDirection dir, bool on_cuda, bool dma, const cuda::Launch& launch) {
+  if (on_cuda) return dma ? cuda::page_copy_dma(a, dir, launch) : cuda::page_copy(a, dir, launch);
+  return dma ? cpu::page_copy_runs(a, dir) : cpu::page_copy(a, dir);
 }
 
 bool parse_on_cuda(const std::string& device) {
@@ -70,9 +82,10 @@ void bind_page_copy(py::module_& m) {
          const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
          int64_t block_ids_ptr, int64_t num_blocks, int64_t chunk_ptr, int64_t chunk_table_ptr,
          int64_t blocks_per_chunk, int64_t chunk_layer_stride, int chunk_first_layer,
-         int device_index, int64_t stream, int64_t max_ctas) {
+         int device_index, int64_t stream, int64_t max_ctas, const std::string& path) {
         const CopyDirection dir = parse_direction(direction);
         const bool on_cuda = parse_on_cuda(device);
+        const bool dma = parse_dma(path);
         const cuda::Launch launch = make_launch(device_index, stream, max_ctas);
         const PageCopyArgs a =
             make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr, num_blocks, chunk_ptr,
@@ -80,7 +93,7 @@ void bind_page_copy(py::module_& m) {
         Status st;
         {
           py::gil_scoped_release release;
-          st = on_cuda ? cuda::page_copy(a, dir, launch) : cpu::page_copy(a, dir);
+          st = run_page_copy(a, dir, on_cuda, dma, launch);
         }
         throw_if_error(st);
       },
@@ -88,11 +101,15 @@ void bind_page_copy(py::module_& m) {
       py::arg("block_stride"), py::arg("page_bytes"), py::arg("block_ids_ptr"),
       py::arg("num_blocks"), py::arg("chunk_ptr") = 0, py::arg("chunk_table_ptr") = 0,
       py::arg("blocks_per_chunk"), py::arg("chunk_layer_stride"), py::arg("chunk_first_layer") = 0,
-      py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0,
+      py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0, py::arg("path") = "kernel",
       "Copy pages between a paged cache and chunk buffers (gather: paged -> chunk). "
       "All addresses must be readable/writable where the copy runs. CUDA: on device "
       "device_index (made current for the call) and stream, with at most max_ctas CTAs "
-      "(0: no cap); the CPU twin ignores those three.");
+      "(0: no cap); the CPU twin ignores those three. path 'dma': the copy engines, one "
+      "piece per run of contiguous bytes (block ids and chunk table in host memory, host "
+      "chunks by their host address); on CPU its twin, one memcpy per run.");
+  m.def("has_batch_memcpy", &cuda::has_batch_memcpy,
+        "True when the DMA path batches its runs (built against CUDA >= 12.8).");
   m.def(
       "page_copy_staged",
       [](const std::string& direction, const std::string& device,

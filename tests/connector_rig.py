@@ -26,6 +26,7 @@ from lmcache_ext.plans import TierTransfer
 LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
 HEADS, WIDTH = 2, 32  # 2 KiB pages (bf16)
 PAGE = HEADS * BLOCK * WIDTH * 2
+LAYER_NAMES = [f"layer.{i}" for i in range(LAYERS)]
 
 
 def geometry(tp_size: int = 1) -> Geometry:
@@ -48,7 +49,7 @@ class Rig:
                        for r in range(tp)]
         self.workers = [WorkerSide(config(tmp_path, **kw), geometry(tp), r) for r in range(tp)]
         for w, cache in zip(self.workers, self.caches):
-            w.register({f"layer.{i}": t for i, t in enumerate(cache)})
+            w.register(dict(zip(LAYER_NAMES, cache)))
 
     def step(self, new: list[tuple[SimpleNamespace, list[int], int]], loads: bool = True) -> StepPlan:
         """Schedule `new` requests (request, block ids, local hit) for their whole prompt,
@@ -75,6 +76,9 @@ class Rig:
         for w in self.workers:
             w.handle_preemptions(plan)
             w.load(plan)
+            for name in LAYER_NAMES:  # the forward's per-layer hooks (they act with use_layerwise)
+                w.wait_layer(name)
+                w.save_layer(plan, name)
             w.save(plan)
             w.flush()
             part = w.take_report()

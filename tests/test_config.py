@@ -56,6 +56,8 @@ DEFAULTS = {
     "save_unfull_chunk": False,
     "save_decode_cache": False,
     "use_layerwise": False,
+    "cross_layer_blocks": None,
+    "cuda_copy_path": "kernel",
     "cache_policy": "LRU",
     "disk_o_direct": False,
     "disk_io_threads": 2,
@@ -429,7 +431,7 @@ def test_unknown_extra_config_key_suggests_and_lists_the_keys(key, hint):
         "remote_tls_ca_file, remote_tls_cert_file, remote_tls_key_file, remote_tls_verify, remote_timeout_ms, "
         "remote_ttl_s, remote_connections, remote_key_prefix, remote_max_value_bytes, remote_write_backlog, "
         "remote_integrity_key, async_save, async_load, save_unfull_chunk, "
-        "save_decode_cache, use_layerwise, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
+        "save_decode_cache, use_layerwise, cross_layer_blocks, cuda_copy_path, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
         "pin_host_memory, cache_namespace, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
     ):
         load_config({key: 1}, environ=NO_ENV)
@@ -554,11 +556,17 @@ def test_config_file_that_is_not_yaml(tmp_path):
         load_config(environ=env)
 
 
-def test_settings_accepted_but_not_acted_on_are_named_in_a_warning(caplog):
-    config = load_config({"remote_url": "redis://user:secret@cache:6379", "use_layerwise": True}, environ={})
-    with caplog.at_level("WARNING", logger="lmcache_ext.config"):
-        config.warn_unimplemented()
-    assert "use_layerwise is set" in caplog.text and "remote_url" not in caplog.text
+def test_the_layout_asked_of_vllm_is_cross_layer_unless_layerwise_or_turned_off():
+    assert load_config({}, environ=NO_ENV).required_kv_layout() == "BLNHC"
+    assert load_config({"cross_layer_blocks": True}, environ=NO_ENV).required_kv_layout() == "BLNHC"
+    assert load_config({"cross_layer_blocks": False}, environ=NO_ENV).required_kv_layout() is None
+    assert load_config({"use_layerwise": True}, environ=NO_ENV).required_kv_layout() is None
+
+
+def test_cuda_copy_path_is_kernel_or_dma():
+    assert load_config({"cuda_copy_path": "dma"}, environ=NO_ENV).cuda_copy_path == "dma"
+    with raises_with("cuda_copy_path = 'sm'"):
+        load_config({"cuda_copy_path": "sm"}, environ=NO_ENV)
 
 
 def test_the_host_pool_is_the_host_tier_or_only_staging_slots():

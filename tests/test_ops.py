@@ -149,9 +149,12 @@ def test_many_chunk_buffers_and_layerwise_copies(device, target):
         assert torch.equal(page_view(fresh[layer])[dest].cpu(), page_view(layers[layer])[ids].cpu())
 
 
+@pytest.mark.parametrize("layout", ["BLHNC", "BLNHC"])
 @pytest.mark.parametrize("device,target", TARGETS)
-def test_cross_layer_cache_moves_whole_blocks(device, target):
-    layers = make_layers("BLHNC", 6, 20, 2, 16, 8, torch.bfloat16, device, seed=11)
+def test_cross_layer_cache_moves_whole_blocks(device, target, layout):
+    """BL* caches: a whole-chunk copy moves one piece per block; layer copies (the
+    layerwise path) give the same [block][layer][page] chunk and scatter it back."""
+    layers = make_layers(layout, 6, 20, 2, 16, 8, torch.bfloat16, device, seed=11)
     kv = ops.PagedLayers.from_tensors(layers)
     assert kv.cross_layer and kv.chunk_geometry() == ((kv.layer_ptrs[0],), 6 * kv.page_bytes)
     ids = pick_blocks(20, 7, seed=12)
@@ -163,8 +166,21 @@ def test_cross_layer_cache_moves_whole_blocks(device, target):
     synced(out)
     for layer in range(6):
         assert torch.equal(page_view(fresh[layer])[ids], page_view(layers[layer])[ids])
-    with pytest.raises(ValueError, match="cross-layer"):
-        ops.gather(kv, ids, [out], blocks_per_chunk=7, layer=0)
+    if target.endswith("staged"):
+        with pytest.raises(ValueError, match="cross-layer"):
+            ops.gather(kv, ids, out, layer=0, staging=staging_for(out.numel(), device, target))
+        return
+    by_layer = [chunk_buffer(kv.chunk_bytes(4), device, target), chunk_buffer(kv.chunk_bytes(4), device, target)]
+    for layer in range(6):
+        ops.gather(kv, ids, by_layer, blocks_per_chunk=4, layer=layer)
+    got = torch.cat([synced(by_layer[0]), synced(by_layer[1])[: kv.chunk_bytes(3)]])
+    assert torch.equal(got, synced(out))
+    again = make_layers(layout, 6, 20, 2, 16, 8, torch.bfloat16, device, seed=14)
+    for layer in reversed(range(6)):
+        ops.scatter(ops.PagedLayers.from_tensors(again), ids, by_layer, blocks_per_chunk=4, layer=layer)
+    synced(by_layer[0])
+    for layer in range(6):
+        assert torch.equal(page_view(again[layer])[ids], page_view(layers[layer])[ids])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])

@@ -29,8 +29,8 @@ def make_layers(
     """Per-layer views [num_blocks, heads, tokens, width] over one random byte buffer.
 
     layout: "separate" (one contiguous tensor per layer), "LBNHC" (vLLM FlashAttention:
-    physical block [N, H, C]), "LBHNC" (vLLM CPU), "BLHNC" (cross-layer: a block holds
-    all layers). pad_elems adds padding after every block (a block stride > page).
+    physical block [N, H, C]), "LBHNC" (vLLM CPU), "BLHNC" and "BLNHC" (cross-layer: a
+    block holds all layers). pad_elems adds padding after every block (a block stride > page).
     """
     esize = torch.empty(0, dtype=dtype).element_size()
     page = heads * tokens * width
@@ -50,13 +50,14 @@ def make_layers(
             buf.as_strided((num_blocks, heads, tokens, width), (block, *inner), layer * num_blocks * block)
             for layer in range(num_layers)
         ]
-    if layout == "BLHNC":
+    if layout in ("BLHNC", "BLNHC"):
         buf = random_buffer(num_blocks * num_layers * page)
+        inner = (tokens * width, width, 1) if layout == "BLHNC" else (width, heads * width, 1)
         return [
-            buf.as_strided((num_blocks, heads, tokens, width), (num_layers * page, tokens * width, width, 1), layer * page)
+            buf.as_strided((num_blocks, heads, tokens, width), (num_layers * page, *inner), layer * page)
             for layer in range(num_layers)
         ]
-    raise ValueError(f"layout = {layout!r}: expected separate, LBNHC, LBHNC or BLHNC")
+    raise ValueError(f"layout = {layout!r}: expected separate, LBNHC, LBHNC, BLHNC or BLNHC")
 
 
 def page_view(kv: torch.Tensor) -> torch.Tensor:

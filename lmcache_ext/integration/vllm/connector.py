@@ -94,8 +94,6 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         check_vllm_version()
         self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
-        if role == KVConnectorRole.SCHEDULER:
-            self._config.warn_unimplemented()
         geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | IdleSide | None = None
         self._lookups = Recorder()  # lookups, counted when vLLM admits the request
@@ -119,6 +117,18 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
         """True: the worker unregisters and restores the KV cache's views (vLLM 0.33)."""
         return True
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        """A cross-layer layout (each block holds every layer, so a chunk copies one piece
+        per block) unless layerwise copies are on or `cross_layer_blocks` is off; vLLM
+        drops the request with a warning where a backend cannot take it (CPU)."""
+        return _config_of(vllm_config).required_kv_layout()
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """True with use_layerwise: full CUDA graphs skip wait_for_layer_load and save_kv_layer."""
+        return load_config(extra_config).use_layerwise
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -144,13 +154,17 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
             self._worker_side().handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Load the step's host hits (layerwise: start the per-layer loads)."""
         self._worker_side().load(self._plan())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads are whole-step and synchronous: nothing to wait for per layer."""
+        """Layerwise: wait until this step's loads have put `layer_name` in place."""
+        self._worker_side().wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        """Stores gather every layer at once in wait_for_save."""
+        """Layerwise: gather `layer_name`'s pages of this step's stores now that it is written."""
+        if self.has_connector_metadata():
+            self._worker_side().save_layer(self._plan(), layer_name)
 
     def wait_for_save(self) -> None:
         self._worker_side().save(self._plan())
@@ -250,6 +264,11 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def _scheduler_side(self) -> SchedulerSide | IdleSide:
         assert self._scheduler is not None, "a scheduler-side hook was called on a worker's connector"
         return self._scheduler
+
+
+def _config_of(vllm_config: Any) -> CacheConfig:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    return load_config(getattr(transfer, "kv_connector_extra_config", None) or {})
 
 
 LMCacheConnectorV1 = LMCacheConnectorV1Dynamic

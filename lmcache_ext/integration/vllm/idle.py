@@ -59,6 +59,12 @@ class IdleSide:
     def handle_preemptions(self, plan: StepPlan) -> None:
         return None
 
+    def wait_layer(self, layer_name: str) -> None:
+        return None
+
+    def save_layer(self, plan: StepPlan, layer_name: str) -> None:
+        return None
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[None, None]:
         return None, None
 

@@ -17,6 +17,14 @@ TP shard and reports per item id what happened.
   of its time: in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM runs such steps
   back to back while a request waits for its load, and that busy loop would keep the
   transfer threads from the GIL (measured: a disk hit took 0.55 s instead of 0.03).
+- Layerwise (`use_layerwise`, `lmcache_ext/layerwise.py`): `load` starts the per-layer scatters of
+  the step's host-hit loads (tier reads first), `wait_layer` waits for one layer,
+  `save_layer` gathers one layer of the step's stores as the forward writes it, and
+  `save` (wait_for_save) completes both: loads are reported, with their errors, and
+  stores take the usual way (a chunk is reported stored only with every layer in its
+  slot, so it becomes visible only once complete on every rank). On a cross-layer
+  cache (BL* layouts) a layer's copy writes its page of each block of the chunk, so
+  the chunk's bytes are those of a whole-step copy.
 - Sleep mode (vLLM 0.33): `unregister` waits for every transfer that touches the KV
   cache, then forgets its addresses; until `restore` re-reads them from the views
   registered at start-up, a step that would copy blocks raises, naming why.
@@ -40,6 +48,7 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
@@ -71,12 +80,19 @@ class WorkerSide:
         self._had_stores: set[str] = set()  # requests with a store in some plan: held when they finish
         self._finishing: set[str] = set()  # finished requests waiting for their gathers
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
+        self._layerwise = False
+        self._layer_index: dict[str, int] = {}  # vLLM's layer name -> layer in a chunk
+        self._layer_copier = ThreadPoolExecutor(1, thread_name_prefix="lmcache-layers")  # CPU layerwise loads
+        self._layer_load: tuple[list[LoadItem], LayerwiseLoad] | None = None  # this step's
+        self._layer_save: tuple[StepPlan, LayerwiseSave] | None = None  # this step's
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take vLLM's per-layer views; build the slot pool and the disk tier (once: a
         later call only binds the new views, keeping every cached chunk)."""
         kv = self._paged(kv_caches)
         self._kv_caches = dict(kv_caches)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self._layerwise = self._config.use_layerwise
         if self._executor is not None:
             self._executor.bind(kv)
             return
@@ -88,7 +104,8 @@ class WorkerSide:
         )
         self._storage = storage
         self._executor = TransferExecutor(kv, storage.pool, storage.tiers,
-                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections))
+                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections),
+                                          cuda_copy_path=cfg.cuda_copy_path)
         if cfg.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
         logger.info("lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s", self._rank,
@@ -131,27 +148,59 @@ class WorkerSide:
             self._load_errors.update(plan.failed_blocks)
             if plan.idle and self._jobs:
                 self._job_ended.wait(IDLE_WAIT_S)  # an idle step: let the background transfers run
-        if plan.loads:
+        if plan.loads and self._layerwise:
+            self._start_layer_loads(plan.loads)
+        elif plan.loads:
             self._run_loads(plan.loads)
         for job in plan.async_loads:
             self._submit(self._loader, self._load_in_background, job)
 
+    def wait_layer(self, layer_name: str) -> None:
+        """Layerwise: return once this step's loads have put `layer_name` in place."""
+        layer = self._layer_index.get(layer_name)
+        if self._layer_load is not None and layer is not None:
+            self._layer_load[1].wait(layer)
+
+    def save_layer(self, plan: StepPlan, layer_name: str) -> None:
+        """Layerwise: the forward has written `layer_name`; gather its pages of this
+        step's stores."""
+        layer = self._layer_index.get(layer_name)
+        if not (self._layerwise and plan.stores) or layer is None:
+            return
+        if self._layer_save is None or self._layer_save[0] is not plan:
+            items = [i.copy for i in plan.stores]
+            self._layer_save = (plan, LayerwiseSave(self._executor_checked(), items, len(self._layer_index),
+                                                    self._submit_saver))
+        self._layer_save[1].layer(layer)
+
     def save(self, plan: StepPlan) -> None:
-        """Gather the planned chunks into their slots and write them to the lower tiers:
-        in the background with async_save (on CUDA the gathers are queued here, on the
-        copy stream, and only the writes wait), else before this returns."""
+        """End the step's layerwise loads; gather the planned chunks into their slots
+        and write them to the lower tiers: in the background with async_save (on CUDA
+        the gathers are queued here, on the copy stream, and only the writes wait),
+        else before this returns."""
+        self._finish_layer_loads()
+        layers, self._layer_save = self._layer_save, None
         if not plan.stores:
             return
         with self._lock:
             for item in plan.stores:
                 self._saving[item.req_id] += 1
                 self._had_stores.add(item.req_id)
-        on_gpu = self._executor_checked().device.type == "cuda"
-        gathered = self._run(Plan(gathers=tuple(i.copy for i in plan.stores))).gathers if on_gpu else None
-        if self._config.async_save:
-            self._submit(self._saver, self._store, plan.stores, gathered)
+        executor = self._executor_checked()
+        items = tuple(i.copy for i in plan.stores)
+        if self._layerwise:
+            save = layers[1] if layers is not None and layers[0] is plan else LayerwiseSave(
+                executor, items, len(self._layer_index), self._submit_saver)
+            gather = save.finish
         else:
-            self._store(plan.stores, gathered)
+            def gather() -> tuple[bool, ...]:
+                return self._run(Plan(gathers=items)).gathers
+        if executor.device.type == "cuda":  # queued on the forward's thread, after its stream's work
+            gather = _already(gather())
+        if self._config.async_save:
+            self._submit(self._saver, self._store, plan.stores, gather)
+        else:
+            self._store(plan.stores, gather)
 
     def handle_preemptions(self, plan: StepPlan) -> None:
         """vLLM reuses the preempted requests' blocks from this step on: wait for the
@@ -187,8 +236,33 @@ class WorkerSide:
         reads = tuple(self._shard(i.read) for i in items if i.read is not None)
         with self._metrics.timer("load"):
             result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
+        self._report_loads(items, result.scatters)
+
+    def _start_layer_loads(self, items: Sequence[LoadItem]) -> None:
+        """Fill slots from the lower tiers, then start the per-layer scatters of the
+        items whose slot is filled; the others are reported failed at once."""
+        reads = [i for i in items if i.read is not None]
+        read_ok = self._run(Plan(reads=tuple(self._shard(i.read) for i in reads))).reads
+        unread = {i.id for i, ok in zip(reads, read_ok) if not ok}
+        self._report_loads([i for i in items if i.id in unread], [False] * len(unread))
+        loading = [i for i in items if i.id not in unread]
+        if loading:
+            load = LayerwiseLoad(self._executor_checked(), [i.copy for i in loading], len(self._layer_index),
+                                 lambda fn, *args: self._layer_copier.submit(fn, *args))
+            self._layer_load = (loading, load)
+
+    def _finish_layer_loads(self) -> None:
+        """Every layer of the step's layerwise loads is in place: report them (a failed
+        copy makes every one of them load errors, before vLLM asks for those)."""
+        if self._layer_load is None:
+            return
+        (items, load), self._layer_load = self._layer_load, None
+        ok = load.finish()
+        self._report_loads(items, [ok] * len(items))
+
+    def _report_loads(self, items: Sequence[LoadItem], oks: Sequence[bool]) -> None:
         with self._lock:
-            for item, ok in zip(items, result.scatters):
+            for item, ok in zip(items, oks):
                 (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
                 tier = item.read.tier.value if item.read is not None else "host"
                 if ok:
@@ -215,13 +289,13 @@ class WorkerSide:
                 self._load_errors.update(job.failed_blocks)
                 self._loaded.add(job.req_id)
 
-    def _store(self, items: Sequence[StoreItem], gathered: tuple[bool, ...] | None) -> None:
-        """Gather (unless queued already), report, then write each filled slot to its
-        tiers. A failed gather reports its writes as done, so every rank reports each."""
+    def _store(self, items: Sequence[StoreItem], gather: Callable[[], tuple[bool, ...]]) -> None:
+        """Gather (or collect the gathers queued already), report, then write each filled
+        slot to its tiers. A failed gather reports its writes as done, so every rank
+        reports each."""
         try:
-            if gathered is None:
-                with self._metrics.timer("store"):
-                    gathered = self._run(Plan(gathers=tuple(i.copy for i in items))).gathers
+            with self._metrics.timer("store"):
+                gathered = gather()
         except Exception:
             gathered = tuple(False for _ in items)
             logger.exception("lmcache_ext worker %d: %d gathers failed", self._rank, len(items))
@@ -235,7 +309,8 @@ class WorkerSide:
                     self._metrics.failed("store")
                 self._saving[item.req_id] -= 1
                 if not ok:
-                    self._report.written[item.id] += len(item.writes)
+                    if item.writes:  # a zero count would name an item the scheduler has released
+                        self._report.written[item.id] += len(item.writes)
                     continue
                 for tier in item.writes:
                     shard = self._shard(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
@@ -246,11 +321,15 @@ class WorkerSide:
         self._run(Plan(writes=tuple(writes)),
                   on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start))
 
-    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> None:
+    def _submit_saver(self, fn: Callable[..., None], *args: object) -> Future[None]:
+        return self._submit(self._saver, fn, *args)
+
+    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> Future[None]:
         future = pool.submit(fn, *args)
         with self._lock:
             self._jobs.add(future)
         future.add_done_callback(self._job_done)
+        return future
 
     def _job_done(self, future: Future[None]) -> None:
         with self._lock:
@@ -287,6 +366,7 @@ class WorkerSide:
         self.drain()
         self._loader.shutdown(wait=True)
         self._saver.shutdown(wait=True)
+        self._layer_copier.shutdown(wait=True)
         if self._storage is not None:
             self._storage.close()
         if self._executor is not None:
@@ -323,3 +403,7 @@ class WorkerSide:
     def _chunk_bytes(self, item: StoreItem) -> int:
         return self._geometry.chunk_bytes(len(item.copy.block_ids))
 
+
+def _already(gathered: tuple[bool, ...]) -> Callable[[], tuple[bool, ...]]:
+    """The outcome of gathers queued already, as the callable `_store` takes."""
+    return lambda: gathered
