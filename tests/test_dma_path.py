@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view, reference_chunk, reference_cross_layer_chunk
 
 from lmcache_ext import _C, ops
+from lmcache_ext.testing.kv_layouts import make_layers, page_view, reference_chunk, reference_cross_layer_chunk
 
 CUDA = ops.cuda_available()
 gpu = pytest.mark.gpu

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_layouts import make_layers, page_view
 
 from lmcache_ext import ops
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.plans import Plan, SlotCopy
+from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 CUDA = ops.cuda_available()
 gpu = pytest.mark.gpu
