@@ -153,10 +153,10 @@ def test_the_connector_asks_for_cross_layer_blocks_and_piecewise_graphs_by_setti
 
 def test_a_cross_layer_cache_stores_and_loads_layer_by_layer():
     import torch
-    from kv_layouts import make_layers
 
     from connector_rig import BLOCK, BLOCKS, HEADS, LAYERS, WIDTH, config, geometry
     from lmcache_ext.integration.vllm.worker import WorkerSide
+    from lmcache_ext.testing.kv_layouts import make_layers
 
     w = WorkerSide(config(use_layerwise=True), geometry(), 0)
     cache = make_layers("BLHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
