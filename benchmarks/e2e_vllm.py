@@ -17,9 +17,13 @@ One JSON line per figure:
   disk: requests/s and TTFT p50/p90 with loads in the background, with loads and
   saves inside the step, with the defaults (on a CPU engine: background saves,
   loads inside the step), and without a connector.
+- a multi-round chat (`--multi-round`, also part of the full run): users whose every
+  round's prompt is the previous one plus an answer and a question; later-round TTFT
+  of ours (with and without partial chunks) against vLLM's prefix cache with a KV
+  space large enough for every user (the limit; bar: ours <= 1.1x).
 Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
-Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096]
+Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--multi-round]
 """
 
 from __future__ import annotations
@@ -109,6 +113,30 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
               "hit_tokens": sum(r["cached_tokens"] for r in out["rows"])})
 
 
+def multi_round_figures(model: Path, rng: random.Random, work: Path, users: int = 6, rounds: int = 3,
+                        first_tokens: int = 3000) -> None:
+    """Chats served one request at a time, round by round: later-round TTFT (rounds 1 on)
+    of vLLM's prefix cache with room for everything, and of ours with vLLM's off."""
+    text = lambda n: [rng.randrange(3, BENCH.vocab) for _ in range(n)]  # noqa: E731
+    chats = [[text(first_tokens) + text(40)] for _ in range(users)]
+    for _ in range(1, rounds):
+        for chat in chats:
+            chat.append(chat[-1] + text(64) + text(40))  # the answer, then the next question
+    prompts = [(f"u{u}r{r}", chats[u][r]) for r in range(rounds) for u in range(users)]
+    engines = (("vllm_prefix_cache_room_for_all", {"enable_prefix_caching": True}),
+               ("ours_partial_chunks", {"kv_transfer_config": connector_config(work / "mr1", save_unfull_chunk=True)}),
+               ("ours_full_chunks_only", {"kv_transfer_config": connector_config(work / "mr2", save_unfull_chunk=False)}))
+    limit = None
+    for name, kwargs in engines:
+        rows = [r for r in serve(model, prompts, kwargs) if not r["request"].endswith("r0")]
+        later = statistics.mean(r["ttft_s"] for r in rows) * 1e3
+        limit = limit or later
+        cached = [sum(r["cached_tokens"] for r in rows if r["request"].endswith(f"r{k}")) // users for k in range(1, rounds)]
+        emit({"figure": f"multi_round:{name}", "users": users, "rounds": rounds, "later_round_ttft_ms": round(later, 1),
+              "ratio_vs_limit": round(later / limit, 3), "cached_tokens_per_request_by_round": cached,
+              "prompt_tokens_by_round": [len(chats[0][k]) for k in range(rounds)]})
+
+
 def emit(figure: dict) -> None:
     print(json.dumps(figure), flush=True)
 
@@ -126,8 +154,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4)
     parser.add_argument("--doc-tokens", type=int, default=4096)
+    parser.add_argument("--multi-round", action="store_true", help="run only the multi-round chat case")
     args = parser.parse_args()
     rng = random.Random(0)
+    if args.multi_round:
+        with tempfile.TemporaryDirectory(prefix="lmcache_ext_e2e_") as tmp:
+            model = build_tiny_llama(Path(tmp) / "model", **dataclasses.asdict(BENCH))
+            multi_round_figures(model, rng, Path(tmp))
+        return
     docs = [[rng.randrange(3, BENCH.vocab) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
     question = lambda n: [rng.randrange(3, BENCH.vocab) for _ in range(n)]  # noqa: E731
     asks = [("ask", d + question(40)) for d in docs]
@@ -154,6 +188,7 @@ def main() -> None:
         remote_rows = remote_figures(model, asks, work) if redis_binary() else None
         common = {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}", "doc_tokens": args.doc_tokens, "docs": args.docs}
         concurrent_figures(model, docs, rng, work, common)
+        multi_round_figures(model, rng, work)
     cold = summary(none, "ask")["ttft_ms"]
     emit({**common, "figure": "cold_no_connector", **summary(none, "ask")})
     overheads = [summary(first, "ask")["ttft_ms"] / cold,

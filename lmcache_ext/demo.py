@@ -25,7 +25,7 @@ ENGINE = """
 {prelude}
 import time
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=8192, enable_prefix_caching=False, seed=0, **{kwargs!r})
+llm = LLM(model={model!r}, max_model_len=8192, seed=0, **{{"enable_prefix_caching": False, **{kwargs!r}}})
 first = SamplingParams(temperature=0, max_tokens=1)
 llm.generate([{{"prompt_token_ids": {warmup!r}}}], first, use_tqdm=False)  # a long prompt of its own
 rows = []

@@ -177,3 +177,33 @@ def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model,
     again = generate(model, batches, {**connector(disk), **local})
     assert cached_of(again) == [[3 * CHUNK], [4 * CHUNK]] and tokens_of(again) == tokens_of(plain)
 
+
+
+CHAT = """
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, max_model_len=4096, seed=0, enable_prefix_caching=False, **{kwargs!r})
+prompt, rounds = {first!r}, []
+for question in {questions!r}:
+    out = llm.generate([{{"prompt_token_ids": prompt}}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    rounds.append({{"prompt_tokens": len(prompt), "cached": out.num_cached_tokens, "tokens": list(out.outputs[0].token_ids)}})
+    prompt = prompt + list(out.outputs[0].token_ids) + question
+del llm
+return {{"rounds": rounds}}
+"""
+
+
+def test_a_growing_conversation_hits_the_previous_prompt_to_its_last_block(model, tmp_path):
+    """Each round's prompt is the last one, its answer and a new question: with partial
+    chunks the connector hits the last prompt's every full 128-token block (its last
+    chunk's tail included), and greedy answers match plain vLLM's."""
+    first, questions = tokens(400, seed=20), [tokens(250, seed=21), tokens(100, seed=22), []]
+
+    def chat(kwargs: dict) -> list[dict]:
+        code = CHAT.format(model=str(model), kwargs=kwargs, first=first, questions=questions)
+        return run_vllm_script(code)["rounds"]
+
+    plain = chat({})
+    ours = chat(connector(tmp_path / "kv", save_unfull_chunk=True))
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
+    assert [r["prompt_tokens"] for r in ours] == [400, 658, 766]
+    assert [r["cached"] for r in ours] == [0, 384, 640]  # the previous prompt rounded down to the block
