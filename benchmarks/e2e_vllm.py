@@ -114,26 +114,35 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
 
 
 def multi_round_figures(model: Path, rng: random.Random, work: Path, users: int = 6, rounds: int = 3,
-                        first_tokens: int = 3000) -> None:
+                        first_tokens: int = 3000, repeats: int = 2) -> None:
     """Chats served one request at a time, round by round: later-round TTFT (rounds 1 on)
-    of vLLM's prefix cache with room for everything, and of ours with vLLM's off."""
+    of vLLM's prefix cache with room for everything, and of ours with vLLM's off. The
+    engines take turns `repeats` times (this VM's speed drifts); mean and median of all."""
     text = lambda n: [rng.randrange(3, BENCH.vocab) for _ in range(n)]  # noqa: E731
     chats = [[text(first_tokens) + text(40)] for _ in range(users)]
     for _ in range(1, rounds):
         for chat in chats:
             chat.append(chat[-1] + text(64) + text(40))  # the answer, then the next question
     prompts = [(f"u{u}r{r}", chats[u][r]) for r in range(rounds) for u in range(users)]
-    engines = (("vllm_prefix_cache_room_for_all", {"enable_prefix_caching": True}),
-               ("ours_partial_chunks", {"kv_transfer_config": connector_config(work / "mr1", save_unfull_chunk=True)}),
-               ("ours_full_chunks_only", {"kv_transfer_config": connector_config(work / "mr2", save_unfull_chunk=False)}))
-    limit = None
-    for name, kwargs in engines:
-        rows = [r for r in serve(model, prompts, kwargs) if not r["request"].endswith("r0")]
-        later = statistics.mean(r["ttft_s"] for r in rows) * 1e3
-        limit = limit or later
-        cached = [sum(r["cached_tokens"] for r in rows if r["request"].endswith(f"r{k}")) // users for k in range(1, rounds)]
-        emit({"figure": f"multi_round:{name}", "users": users, "rounds": rounds, "later_round_ttft_ms": round(later, 1),
-              "ratio_vs_limit": round(later / limit, 3), "cached_tokens_per_request_by_round": cached,
+    engines = {"vllm_prefix_cache_room_for_all": lambda i: {"enable_prefix_caching": True},
+               "ours_partial_chunks": lambda i: {"kv_transfer_config": connector_config(work / f"p{i}",
+                                                                                        save_unfull_chunk=True)},
+               "ours_full_chunks_only": lambda i: {"kv_transfer_config": connector_config(work / f"f{i}",
+                                                                                          save_unfull_chunk=False)}}
+    later: dict[str, list[dict]] = {name: [] for name in engines}
+    for i in range(repeats):
+        for name, kwargs in engines.items():
+            later[name] += [r for r in serve(model, prompts, kwargs(i)) if not r["request"].endswith("r0")]
+    limit = statistics.mean(r["ttft_s"] for r in later["vllm_prefix_cache_room_for_all"])
+    for name, rows in later.items():
+        ttfts = [r["ttft_s"] for r in rows]
+        cached = [sum(r["cached_tokens"] for r in rows if r["request"].endswith(f"r{k}")) // (users * repeats)
+                  for k in range(1, rounds)]
+        emit({"figure": f"multi_round:{name}", "users": users, "rounds": rounds, "repeats": repeats,
+              "later_round_ttft_ms": round(statistics.mean(ttfts) * 1e3, 1),
+              "later_round_ttft_median_ms": round(statistics.median(ttfts) * 1e3, 1),
+              "ratio_vs_limit": round(statistics.mean(ttfts) / limit, 3),
+              "cached_tokens_per_request_by_round": cached,
               "prompt_tokens_by_round": [len(chats[0][k]) for k in range(rounds)]})
 
 

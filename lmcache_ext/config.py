@@ -313,7 +313,7 @@ class CacheConfig:
     remote_integrity_key: str | None = field(default=None, metadata={"parse": _parse_secret(16)})
     async_save: bool = field(default=True, metadata={"parse": _parse_bool})
     async_load: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})
-    save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
+    save_unfull_chunk: bool = field(default=True, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})
     cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
