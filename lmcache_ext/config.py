@@ -285,6 +285,9 @@ class CacheConfig:
     waits behind a whole step (measured in benchmarks/RESULTS.md).
     ``cache_namespace`` enters every key: operators who change a
     model's weights without a cache reset set a new one per weights version.
+    ``save_unfull_chunk`` is on by default (LMCache's is off): a grown prompt then
+    hits its predecessor's last partial chunk too, as vLLM's prefix cache does
+    (a chat's later rounds: benchmarks/RESULTS.md).
     """
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})

@@ -22,6 +22,12 @@ store is held at `request_finished` (its blocks are not freed) until the workers
 report its stores done. Every planned item has an id, and the scheduler acts on an
 item once every rank has reported it. A chunk being filled for one load is never
 promised to another: a lookup that reaches it answers None and asks again.
+
+Partial chunks (save_unfull_chunk): a prompt's last partial chunk is stored once the
+prompt is computed, and a lookup hits, where the full chunks end, the longest stored
+partial of the first missing chunk that the request extends (`keys.partial_keys`: one
+candidate per block length). A full chunk, or a longer partial, replaces the
+partials it extends in host memory (`CacheDirectory.discard`).
 """
 
 from __future__ import annotations
