@@ -25,7 +25,8 @@ ENGINE = """
 {prelude}
 import time
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=8192, seed=0, **{{"enable_prefix_caching": False, **{kwargs!r}}})
+llm = LLM(model={model!r}, max_model_len=8192, seed=0, disable_log_stats=False,
+          **{{"enable_prefix_caching": False, **{kwargs!r}}})
 first = SamplingParams(temperature=0, max_tokens=1)
 llm.generate([{{"prompt_token_ids": {warmup!r}}}], first, use_tqdm=False)  # a long prompt of its own
 rows = []
@@ -34,6 +35,7 @@ for name, prompt in {prompts!r}:
     out = llm.generate([{{"prompt_token_ids": prompt}}], first, use_tqdm=False)[0]
     rows.append({{"request": name, "ttft_s": time.perf_counter() - start, "prompt_tokens": len(prompt),
                  "cached_tokens": out.num_cached_tokens, "first_token": out.outputs[0].token_ids[0],
+                 "first_token_s": out.metrics.first_token_latency,
                  "connector_s": connector_seconds()}})
 del llm
 return {{"rows": rows}}
