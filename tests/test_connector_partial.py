@@ -7,12 +7,10 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
-from connector_rig import BLOCK, CHUNK, Rig, cached_step, hit, loads_of, prompt, request, same_pages
+from connector_rig import BLOCK, CHUNK, Rig, cached_step, geometry, hit, loads_of, prompt, request, same_pages
 
-from lmcache_ext.integration.vllm.shards import rank_root
+from lmcache_ext.integration.vllm.shards import rank_key, rank_root
 from lmcache_ext.keys import chunk_keys, partial_keys
-from lmcache_ext.integration.vllm.shards import rank_key
-from connector_rig import geometry
 
 
 def chat(rounds: int, first: int, grow: int, seed: int) -> list[list[int]]:
