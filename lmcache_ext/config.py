@@ -292,6 +292,9 @@ class CacheConfig:
     waits behind a whole step (measured in benchmarks/RESULTS.md).
     ``cache_namespace`` enters every key: operators who change a
     model's weights without a cache reset set a new one per weights version.
+    ``save_unfull_chunk`` is on by default (LMCache's is off): a grown prompt then
+    hits its predecessor's last partial chunk too, as vLLM's prefix cache does
+    (a chat's later rounds: benchmarks/RESULTS.md).
     """
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
@@ -320,7 +323,7 @@ class CacheConfig:
     remote_integrity_key: str | None = field(default=None, metadata={"parse": _parse_secret(16)})
     async_save: bool = field(default=True, metadata={"parse": _parse_bool})
     async_load: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})
-    save_unfull_chunk: bool = field(default=False, metadata={"parse": _parse_bool})
+    save_unfull_chunk: bool = field(default=True, metadata={"parse": _parse_bool})
     save_decode_cache: bool = field(default=False, metadata={"parse": _parse_bool})
     use_layerwise: bool = field(default=False, metadata={"parse": _parse_bool})
     cross_layer_blocks: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})

@@ -25,7 +25,8 @@ ENGINE = """
 {prelude}
 import time
 from vllm import LLM, SamplingParams
-llm = LLM(model={model!r}, max_model_len=8192, enable_prefix_caching=False, seed=0, **{kwargs!r})
+llm = LLM(model={model!r}, max_model_len=8192, seed=0, disable_log_stats=False,
+          **{{"enable_prefix_caching": False, **{kwargs!r}}})
 first = SamplingParams(temperature=0, max_tokens=1)
 llm.generate([{{"prompt_token_ids": {warmup!r}}}], first, use_tqdm=False)  # a long prompt of its own
 rows = []
@@ -33,7 +34,8 @@ for name, prompt in {prompts!r}:
     start = time.perf_counter()
     out = llm.generate([{{"prompt_token_ids": prompt}}], first, use_tqdm=False)[0]
     rows.append({{"request": name, "ttft_s": time.perf_counter() - start, "prompt_tokens": len(prompt),
-                 "cached_tokens": out.num_cached_tokens, "first_token": out.outputs[0].token_ids[0]}})
+                 "cached_tokens": out.num_cached_tokens, "first_token": out.outputs[0].token_ids[0],
+                 "first_token_s": out.metrics.first_token_latency}})
     if connector_seconds is not None:
         rows[-1]["connector_s"] = connector_seconds()
 del llm

@@ -94,6 +94,20 @@ class CacheDirectory:
         with self._lock:
             return [source for _, source in self._loadable(keys)]
 
+    def lookup_partial(self, keys: Sequence[Key], partials: Sequence[Key]) -> tuple[int, Source] | None:
+        """The longest of `partials` (partial chunks that follow `keys`, shortest first)
+        that one load of every key of `keys` and that partial could pin now: its index
+        and tier; None when there is none. `keys` must be loadable (`lookup` says so)."""
+        with self._lock:
+            for i in range(len(partials) - 1, -1, -1):
+                entry = self._host.get(partials[i])
+                if (entry is None or not entry.ready) and (entry is not None or self._lower_source(partials[i]) is None):
+                    continue
+                found = self._loadable([*keys, partials[i]])
+                if len(found) == len(keys) + 1:
+                    return i, found[-1][1]
+        return None
+
     def filling(self, key: Key) -> bool:
         """Whether `key`'s slot is being filled (stored, or read from a lower tier): it
         is not loadable yet, and will soon be, unless the fill fails."""
@@ -179,6 +193,20 @@ class CacheDirectory:
                     self._host[key] = _HostEntry(slot)
                 plans.append(PlannedLoad(key, self._host[key].slot, source))
         return plans
+
+    def discard(self, keys: Sequence[Key]) -> None:
+        """Drop the host copies of `keys` (a full chunk replaces the partial chunks it
+        extends): a slot no transfer uses is freed now, a pinned one turns invisible and
+        is freed at its last release. Absent keys are skipped; lower tiers keep theirs."""
+        with self._lock:
+            for key in keys:
+                entry = self._host.get(key)
+                if entry is None or entry.retired:
+                    continue
+                if entry.pins == 0:
+                    self._drop(key)
+                else:
+                    entry.ready, entry.retired = False, True
 
     def clear(self) -> int:
         """Forget every entry (a cache reset): an unpinned one frees its slot now, a

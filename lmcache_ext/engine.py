@@ -24,7 +24,7 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
 from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys
+from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys, partial_keys
 from lmcache_ext.metrics import EngineStats
 from lmcache_ext.plans import Plan, SlotCopy, TierTransfer
 from lmcache_ext.tiers import build_storage
@@ -97,18 +97,16 @@ class CacheEngine:
     # -- public API --
 
     def lookup(self, tokens: Tokens) -> int:
-        """Length of the longest cached prefix of `tokens`, in tokens (whole chunks)."""
+        """Length of the longest cached prefix of `tokens`, in tokens: whole chunks, then
+        with save_unfull_chunk the longest stored partial chunk that `tokens` extend
+        (whole blocks)."""
         self._check_open()
-        keys, tail_blocks = self._keys(tokens)
-        found = self._lookup(keys)
-        tokens_per_chunk = [self._config.chunk_size] * len(found)
-        if found and len(found) == len(keys) and tail_blocks:
-            tokens_per_chunk[-1] = tail_blocks * self._block_size
-        by_tier: dict[Source, int] = {}
-        for source, n in zip(found, tokens_per_chunk):
-            by_tier[source] = by_tier.get(source, 0) + n
-        self._stats.lookup(len(tokens), {source.value: n for source, n in by_tier.items()})
-        return sum(tokens_per_chunk)
+        chunks, found = self._hit(tokens)
+        by_tier: dict[str, int] = {}
+        for chunk, source in zip(chunks, found):
+            by_tier[source.value] = by_tier.get(source.value, 0) + chunk.blocks * self._block_size
+        self._stats.lookup(len(tokens), by_tier)
+        return self._tokens_of(chunks)
 
     def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
         """Store the chunks of `tokens` held in `block_ids`; returns how many leading
@@ -139,6 +137,7 @@ class CacheEngine:
                 if not ok:
                     self._directory.release(chunk.key)
                     continue
+                self._directory.discard(self._replaced(tokens, chunk, chunks))
                 self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
                 if not self._storage.tiers:
                     self._directory.release(chunk.key)
@@ -170,9 +169,8 @@ class CacheEngine:
         length in tokens. Stops at the first miss or at a chunk that fails its checks."""
         self._check_open()
         with self._stats.timer("load"):
-            chunks = self._chunks(tokens)
+            chunks, _ = self._hit(tokens)  # asks the remote tier, whose answer reserve_loads uses
             blocks = self._block_list(block_ids, chunks, "retrieve")
-            self._lookup([c.key for c in chunks])  # asks the remote tier, whose answer reserve_loads uses
             planned = self._directory.reserve_loads([c.key for c in chunks])
             try:
                 loaded = self._load(chunks, planned, blocks)
@@ -317,6 +315,34 @@ class CacheEngine:
             return found
         remote.probe(keys[len(found) :])
         return self._directory.lookup(keys)
+
+    def _hit(self, tokens: Tokens) -> tuple[list[_Chunk], list[Source]]:
+        """The cached chunks a load of `tokens` takes, and their tiers: the leading full
+        chunks, then with save_unfull_chunk the longest partial chunk that follows them."""
+        keys = chunk_keys(tokens, self._namespace)
+        found = self._lookup(keys)
+        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys[: len(found)])]
+        if not self._config.save_unfull_chunk:
+            return chunks, found
+        f = len(found)
+        partials = partial_keys(tokens, self._namespace, start=f * self._config.chunk_size,
+                                prev_key=keys[f - 1] if f else None)
+        remote = self._storage.presence.get(Source.REMOTE)
+        if remote is not None and partials:
+            remote.probe(partials)
+        partial = self._directory.lookup_partial(keys[:f], partials)
+        if partial is not None:
+            chunks.append(_Chunk(partials[partial[0]], f, partial[0] + 1))
+            found = [*found, partial[1]]
+        return chunks, found
+
+    def _replaced(self, tokens: Tokens, chunk: _Chunk, chunks: list[_Chunk]) -> list[ChunkKey]:
+        """The shorter partial chunks that a stored `chunk` (full or partial) extends."""
+        if not self._config.save_unfull_chunk or chunk.blocks == 1:
+            return []
+        start = chunk.index * self._config.chunk_size
+        return partial_keys(tokens, self._namespace, start=start, end=start + (chunk.blocks - 1) * self._block_size,
+                            prev_key=chunks[chunk.index - 1].key if chunk.index else None)
 
     def _forget_remote(self, read: TierTransfer) -> None:
         remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))

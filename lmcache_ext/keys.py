@@ -187,10 +187,10 @@ def _checked_source(tokens: Tokens) -> np.ndarray | Sequence[Any]:
     return tokens
 
 
-def _token_bytes(tokens: np.ndarray | Sequence[Any], begin: int) -> memoryview:
-    """tokens[begin:] as little-endian uint32 bytes, after checking that every id fits."""
+def _token_bytes(tokens: np.ndarray | Sequence[Any], begin: int, end: int | None = None) -> memoryview:
+    """tokens[begin:end] as little-endian uint32 bytes, after checking that every id fits."""
     if isinstance(tokens, np.ndarray):
-        ids = tokens[begin:]
+        ids = tokens[begin:end]
         if ids.size and (
             (ids.dtype.kind == "i" and ids.min() < 0)
             or (ids.dtype.itemsize > _TOKEN_BYTES and ids.max() >= TOKEN_LIMIT)
@@ -202,7 +202,7 @@ def _token_bytes(tokens: np.ndarray | Sequence[Any], begin: int) -> memoryview:
         return np.ascontiguousarray(ids, dtype="<u4").data.cast("B")
     # For 128k ints: array.fromlist 0.4 ms, array(list) 0.6 ms, np.fromiter / np.array 1.7-2 ms, and
     # a list slice alone 0.34 ms, hence no slice from 0 (numbers: benchmarks/keys.py).
-    part = tokens[begin:] if begin else tokens
+    part = tokens[begin:end] if begin or end is not None else tokens
     try:
         if isinstance(part, list):
             buf = array.array("I")
@@ -243,19 +243,7 @@ def chunk_keys(
     source = _checked_source(tokens)
     chunk_size = namespace.chunk_size
     num_tokens = len(source)
-    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= num_tokens or start % chunk_size:
-        raise ValueError(
-            f"start = {start!r}: expected a multiple of chunk_size = {chunk_size} in [0, len(tokens) = {num_tokens}]"
-        )
-    if start == 0:
-        if prev_key is not None:
-            raise ValueError(f"prev_key = {prev_key!r} with start = 0: the first chunk is seeded by the namespace")
-        prev_key = namespace.fingerprint
-    elif not isinstance(prev_key, bytes) or len(prev_key) != KEY_BYTES:
-        raise ValueError(
-            f"prev_key = {prev_key!r} with start = {start}: expected the {KEY_BYTES}-byte key of the chunk ending there"
-        )
-
+    prev_key = _seed_key(namespace, num_tokens, start, prev_key)
     data = _token_bytes(source, start)
     keys: list[ChunkKey] = []
     chunk_bytes = chunk_size * _TOKEN_BYTES
@@ -266,10 +254,59 @@ def chunk_keys(
         prev_key = _digest(prev_key + data[offset : offset + chunk_bytes] + tail)
         keys.append(prev_key)
     if include_partial and len(data) > full_bytes:
-        length = struct.pack("<I", (len(data) - full_bytes) // _TOKEN_BYTES)
-        tail = _extra_tail(extra_of, start + full_bytes // _TOKEN_BYTES, num_tokens)
-        keys.append(_digest(prev_key + data[full_bytes:] + tail + _PARTIAL_TAG + length))
+        keys.append(_partial_key(prev_key, data[full_bytes:], start + full_bytes // _TOKEN_BYTES, extra_of))
     return keys
+
+
+def _seed_key(namespace: Namespace, num_tokens: int, start: int, prev_key: ChunkKey | None) -> bytes:
+    """The key that chains into the chunk at `start`, after checking `start` and `prev_key`."""
+    chunk_size = namespace.chunk_size
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= num_tokens or start % chunk_size:
+        raise ValueError(
+            f"start = {start!r}: expected a multiple of chunk_size = {chunk_size} in [0, len(tokens) = {num_tokens}]"
+        )
+    if start == 0:
+        if prev_key is not None:
+            raise ValueError(f"prev_key = {prev_key!r} with start = 0: the first chunk is seeded by the namespace")
+        return namespace.fingerprint
+    if not isinstance(prev_key, bytes) or len(prev_key) != KEY_BYTES:
+        raise ValueError(
+            f"prev_key = {prev_key!r} with start = {start}: expected the {KEY_BYTES}-byte key of the chunk ending there"
+        )
+    return prev_key
+
+
+def _partial_key(prev_key: bytes, data: memoryview, begin: int, extra_of: ExtraOf | None) -> ChunkKey:
+    """The key of the partial chunk whose tokens (as uint32 bytes) are `data`, from token `begin` on."""
+    tail = _extra_tail(extra_of, begin, begin + len(data) // _TOKEN_BYTES)
+    return _digest(prev_key + data + tail + _PARTIAL_TAG + struct.pack("<I", len(data) // _TOKEN_BYTES))
+
+
+def partial_keys(
+    tokens: Tokens,
+    namespace: Namespace,
+    *,
+    start: int,
+    prev_key: ChunkKey | None,
+    end: int | None = None,
+    extra_of: ExtraOf | None = None,
+) -> list[ChunkKey]:
+    """Keys of the partial chunks at ``start`` that end on a block: ``keys[j]`` is the
+    key that ``chunk_keys(tokens[:start + (j+1)*B], include_partial=True)`` ends with
+    (``B = namespace.block_size``), for each length of whole blocks, shorter than a
+    chunk, that ``tokens`` holds. These are the partials a lookup may hit where the
+    full chunk at ``start`` is missing (a grown prompt meets its predecessor's tail).
+    ``start`` and ``prev_key`` are as in `chunk_keys`; tokens from ``end`` on (when
+    given) are not looked at, as if ``tokens`` ended there.
+    """
+    source = _checked_source(tokens)
+    prev_key = _seed_key(namespace, len(source), start, prev_key)
+    block = namespace.block_size
+    stop = min(len(source), start + namespace.chunk_size - block, len(source) if end is None else max(end, start))
+    stop -= (stop - start) % block
+    data = _token_bytes(source, start, stop)
+    step = block * _TOKEN_BYTES
+    return [_partial_key(prev_key, data[:n], start, extra_of) for n in range(step, len(data) + 1, step)]
 
 
 def _extra_tail(extra_of: ExtraOf | None, begin: int, end: int) -> bytes:

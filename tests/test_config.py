@@ -53,7 +53,7 @@ DEFAULTS = {
     "remote_integrity_key": None,
     "async_save": True,
     "async_load": None,
-    "save_unfull_chunk": False,
+    "save_unfull_chunk": True,
     "save_decode_cache": False,
     "use_layerwise": False,
     "cross_layer_blocks": None,
@@ -106,7 +106,7 @@ def test_env_alone(tmp_path):
             "LMCACHE_REMOTE_URL": "redis://cache:6379",
             "LMCACHE_REMOTE_PASSWORD": "from-the-environment",
             "LMCACHE_REMOTE_TIMEOUT_MS": "250",
-            "LMCACHE_SAVE_UNFULL_CHUNK": "yes",
+            "LMCACHE_SAVE_UNFULL_CHUNK": "no",
             "LMCACHE_ASYNC_SAVE": "no",
             "LMCACHE_ASYNC_LOAD": "false",
             "LMCACHE_SAVE_DECODE_CACHE": "1",
@@ -130,7 +130,7 @@ def test_env_alone(tmp_path):
         "remote_timeout_ms": 250,
         "async_save": False,
         "async_load": False,
-        "save_unfull_chunk": True,
+        "save_unfull_chunk": False,
         "save_decode_cache": True,
         "use_layerwise": True,
         "disk_o_direct": True,
@@ -143,10 +143,10 @@ def test_env_alone(tmp_path):
 
 def test_extra_config_alone_with_and_without_lmcache_prefix():
     config = load_config(
-        {"lmcache.chunk_size": 1024, "max_local_cpu_size": "80m", "lmcache.save_unfull_chunk": True},
+        {"lmcache.chunk_size": 1024, "max_local_cpu_size": "80m", "lmcache.save_unfull_chunk": False},
         environ=NO_ENV,
     )
-    assert (config.chunk_size, config.max_local_cpu_size, config.save_unfull_chunk) == (1024, 80 / 1024, True)
+    assert (config.chunk_size, config.max_local_cpu_size, config.save_unfull_chunk) == (1024, 80 / 1024, False)
 
 
 def test_precedence_file_then_env_then_extra_config(tmp_path):

@@ -260,3 +260,29 @@ def test_clear_frees_idle_slots_now_and_pinned_ones_at_their_last_release():
     d.release(k(1))
     d.release(k(2))
     assert pool.num_free == 4 and d.pinned_slots() == 0
+
+
+def test_lookup_partial_takes_the_longest_partial_that_a_load_of_the_whole_hit_can_pin():
+    disk = FakeDisk([k(12)])
+    d = CacheDirectory(slots(2), [(Source.DISK, disk)])
+    stored(d, k(1))
+    stored(d, k(11))
+    partials = [k(11), k(12), k(13)]  # 1, 2 and 3 blocks: the 2-block one is on disk, the 3-block one nowhere
+    assert d.lookup_partial([k(1)], partials) == (1, Source.DISK)  # k(11) can give up its slot for it
+    assert d.lookup_partial([k(1)], [k(13)]) is None
+    d.reserve_loads([k(11)])  # a load pins k(11): no slot is left for a read from disk
+    assert d.lookup_partial([k(1)], partials) == (0, Source.HOST)
+    assert d.lookup_partial([k(1)], [k(12)]) is None  # and k(1) is part of this load
+    assert d.lookup_partial([], [k(12)]) == (0, Source.DISK)  # k(1) can give up its slot
+
+
+def test_discard_frees_an_idle_partial_now_and_a_pinned_one_at_its_last_release():
+    d = CacheDirectory(slots(3))
+    stored(d, k(1))
+    stored(d, k(2))
+    (load,) = d.reserve_loads([k(2)])
+    d.discard([k(1), k(2), k(3)])  # k(3) is absent: skipped
+    assert d.lookup([k(1)]) == [] and d.lookup([k(2)]) == [] and not d.filling(k(2))
+    assert d.host_chunks() == 0 and d.pinned_slots() == 1
+    d.release(k(2))
+    assert d.pinned_slots() == 0 and [isinstance(stored(d, k(i)), int) for i in (4, 5, 6)] == [True] * 3

@@ -14,7 +14,7 @@ import pytest
 import torch
 import xxhash
 
-from lmcache_ext.keys import FORMAT_VERSION, Namespace, chunk_keys
+from lmcache_ext.keys import FORMAT_VERSION, Namespace, chunk_keys, partial_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 4  # tokens per chunk in most tests: small enough to write chunks out by hand
@@ -364,3 +364,24 @@ def test_bad_namespace_fields_raise_with_field_and_value(changes, message):
 def test_empty_revision_and_salt_are_allowed():
     ns = Namespace(**{**BASE, "revision": "", "cache_salt": ""})
     assert ns.fingerprint != NS.fingerprint
+
+
+def test_partial_keys_are_the_partial_keys_of_every_block_aligned_prefix_of_a_chunk():
+    ns = dataclasses.replace(NS, chunk_size=8, block_size=2)
+    tokens = list(range(100, 121))  # two full chunks of 8, then 5 tokens
+    full = chunk_keys(tokens, ns)
+    for start, prev in ((0, None), (8, full[0]), (16, full[1])):
+        keys = partial_keys(tokens, ns, start=start, prev_key=prev)
+        lengths = range(2, min(8, len(tokens) - start) + 1, 2)
+        expected = [chunk_keys(tokens[: start + n], ns, include_partial=True)[-1] for n in lengths if n < 8]
+        assert keys == expected and len(keys) == (3 if start < 16 else 2)
+        assert partial_keys(np.array(tokens), ns, start=start, prev_key=prev) == keys
+    assert partial_keys(tokens, ns, start=8, prev_key=full[0], end=13) == partial_keys(tokens[:13], ns, start=8, prev_key=full[0])
+    assert partial_keys(tokens, ns, start=8, prev_key=full[0], end=9) == []  # no whole block before `end`
+    assert not set(partial_keys(tokens, ns, start=8, prev_key=full[0])) & set(full)
+    with pytest.raises(ValueError, match=r"start = 3: expected a multiple of chunk_size = 8"):
+        partial_keys(tokens, ns, start=3, prev_key=full[0])
+    with pytest.raises(ValueError, match=r"prev_key = None with start = 8"):
+        partial_keys(tokens, ns, start=8, prev_key=None)
+    with pytest.raises(ValueError, match=r"tokens\[9\] = -1 is out of range"):
+        partial_keys(tokens[:9] + [-1] + tokens[10:], ns, start=8, prev_key=full[0])

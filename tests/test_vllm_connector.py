@@ -42,7 +42,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 DOC = tokens(1000, seed=1)
-ASK_A = DOC + tokens(20, seed=2)  # 1020 tokens: 3 full chunks
+ASK_A = DOC + tokens(20, seed=2)  # 1020 tokens: 3 full chunks and a partial one of a block (DOC's)
 ASK_B = DOC + tokens(30, seed=3)  # the same document, another question: 4 full chunks
 OTHER = tokens(600, seed=4)  # shares nothing: 2 full chunks
 EXACT = tokens(512, seed=5)  # ends on a chunk boundary: a hit must leave its last token
@@ -115,16 +115,17 @@ def cached_of(run: list[list[dict]]) -> list[list[int]]:
 def test_hits_in_one_engine_then_after_a_restart_with_identical_outputs(model, baseline, tmp_path):
     disk = tmp_path / "kv"
     first = run(model, FIRST_RUN, connector(disk))
-    assert cached_of(first["results"]) == [[0], [3 * CHUNK, 3 * CHUNK, 0], [0], [384]]
+    # b shares a's partial chunk (the document's 7th block): both hit to 896
+    assert cached_of(first["results"]) == [[0], [896, 896, 0], [0], [384]]
     assert tokens_of(first["results"]) == baseline[0]
-    assert first["by_source"] == {"host": 6 * CHUNK + 384}
-    # a's 3 chunks, b's 4th, other's 2, exact's 2: each stored once, and on disk
-    assert len(chunk_files(disk)) == 8
+    assert first["by_source"] == {"host": 7 * CHUNK + 384}
+    # a's 3 chunks and its partial one, b's 4th, other's 2, exact's 2: each stored once, and on disk
+    assert len(chunk_files(disk)) == 9
 
     second = run(model, RESTART_RUN, connector(disk))
-    assert cached_of(second["results"]) == [[4 * CHUNK, 3 * CHUNK, 384, 2 * CHUNK]]
+    assert cached_of(second["results"]) == [[4 * CHUNK, 896, 384, 2 * CHUNK]]
     assert tokens_of(second["results"]) == baseline[1]
-    assert sum(second["by_source"].values()) == 9 * CHUNK + 384 and second["by_source"]["disk"] >= 6 * CHUNK + 384
+    assert sum(second["by_source"].values()) == 11 * CHUNK and second["by_source"]["disk"] >= 7 * CHUNK
 
 
 def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_path):
@@ -133,7 +134,7 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     disk = tmp_path / "kv"
     generate(model, [[ASK_A]], connector(disk))
     files = chunk_files(disk)
-    assert len(files) == 3
+    assert len(files) == 4  # 3 chunks and a partial one
     for victim in files:
         data = bytearray(victim.read_bytes())
         data[-7] ^= 0xFF
@@ -142,7 +143,7 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     recompute["kv_transfer_config"]["kv_load_failure_policy"] = "recompute"  # vLLM's "fail" would fail them
     outs = generate(model, CORRUPT_RUN, recompute, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert tokens_of(outs) == baseline[2]
-    assert len(chunk_files(disk)) == 3 + 2  # the bad files were dropped and stored again, plus other's
+    assert len(chunk_files(disk)) == 4 + 2  # the bad files were dropped and stored again, plus other's
 
 
 TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
@@ -156,18 +157,19 @@ def test_tensor_parallel_ranks_store_and_load_their_own_shards(model, tmp_path):
     batches = [[ASK_A], [ASK_A, OTHER]]
     plain = generate(model, batches, TP2, **TP2_ENV)
     first = run(model, batches, {**connector(disk), **TP2}, **TP2_ENV)
-    assert cached_of(first["results"]) == [[0], [3 * CHUNK, 0]]
+    assert cached_of(first["results"]) == [[0], [3 * CHUNK + 128, 0]]
     assert tokens_of(first["results"]) == tokens_of(plain)
     ranks = {rank: {p.name for p in chunk_files(disk / f"rank{rank}")} for rank in (0, 1)}
-    assert len(ranks[0]) == len(ranks[1]) == 5 and not ranks[0] & ranks[1]
+    assert len(ranks[0]) == len(ranks[1]) == 6 and not ranks[0] & ranks[1]
     restarted = generate(model, batches[1:], {**connector(disk), **TP2}, **TP2_ENV)
-    assert cached_of(restarted) == [[3 * CHUNK, 2 * CHUNK]]
+    assert cached_of(restarted) == [[3 * CHUNK + 128, 2 * CHUNK]]
     assert tokens_of(restarted) == tokens_of(plain)[1:]
 
 
 def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model, tmp_path):
-    """vLLM's own prefix cache holds b's first 7 blocks (a's document) after a; ours
-    then loads only the 8th block, the rest of b's 4th chunk, after a restart."""
+    """vLLM's own prefix cache holds b's first 7 blocks (a's document) after a, as far
+    as our partial chunk of a reaches; after a restart ours loads only the 8th block,
+    the rest of b's 4th chunk."""
     disk, local = tmp_path / "kv", {"enable_prefix_caching": True}
     batches = [[ASK_A], [ASK_B]]
     plain = generate(model, batches, local)
@@ -175,5 +177,35 @@ def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model,
     first = generate(model, batches, {**connector(disk), **local})
     assert cached_of(first) == [[0], [7 * 128]] and tokens_of(first) == tokens_of(plain)
     again = generate(model, batches, {**connector(disk), **local})
-    assert cached_of(again) == [[3 * CHUNK], [4 * CHUNK]] and tokens_of(again) == tokens_of(plain)
+    assert cached_of(again) == [[3 * CHUNK + 128], [4 * CHUNK]] and tokens_of(again) == tokens_of(plain)
 
+
+
+CHAT = """
+from vllm import LLM, SamplingParams
+llm = LLM(model={model!r}, max_model_len=4096, seed=0, enable_prefix_caching=False, **{kwargs!r})
+prompt, rounds = {first!r}, []
+for question in {questions!r}:
+    out = llm.generate([{{"prompt_token_ids": prompt}}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    rounds.append({{"prompt_tokens": len(prompt), "cached": out.num_cached_tokens, "tokens": list(out.outputs[0].token_ids)}})
+    prompt = prompt + list(out.outputs[0].token_ids) + question
+del llm
+return {{"rounds": rounds}}
+"""
+
+
+def test_a_growing_conversation_hits_the_previous_prompt_to_its_last_block(model, tmp_path):
+    """Each round's prompt is the last one, its answer and a new question: with partial
+    chunks the connector hits the last prompt's every full 128-token block (its last
+    chunk's tail included), and greedy answers match plain vLLM's."""
+    first, questions = tokens(400, seed=20), [tokens(250, seed=21), tokens(100, seed=22), []]
+
+    def chat(kwargs: dict) -> list[dict]:
+        code = CHAT.format(model=str(model), kwargs=kwargs, first=first, questions=questions)
+        return run_vllm_script(code)["rounds"]
+
+    plain = chat({})
+    ours = chat(connector(tmp_path / "kv"))  # save_unfull_chunk is on by default
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
+    assert [r["prompt_tokens"] for r in ours] == [400, 658, 766]
+    assert [r["cached"] for r in ours] == [0, 384, 640]  # the previous prompt rounded down to the block

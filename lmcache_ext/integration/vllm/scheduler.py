@@ -22,6 +22,12 @@ store is held at `request_finished` (its blocks are not freed) until the workers
 report its stores done. Every planned item has an id, and the scheduler acts on an
 item once every rank has reported it (invariant 8). A chunk being filled for one load is never
 promised to another: a lookup that reaches it answers None and asks again.
+
+Partial chunks (save_unfull_chunk): a prompt's last partial chunk is stored once the
+prompt is computed, and a lookup hits, where the full chunks end, the longest stored
+partial of the first missing chunk that the request extends (`keys.partial_keys`: one
+candidate per block length). A full chunk, or a longer partial, replaces the
+partials it extends in host memory (`CacheDirectory.discard`).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, extra_of
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
-from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys
+from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, chunk_keys, partial_keys
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import SlotCopy, TierTransfer
@@ -81,7 +87,11 @@ class _Request:
     asked: int = 0  # num_computed_tokens of the last hit query (vLLM's local prefix-cache hit)
     found: list[Source] = field(default_factory=list)  # tiers of the loadable chunks from found_from on
     found_from: int = 0  # the chunk holding token `asked`: the first one a load may need
+    hit_keys: list[ChunkKey] = field(default_factory=list)  # keys of those chunks, a partial one last
+    tail_blocks: int = 0  # blocks of that partial chunk (0: every hit chunk is full)
     load_async: bool = False  # what the last hit query told vLLM
+    computed: int = 0  # tokens whose KV is computed by the end of the last scheduled step
+    prompt_partial: bool = False  # the prompt's partial chunk was planned (or had nothing to store)
 
 
 @dataclass
@@ -130,9 +140,14 @@ class SchedulerSide:
     # -- hits --
 
     def on_new_request(self, request: Any) -> None:
-        """Start asking the remote tier about the request's chunks right away."""
+        """Start asking the remote tier about the request's chunks right away, and about
+        the partial chunks at its first chunk missing here (most often also the first
+        one missing there), so that one round trip usually answers the hit query."""
         if self._remote is not None:
-            self._remote.answered(self._keys(self._state(request), len(request.all_token_ids)))
+            state = self._state(request)
+            keys = self._keys(state, len(request.all_token_ids))
+            first_missing = len(self._directory.lookup(keys))
+            self._remote.answered(keys + self._partial_candidates(state, first_missing, self._hit_limit(request)))
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
@@ -141,7 +156,8 @@ class SchedulerSide:
         remote tier's answer is still out, or while a chunk of the hit is being filled
         for another request. Chunks
         inside vLLM's hit need not be cached: the chained key of a later chunk names
-        its whole prefix."""
+        its whole prefix. Where the full chunks end, a stored partial chunk that this
+        request's tokens extend is hit up to its last block (with save_unfull_chunk)."""
         state = self._state(request)
         chunk = self._config.chunk_size
         state.asked = num_computed_tokens
@@ -154,8 +170,17 @@ class SchedulerSide:
             state.found = self._directory.lookup(keys)
         if len(state.found) < len(keys) and self._directory.filling(keys[len(state.found)]):
             return None, False  # soon a host hit: cheaper than loading it twice
-        bs = self._geometry.block_size
-        hit = min((state.found_from + len(state.found)) * chunk, (request.num_tokens - 1) // bs * bs)
+        state.hit_keys, state.tail_blocks = keys[: len(state.found)], 0
+        limit = self._hit_limit(request)
+        partials = self._partial_candidates(state, state.found_from + len(state.found), limit)
+        if self._remote is not None and partials and not self._remote.answered(partials):
+            return None, False
+        partial = self._directory.lookup_partial(state.hit_keys, partials) if partials else None
+        if partial is not None:
+            state.hit_keys.append(partials[partial[0]])
+            state.found.append(partial[1])
+            state.tail_blocks = partial[0] + 1
+        hit = min(self._chunk_end(state, state.found_from + len(state.found) - 1), limit)
         tokens = max(hit - num_computed_tokens, 0)
         lower = any(source is not Source.HOST for source in state.found[: math.ceil(tokens / chunk) + 1])
         state.load_async = bool(tokens) and lower and self._async_load
@@ -168,7 +193,7 @@ class SchedulerSide:
         chunk, start, end = self._config.chunk_size, state.asked, state.asked + num_external_tokens
         sources: dict[Source, int] = {}
         for c, source in enumerate(state.found, start=state.found_from):
-            tokens = min((c + 1) * chunk, end) - max(c * chunk, start)
+            tokens = min(self._chunk_end(state, c), end) - max(c * chunk, start)
             if tokens > 0:
                 sources[source] = sources.get(source, 0) + tokens
         return sources
@@ -184,13 +209,14 @@ class SchedulerSide:
         first_block = state.asked // g.block_size
         end_block = (state.asked + num_external_tokens) // g.block_size
         first_chunk = first_block // g.blocks_per_chunk
-        keys = state.keys[first_chunk : (end_block - 1) // g.blocks_per_chunk + 1]
+        keys = state.hit_keys[: (end_block - 1) // g.blocks_per_chunk + 1 - first_chunk]
         covered, items = first_block, []
         for c, load in enumerate(self._directory.reserve_loads(keys), start=first_chunk):
-            lo, hi = max(c * g.blocks_per_chunk, first_block), min((c + 1) * g.blocks_per_chunk, end_block)
-            copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), g.blocks_per_chunk, lo - c * g.blocks_per_chunk)
+            blocks = (self._chunk_end(state, c) - c * self._config.chunk_size) // g.block_size
+            lo, hi = max(c * g.blocks_per_chunk, first_block), min(c * g.blocks_per_chunk + blocks, end_block)
+            copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), blocks, lo - c * g.blocks_per_chunk)
             lower = load.source is not Source.HOST
-            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(g.blocks_per_chunk)) if lower else None
+            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks)) if lower else None
             items.append(LoadItem(self._new_item(_Item(load.key, False, load.source if lower else None)), load.key,
                                   copy, read))
             covered = hi
@@ -211,6 +237,9 @@ class SchedulerSide:
         chunk whose tokens are all computed by the end of this step."""
         plan, self._next = self._next, StepPlan()
         plan.preempted = sorted(scheduler_output.preempted_req_ids or ())
+        for req_id in plan.preempted:  # vLLM reuses their blocks: nothing is stored from them until resumed
+            if (state := self._requests.get(req_id)) is not None:
+                state.block_ids, state.computed = [], 0
         plan.idle = not scheduler_output.total_num_scheduled_tokens
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -233,7 +262,10 @@ class SchedulerSide:
         return plan
 
     def _plan_stores(self, req_id: str, state: _Request, computed: int, plan: StepPlan) -> None:
+        """Stores of the full chunks computed by the end of this step; once the prompt is
+        computed, with save_unfull_chunk, of the full blocks of its last partial chunk."""
         g = self._geometry
+        state.computed = computed
         limit = len(state.tokens) if self._config.save_decode_cache else state.prompt_len
         keys = self._keys(state, min(computed, limit))
         while state.stored < len(keys):
@@ -247,10 +279,35 @@ class SchedulerSide:
             state.stored += 1
             if slot is Reserve.PRESENT:
                 continue
-            writes = tuple(self._write_tiers)
-            item = self._new_item(_Item(keys[c], True, writes_left=g.tp_size * len(writes)))
-            plan.stores.append(StoreItem(item, req_id, keys[c], SlotCopy(slot, tuple(blocks)), writes))
-            self._had_stores.add(req_id)
+            self._store(plan, req_id, keys[c], slot, blocks)
+            if self._config.save_unfull_chunk:  # the full chunk replaces the partials it extends
+                self._directory.discard(self._partial_candidates(state, c, (c + 1) * self._config.chunk_size))
+        if self._config.save_unfull_chunk and not state.prompt_partial and computed >= state.prompt_len:
+            state.prompt_partial = True
+            self._store_partial(plan, req_id, state, state.prompt_len)
+
+    def _store_partial(self, plan: StepPlan, req_id: str, state: _Request, upto: int) -> None:
+        """Store the full blocks of the partial chunk among the first `upto` tokens, once
+        every full chunk before it is stored; it replaces the shorter partials it extends."""
+        g, chunk = self._geometry, self._config.chunk_size
+        c, blocks = upto // chunk, upto % chunk // g.block_size
+        if not blocks or state.stored != c:
+            return
+        partials = self._partial_candidates(state, c, c * chunk + blocks * g.block_size)
+        block_ids = state.block_ids[c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
+        if len(partials) != blocks or len(block_ids) != blocks:
+            return  # an extra key that cannot be encoded, or blocks vLLM no longer lists
+        slot = self._directory.reserve_store(partials[-1])
+        if isinstance(slot, Reserve):
+            return
+        self._store(plan, req_id, partials[-1], slot, block_ids)
+        self._directory.discard(partials[:-1])
+
+    def _store(self, plan: StepPlan, req_id: str, key: ChunkKey, slot: int, block_ids: list[int]) -> None:
+        writes = tuple(self._write_tiers)
+        item = self._new_item(_Item(key, True, writes_left=self._geometry.tp_size * len(writes)))
+        plan.stores.append(StoreItem(item, req_id, key, SlotCopy(slot, tuple(block_ids)), writes))
+        self._had_stores.add(req_id)
 
     # -- results --
 
@@ -321,10 +378,14 @@ class SchedulerSide:
         return True
 
     def finished(self, request_id: str) -> bool:
-        """The request is done (or aborted): forget it. True when vLLM must keep its
-        blocks until the workers report its stores done: exactly when it ever had a
-        store, which every worker also knows from the plans, so both sides agree."""
-        self._requests.pop(request_id, None)
+        """The request is done (or aborted): forget it. With save_decode_cache and
+        save_unfull_chunk, the full blocks of its last partial chunk go into the next
+        step's plan first. True when vLLM must keep its blocks until the workers report
+        its stores done: exactly when it ever had a store, which every worker also
+        knows from the plans (the next one included), so both sides agree."""
+        state = self._requests.pop(request_id, None)
+        if state is not None and self._config.save_unfull_chunk and self._config.save_decode_cache:
+            self._store_partial(self._next, request_id, state, min(state.computed, len(state.tokens)))
         if request_id in self._had_stores:
             self._had_stores.discard(request_id)
             return True
@@ -355,6 +416,30 @@ class SchedulerSide:
             state = _Request(request.all_token_ids, self._namespace, extra_of(request), prompt_len=request.num_prompt_tokens)
             self._requests[request.request_id] = state
         return state
+
+    def _hit_limit(self, request: Any) -> int:
+        """The most tokens a hit may cover: whole blocks, leaving at least one token to compute."""
+        bs = self._geometry.block_size
+        return (request.num_tokens - 1) // bs * bs
+
+    def _chunk_end(self, state: _Request, c: int) -> int:
+        """Where the hit's chunk `c` ends (a token index): its partial chunk ends early."""
+        chunk = self._config.chunk_size
+        if state.tail_blocks and c == state.found_from + len(state.hit_keys) - 1:
+            return c * chunk + state.tail_blocks * self._geometry.block_size
+        return (c + 1) * chunk
+
+    def _partial_candidates(self, state: _Request, c: int, end: int) -> list[ChunkKey]:
+        """Keys of the partial chunks at chunk `c` of the request that end on a block at
+        or before token `end`, shortest first (none without save_unfull_chunk)."""
+        chunk = self._config.chunk_size
+        if not self._config.save_unfull_chunk or not state.keyable or c > len(state.keys) or end < c * chunk:
+            return []
+        try:
+            return partial_keys(state.tokens, state.namespace, start=c * chunk, prev_key=state.keys[c - 1] if c else None,
+                                end=end, extra_of=state.extra)
+        except UnkeyableRequest:
+            return []
 
     def _keys(self, state: _Request, upto: int) -> list[ChunkKey]:
         """Keys of the full chunks among the first `upto` tokens, hashing only new ones."""
