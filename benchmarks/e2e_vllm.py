@@ -36,6 +36,7 @@ import json
 import random
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
@@ -95,8 +96,12 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
     fresh_docs = [[rng.randrange(3, BENCH.vocab) for _ in range(len(d))] for d in docs]
     batch = [p for pair in zip(docs, fresh_docs) for p in pair]
     batch = [p + [rng.randrange(3, BENCH.vocab) for _ in range(40)] for p in batch]
-    configs: tuple[tuple[str, dict | None], ...] = (("async_loads", {"async_load": True}), ("sync", {"async_load": False, "async_save": False}),
-               ("default", {}), ("none", None))
+    configs: tuple[tuple[str, dict | None], ...] = (
+        ("async_loads", {"async_load": True}),
+        ("sync", {"async_load": False, "async_save": False}),
+        ("default", {}),
+        ("none", None),
+    )
     for name, extra in configs:
         kwargs = {} if extra is None else {"kv_transfer_config": connector_config(work / f"kv_{name}", **extra)}
         if extra is not None:
@@ -104,40 +109,71 @@ def concurrent_figures(model: Path, docs: list[list[int]], rng: random.Random, w
         out = serve_batch(model, batch, kwargs)
         ttfts = sorted(r["ttft_s"] for r in out["rows"])
         hit_ttfts = sorted(r["ttft_s"] for r in out["rows"] if r["cached_tokens"])
-        emit({**common, "figure": f"concurrent_8_users_half_on_disk:{name}", "requests_per_s": round(len(batch) / out["wall_s"], 3),
-              "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
-              "ttft_p90_ms": round(ttfts[int(0.9 * (len(ttfts) - 1))] * 1e3, 1),
-              "disk_hit_ttft_p50_ms": round(statistics.median(hit_ttfts) * 1e3, 1) if hit_ttfts else None,
-              "hit_tokens": sum(r["cached_tokens"] for r in out["rows"])})
+        emit(
+            {
+                **common,
+                "figure": f"concurrent_8_users_half_on_disk:{name}",
+                "requests_per_s": round(len(batch) / out["wall_s"], 3),
+                "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
+                "ttft_p90_ms": round(ttfts[int(0.9 * (len(ttfts) - 1))] * 1e3, 1),
+                "disk_hit_ttft_p50_ms": round(statistics.median(hit_ttfts) * 1e3, 1) if hit_ttfts else None,
+                "hit_tokens": sum(r["cached_tokens"] for r in out["rows"]),
+            }
+        )
 
 
 WARM_REPEATS = 3
 
 
-def layerwise_figures(model: Path, asks: list[tuple[str, list[int]]], rng: random.Random, work: Path,
-                      common: dict) -> None:
+def layerwise_figures(
+    model: Path, asks: list[tuple[str, list[int]]], rng: random.Random, work: Path, common: dict
+) -> None:
     """Warm TTFT from host memory, layer by layer vs whole steps: store then hit the same
     prompts WARM_REPEATS times in one engine each (the median resists this VM's stalls);
     the pair runs in both orders, on fresh documents the second time."""
     fresh = [("ask", [rng.randrange(3, BENCH.vocab) for _ in range(len(p))]) for _, p in asks]
-    ratios, figures = [], {}
+    ratios: list[float] = []
+    figures: dict[str, list[dict]] = {}
     for order, prompts in ((("whole", "layerwise"), asks), (("layerwise", "whole"), fresh)):
         ttft = {}
         for mode in order:
-            kv = {"kv_transfer_config": connector_config(work / f"kv_{mode}_{order[0]}", use_layerwise=mode == "layerwise")}
+            kv = {
+                "kv_transfer_config": connector_config(
+                    work / f"kv_{mode}_{order[0]}", use_layerwise=mode == "layerwise"
+                )
+            }
             rows = serve(model, prompts + [("warm", p) for _ in range(WARM_REPEATS) for _, p in prompts], kv)
             ttft[mode] = summary(rows, "warm")
             figures.setdefault(mode, []).append(ttft[mode])
         ratios.append(ttft["layerwise"]["ttft_ms"] / ttft["whole"]["ttft_ms"])
     for mode, runs in figures.items():
-        emit({**common, "figure": f"warm_ttft:{mode}", "ttft_ms_by_order": [r["ttft_ms"] for r in runs],
-              "hit_tokens": [r["hit_tokens"] for r in runs]})
-    emit({**common, "figure": "warm_ttft:layerwise_vs_whole_step", "ratios_by_order": [round(r, 3) for r in ratios],
-          "ratio": round(statistics.mean(ratios), 3)})
+        emit(
+            {
+                **common,
+                "figure": f"warm_ttft:{mode}",
+                "ttft_ms_by_order": [r["ttft_ms"] for r in runs],
+                "hit_tokens": [r["hit_tokens"] for r in runs],
+            }
+        )
+    emit(
+        {
+            **common,
+            "figure": "warm_ttft:layerwise_vs_whole_step",
+            "ratios_by_order": [round(r, 3) for r in ratios],
+            "ratio": round(statistics.mean(ratios), 3),
+        }
+    )
 
 
-def multi_round_figures(model: Path, rng: random.Random, work: Path, users: int = 6, rounds: int = 3,
-                        first_tokens: int = 3000, repeats: int = 2) -> None:
+def multi_round_figures(
+    model: Path,
+    rng: random.Random,
+    work: Path,
+    users: int = 6,
+    rounds: int = 3,
+    first_tokens: int = 3000,
+    repeats: int = 2,
+) -> None:
     """Chats served one request at a time, round by round: later-round TTFT (rounds 1 on)
     of vLLM's prefix cache with room for everything, and of ours with vLLM's off. The
     engines take turns `repeats` times (this VM's speed drifts); mean and median of all
@@ -150,11 +186,15 @@ def multi_round_figures(model: Path, rng: random.Random, work: Path, users: int 
         for chat in chats:
             chat.append(chat[-1] + text(64) + text(40))  # the answer, then the next question
     prompts = [(f"u{u}r{r}", chats[u][r]) for r in range(rounds) for u in range(users)]
-    engines = {"vllm_prefix_cache_room_for_all": lambda i: {"enable_prefix_caching": True},
-               "ours_partial_chunks": lambda i: {"kv_transfer_config": connector_config(work / f"p{i}",
-                                                                                        save_unfull_chunk=True)},
-               "ours_full_chunks_only": lambda i: {"kv_transfer_config": connector_config(work / f"f{i}",
-                                                                                          save_unfull_chunk=False)}}
+    engines: dict[str, Callable[[int], dict]] = {
+        "vllm_prefix_cache_room_for_all": lambda i: {"enable_prefix_caching": True},
+        "ours_partial_chunks": lambda i: {
+            "kv_transfer_config": connector_config(work / f"p{i}", save_unfull_chunk=True)
+        },
+        "ours_full_chunks_only": lambda i: {
+            "kv_transfer_config": connector_config(work / f"f{i}", save_unfull_chunk=False)
+        },
+    }
     host_only = connector_config(work / "unused", save_unfull_chunk=True)
     for key in ("local_disk", "max_local_disk_size"):
         del host_only["kv_connector_extra_config"][key]
@@ -166,16 +206,25 @@ def multi_round_figures(model: Path, rng: random.Random, work: Path, users: int 
     limit = [r["first_token_s"] for r in later["vllm_prefix_cache_room_for_all"]]
     for name, rows in later.items():
         ttfts = [r["first_token_s"] for r in rows]
-        cached = [sum(r["cached_tokens"] for r in rows if r["request"].endswith(f"r{k}")) // (users * repeats)
-                  for k in range(1, rounds)]
-        emit({"figure": f"multi_round:{name}", "users": users, "rounds": rounds, "repeats": repeats,
-              "later_round_ttft_ms": round(statistics.mean(ttfts) * 1e3, 1),
-              "later_round_ttft_median_ms": round(statistics.median(ttfts) * 1e3, 1),
-              "ratio_vs_limit": round(statistics.mean(ttfts) / statistics.mean(limit), 3),
-              "generate_call_median_ms": round(statistics.median(r["ttft_s"] for r in rows) * 1e3, 1),
-              "median_ratio_vs_limit": round(statistics.median(ttfts) / statistics.median(limit), 3),
-              "cached_tokens_per_request_by_round": cached,
-              "prompt_tokens_by_round": [len(chats[0][k]) for k in range(rounds)]})
+        cached = [
+            sum(r["cached_tokens"] for r in rows if r["request"].endswith(f"r{k}")) // (users * repeats)
+            for k in range(1, rounds)
+        ]
+        emit(
+            {
+                "figure": f"multi_round:{name}",
+                "users": users,
+                "rounds": rounds,
+                "repeats": repeats,
+                "later_round_ttft_ms": round(statistics.mean(ttfts) * 1e3, 1),
+                "later_round_ttft_median_ms": round(statistics.median(ttfts) * 1e3, 1),
+                "ratio_vs_limit": round(statistics.mean(ttfts) / statistics.mean(limit), 3),
+                "generate_call_median_ms": round(statistics.median(r["ttft_s"] for r in rows) * 1e3, 1),
+                "median_ratio_vs_limit": round(statistics.median(ttfts) / statistics.median(limit), 3),
+                "cached_tokens_per_request_by_round": cached,
+                "prompt_tokens_by_round": [len(chats[0][k]) for k in range(rounds)],
+            }
+        )
 
 
 def emit(figure: dict) -> None:
@@ -215,12 +264,26 @@ def main() -> None:
         work = Path(tmp)
         model = build_tiny_llama(work / "model", **dataclasses.asdict(BENCH))
         if args.layerwise:
-            layerwise_figures(model, asks, rng, work, {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}",
-                                                       "doc_tokens": args.doc_tokens, "docs": args.docs})
+            layerwise_figures(
+                model,
+                asks,
+                rng,
+                work,
+                {
+                    "model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}",
+                    "doc_tokens": args.doc_tokens,
+                    "docs": args.docs,
+                },
+            )
             return
         ours = {"kv_transfer_config": connector_config(work / "kv")}
-        example = {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-                                          "kv_connector_extra_config": {"shared_storage_path": str(work / "ex")}}}
+        example = {
+            "kv_transfer_config": {
+                "kv_connector": "ExampleConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"shared_storage_path": str(work / "ex")},
+            }
+        }
         # Cold TTFT differs by up to ~30% between engine processes on this VM, so the
         # store overhead is also measured on fresh documents in the order ours, none
         # (the main run goes none, ours) and the two ratios are averaged.
@@ -232,20 +295,39 @@ def main() -> None:
         restarted = serve(model, [("disk", p) for _, p in asks] + later, ours)
         theirs = serve(model, asks + [("warm", p) for _, p in asks] + others, example)
         remote_rows = remote_figures(model, asks, work) if redis_binary() else None
-        common = {"model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}", "doc_tokens": args.doc_tokens, "docs": args.docs}
+        common = {
+            "model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}",
+            "doc_tokens": args.doc_tokens,
+            "docs": args.docs,
+        }
         concurrent_figures(model, docs, rng, work, common)
         multi_round_figures(model, rng, work)
     cold = summary(none, "ask")["ttft_ms"]
     emit({**common, "figure": "cold_no_connector", **summary(none, "ask")})
-    overheads = [summary(first, "ask")["ttft_ms"] / cold,
-                 summary(ours_again, "ask")["ttft_ms"] / summary(none_again, "ask")["ttft_ms"]]
-    emit({**common, "figure": "store_overhead_cold_ttft", "ratios_by_order": [round(r, 3) for r in overheads],
-          "ratio_vs_no_connector": round(statistics.mean(overheads), 3)})
+    overheads = [
+        summary(first, "ask")["ttft_ms"] / cold,
+        summary(ours_again, "ask")["ttft_ms"] / summary(none_again, "ask")["ttft_ms"],
+    ]
+    emit(
+        {
+            **common,
+            "figure": "store_overhead_cold_ttft",
+            "ratios_by_order": [round(r, 3) for r in overheads],
+            "ratio_vs_no_connector": round(statistics.mean(overheads), 3),
+        }
+    )
     spent = [b["connector_s"] - a["connector_s"] for a, b in zip([{"connector_s": 0.0}] + first, first)]
     cold_rows = [(r, t) for r, t in zip(first, spent) if r["request"] == "ask"]
-    emit({**common, "figure": "store_overhead_in_hooks",
-          "hook_ms_per_cold_request": round(statistics.median(t for _, t in cold_rows) * 1e3, 2),
-          "ratio_vs_same_request_without_hooks": round(statistics.median(r["ttft_s"] / (r["ttft_s"] - t) for r, t in cold_rows), 4)})
+    emit(
+        {
+            **common,
+            "figure": "store_overhead_in_hooks",
+            "hook_ms_per_cold_request": round(statistics.median(t for _, t in cold_rows) * 1e3, 2),
+            "ratio_vs_same_request_without_hooks": round(
+                statistics.median(r["ttft_s"] / (r["ttft_s"] - t) for r, t in cold_rows), 4
+            ),
+        }
+    )
     if remote_rows is None:
         print("no redis-server here: the remote-tier figure is skipped", flush=True)
     for engine, rows, phases in (
@@ -256,7 +338,14 @@ def main() -> None:
     ):
         for phase in phases:
             s = summary(rows, phase)
-            emit({**common, "figure": f"{engine}:{phase}", **s, "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold, 3)})
+            emit(
+                {
+                    **common,
+                    "figure": f"{engine}:{phase}",
+                    **s,
+                    "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold, 3),
+                }
+            )
 
 
 def remote_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path) -> list[dict]:
@@ -267,8 +356,11 @@ def remote_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path) -
     server = Server(binary, work / "redis").start()
     try:
         serve(model, asks, {"kv_transfer_config": connector_config(work / "kv3", remote_url=server.url)})
-        return serve(model, [("remote", p) for _, p in asks],
-                     {"kv_transfer_config": connector_config(work / "kv4", remote_url=server.url)})
+        return serve(
+            model,
+            [("remote", p) for _, p in asks],
+            {"kv_transfer_config": connector_config(work / "kv4", remote_url=server.url)},
+        )
     finally:
         server.kill()
 

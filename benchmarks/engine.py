@@ -91,9 +91,20 @@ def host_tier(reps: int) -> None:
         kv = ops.PagedLayers.from_tensors(layers)
         t_gather = median_time(lambda: ops.gather(kv, src, slots, blocks_per_chunk=CHUNK // BLOCK), reps)
         t_scatter = median_time(lambda: ops.scatter(kv, dst, slots, blocks_per_chunk=CHUNK // BLOCK), reps)
-    for op, t_ours, t_raw, raw in (("store", t_store, t_gather, "gather"), ("retrieve", t_retrieve, t_scatter, "scatter")):
-        emit({"tier": "host", "op": op, "bytes": nbytes, "ours_gbps": round(nbytes / t_ours / 1e9, 2),
-              f"kernel_{raw}_gbps": round(nbytes / t_raw / 1e9, 2), "ratio_vs_kernel": round(t_raw / t_ours, 3)})
+    for op, t_ours, t_raw, raw in (
+        ("store", t_store, t_gather, "gather"),
+        ("retrieve", t_retrieve, t_scatter, "scatter"),
+    ):
+        emit(
+            {
+                "tier": "host",
+                "op": op,
+                "bytes": nbytes,
+                "ours_gbps": round(nbytes / t_ours / 1e9, 2),
+                f"kernel_{raw}_gbps": round(nbytes / t_raw / 1e9, 2),
+                "ratio_vs_kernel": round(t_raw / t_ours, 3),
+            }
+        )
 
 
 def disk_tier(root: Path, reps: int) -> None:
@@ -121,8 +132,12 @@ def disk_tier(root: Path, reps: int) -> None:
             f.readinto(payload)
 
     # host tier of two prompts: every prompt read back must come from disk
-    cfg = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=2 * nbytes / GB, local_disk=str(kv_dir),
-                      max_local_disk_size=(reps + 4) * 2 * nbytes / GB)
+    cfg = CacheConfig(
+        chunk_size=CHUNK,
+        max_local_cpu_size=2 * nbytes / GB,
+        local_disk=str(kv_dir),
+        max_local_disk_size=(reps + 4) * 2 * nbytes / GB,
+    )
     prompts = [prompt(PROMPT_CHUNKS * CHUNK, seed=100 + i) for i in range(reps)]
     writes: dict[str, list[float]] = {"ours": [], "plain": []}
     with CacheEngine(cfg, layers, BLOCK) as engine:
@@ -148,8 +163,16 @@ def disk_tier(root: Path, reps: int) -> None:
         # (both halves ran back to back), then its median
         ratio = statistics.median(p / o for p, o in zip(times["plain"], times["ours"]))
         t_ours, t_raw = statistics.median(times["ours"]), statistics.median(times["plain"])
-        emit({"tier": "disk", "op": op, "bytes": nbytes, "ours_gbps": round(nbytes / t_ours / 1e9, 2),
-              f"plain_file_{raw}_gbps": round(nbytes / t_raw / 1e9, 2), "ratio_vs_plain_file": round(ratio, 3)})
+        emit(
+            {
+                "tier": "disk",
+                "op": op,
+                "bytes": nbytes,
+                "ours_gbps": round(nbytes / t_ours / 1e9, 2),
+                f"plain_file_{raw}_gbps": round(nbytes / t_raw / 1e9, 2),
+                "ratio_vs_plain_file": round(ratio, 3),
+            }
+        )
 
 
 def lookup_latency(reps: int) -> None:
@@ -164,8 +187,15 @@ def lookup_latency(reps: int) -> None:
             t_list = median_time(lambda: engine.lookup(tokens), reps)
             as_tensor = torch.tensor(tokens)
             t_tensor = median_time(lambda: engine.lookup(as_tensor), reps)
-        emit({"op": "lookup", "tokens": tokens_len, "chunks": tokens_len // CHUNK,
-              "list_us": round(t_list * 1e6, 1), "tensor_us": round(t_tensor * 1e6, 1)})
+        emit(
+            {
+                "op": "lookup",
+                "tokens": tokens_len,
+                "chunks": tokens_len // CHUNK,
+                "list_us": round(t_list * 1e6, 1),
+                "tensor_us": round(t_tensor * 1e6, 1),
+            }
+        )
 
 
 def reset_cost(root: Path, files: int) -> None:
@@ -174,8 +204,12 @@ def reset_cost(root: Path, files: int) -> None:
     blocks = prompt_chunks * chunk_tokens // BLOCK
     layers = make_layers("LBNHC", 2, blocks, 2, BLOCK, 64, torch.float16)  # 4 KiB pages, 32 KiB chunks
     chunk_bytes = ops.PagedLayers.from_tensors(layers).chunk_bytes(chunk_tokens // BLOCK)
-    cfg = CacheConfig(chunk_size=chunk_tokens, max_local_cpu_size=prompt_chunks * chunk_bytes / GB,
-                      local_disk=str(root / "kv"), max_local_disk_size=2 * files * (chunk_bytes + 4096) / GB)
+    cfg = CacheConfig(
+        chunk_size=chunk_tokens,
+        max_local_cpu_size=prompt_chunks * chunk_bytes / GB,
+        local_disk=str(root / "kv"),
+        max_local_disk_size=2 * files * (chunk_bytes + 4096) / GB,
+    )
     with CacheEngine(cfg, layers, BLOCK) as engine:
         for seed in range(files // prompt_chunks):
             engine.store(prompt(prompt_chunks * chunk_tokens, seed=1000 + seed), list(range(blocks)))
@@ -198,9 +232,17 @@ def reset_cost(root: Path, files: int) -> None:
     for path in plain.iterdir():
         os.unlink(path)
     t_plain = time.perf_counter() - start
-    emit({"op": "reset", "disk_files": stored, "file_bytes": chunk_bytes + 4096, "call_ms": round(t_call * 1e3, 2),
-          "deleted_ms": round(t_deleted * 1e3, 1), "plain_unlink_ms": round(t_plain * 1e3, 1),
-          "ratio_deleted_vs_plain_unlink": round(t_deleted / t_plain, 3)})
+    emit(
+        {
+            "op": "reset",
+            "disk_files": stored,
+            "file_bytes": chunk_bytes + 4096,
+            "call_ms": round(t_call * 1e3, 2),
+            "deleted_ms": round(t_deleted * 1e3, 1),
+            "plain_unlink_ms": round(t_plain * 1e3, 1),
+            "ratio_deleted_vs_plain_unlink": round(t_deleted / t_plain, 3),
+        }
+    )
 
 
 def partial_slots(users: int = 6, first: int = 3000, grow: int = 104) -> None:
@@ -225,10 +267,19 @@ def partial_slots(users: int = 6, first: int = 3000, grow: int = 104) -> None:
         full = sum(len(chat) // CHUNK for chat in chats)
         tails = [len(chat) % CHUNK // block for chat in chats]
         empty = sum(CHUNK // block - t for t in tails if t) / (host_chunks * CHUNK // block)
-        emit({"figure": "partial_slots", "block": block, "users": users, "rounds": rounds,
-              "hit_tokens_per_request_by_round": hits, "host_chunks": host_chunks,
-              "partial_chunks_in_host": host_chunks - full, "users_with_a_partial": sum(1 for t in tails if t),
-              "empty_fraction_of_host_bytes_in_use": round(empty, 4)})
+        emit(
+            {
+                "figure": "partial_slots",
+                "block": block,
+                "users": users,
+                "rounds": rounds,
+                "hit_tokens_per_request_by_round": hits,
+                "host_chunks": host_chunks,
+                "partial_chunks_in_host": host_chunks - full,
+                "users_with_a_partial": sum(1 for t in tails if t),
+                "empty_fraction_of_host_bytes_in_use": round(empty, 4),
+            }
+        )
 
 
 def main() -> None:
@@ -236,8 +287,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--disk-dir", type=Path, help="where disk-tier files go (default: a temp dir)")
     parser.add_argument("--reset-files", type=int, default=8192, help="chunk files on disk when the reset runs")
-    parser.add_argument("--only", choices=("host", "disk", "lookup", "reset", "partials"),
-                        help="run one group of figures")
+    parser.add_argument(
+        "--only", choices=("host", "disk", "lookup", "reset", "partials"), help="run one group of figures"
+    )
     args = parser.parse_args()
     if args.only in (None, "host"):
         host_tier(args.reps)

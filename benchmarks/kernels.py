@@ -37,9 +37,9 @@ from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 # name: (heads, tokens per block, width = K+V head dims, dtype). Page bytes in the comment.
 CASES = {
-    "cuda_like": (8, 16, 256, torch.float16),   # 64 KiB: vLLM CUDA block 16, 8 KV heads x 128, K|V
-    "cpu_like": (8, 128, 256, torch.float16),   # 512 KiB: vLLM CPU block 128
-    "mla_like": (1, 64, 576, torch.float16),    # 72 KiB: MLA latent 512 + rope 64
+    "cuda_like": (8, 16, 256, torch.float16),  # 64 KiB: vLLM CUDA block 16, 8 KV heads x 128, K|V
+    "cpu_like": (8, 128, 256, torch.float16),  # 512 KiB: vLLM CPU block 128
+    "mla_like": (1, 64, 576, torch.float16),  # 72 KiB: MLA latent 512 + rope 64
 }
 LAYERS, BLOCKS = 32, 256
 CAPS = (8, 16, 32, 64, 0)  # zero-copy grid caps measured on CUDA; 0 = no cap
@@ -118,19 +118,31 @@ def cpu_cross_layer_rows(name: str, reps: int) -> list[dict]:
     heads, tokens, width, dtype = CASES[name]
     cache_blocks = BLOCKS + BLOCKS // 8
     ids = torch.randperm(cache_blocks, generator=torch.Generator().manual_seed(0))[:BLOCKS]
-    caches = {layout: ops.PagedLayers.from_tensors(make_layers(layout, LAYERS, cache_blocks, heads, tokens, width, dtype))
-              for layout in ("LBNHC", "BLNHC")}
+    caches = {
+        layout: ops.PagedLayers.from_tensors(make_layers(layout, LAYERS, cache_blocks, heads, tokens, width, dtype))
+        for layout in ("LBNHC", "BLNHC")
+    }
     chunk = torch.empty(caches["LBNHC"].chunk_bytes(BLOCKS), dtype=torch.uint8)
     rows = []
     for direction, copy in (("gather", ops.gather), ("scatter", ops.scatter)):
         for path in ops.COPY_PATHS:
-            t = {layout: timed(lambda: copy(kv, ids, chunk, path=path), reps, lambda: None)
-                 for layout, kv in caches.items()}
-            rows.append({"case": name, "figure": "cross_layer_vs_per_layer", "direction": direction, "device": "cpu",
-                         "path": path, "bytes": chunk.numel(),
-                         "per_layer_gbps": round(chunk.numel() / t["LBNHC"] / 1e9, 2),
-                         "cross_layer_gbps": round(chunk.numel() / t["BLNHC"] / 1e9, 2),
-                         "ratio_cross_vs_per_layer": round(t["LBNHC"] / t["BLNHC"], 3)})
+            t = {
+                layout: timed(lambda: copy(kv, ids, chunk, path=path), reps, lambda: None)
+                for layout, kv in caches.items()
+            }
+            rows.append(
+                {
+                    "case": name,
+                    "figure": "cross_layer_vs_per_layer",
+                    "direction": direction,
+                    "device": "cpu",
+                    "path": path,
+                    "bytes": chunk.numel(),
+                    "per_layer_gbps": round(chunk.numel() / t["LBNHC"] / 1e9, 2),
+                    "cross_layer_gbps": round(chunk.numel() / t["BLNHC"] / 1e9, 2),
+                    "ratio_cross_vs_per_layer": round(t["LBNHC"] / t["BLNHC"], 3),
+                }
+            )
     return rows
 
 
@@ -163,16 +175,25 @@ def cuda_case(name: str, reps: int) -> list[dict]:
         for cap in CAPS:
             t_zero = timed(lambda: copy(kv, ids, host, max_ctas=cap), reps, sync)
             ctas = _C.launch_shape(page_bytes=kv.page_bytes, pages=LAYERS * BLOCKS, max_ctas=cap)["ctas"]
-            grid = {"max_ctas": cap, "default_cap": cap == ops.ZERO_COPY_MAX_CTAS, "ctas": ctas, "sms": sms,
-                    "sms_used": min(ctas, sms)}
-            rows.append(row(name, direction, "cuda-zero-copy", kv, nbytes, t_zero, t_roof, "cudaMemcpyAsync", {}) | grid)
+            grid = {
+                "max_ctas": cap,
+                "default_cap": cap == ops.ZERO_COPY_MAX_CTAS,
+                "ctas": ctas,
+                "sms": sms,
+                "sms_used": min(ctas, sms),
+            }
+            rows.append(
+                row(name, direction, "cuda-zero-copy", kv, nbytes, t_zero, t_roof, "cudaMemcpyAsync", {}) | grid
+            )
         t_staged = timed(lambda: copy(kv, ids, host, staging=staging), reps, sync)
         t_device = timed(lambda: copy(kv, ids, staging), reps, sync)
         t_dma = timed(lambda: copy(kv, ids, host, path="dma"), reps, sync)
         rows.append(row(name, direction, "cuda-staged", kv, nbytes, t_staged, t_roof, "cudaMemcpyAsync", {}))
         rows.append(row(name, direction, "cuda-device", kv, nbytes, t_device, t_roof, "cudaMemcpyAsync", {}))
-        rows.append(row(name, direction, "cuda-dma", kv, nbytes, t_dma, t_roof, "cudaMemcpyAsync", {})
-                    | {"pieces": LAYERS * BLOCKS, "batched": _C.has_batch_memcpy()})
+        rows.append(
+            row(name, direction, "cuda-dma", kv, nbytes, t_dma, t_roof, "cudaMemcpyAsync", {})
+            | {"pieces": LAYERS * BLOCKS, "batched": _C.has_batch_memcpy()}
+        )
     rows += cross_layer_rows(name, ids, host, reps)
     return rows
 
@@ -192,8 +213,10 @@ def cross_layer_rows(name: str, ids: torch.Tensor, host: torch.Tensor, reps: int
         t_roof = timed(roofline, reps, sync)
         for path in ops.COPY_PATHS:
             t = timed(lambda: copy(kv, ids, host, path=path), reps, sync)
-            rows.append(row(name, direction, f"cuda-cross-layer-{path}", kv, nbytes, t, t_roof, "cudaMemcpyAsync", {})
-                        | {"pieces": BLOCKS, "layout": "BLNHC"})
+            rows.append(
+                row(name, direction, f"cuda-cross-layer-{path}", kv, nbytes, t, t_roof, "cudaMemcpyAsync", {})
+                | {"pieces": BLOCKS, "layout": "BLNHC"}
+            )
     return rows
 
 
@@ -207,7 +230,7 @@ class PinnedSlots:
         self._slot_bytes = slot_bytes
 
     def view(self, slot: int) -> torch.Tensor:
-        return self._buf[slot * self._slot_bytes:(slot + 1) * self._slot_bytes]
+        return self._buf[slot * self._slot_bytes : (slot + 1) * self._slot_bytes]
 
 
 def layerwise_rows(reps: int) -> list[dict]:
@@ -225,7 +248,7 @@ def layerwise_rows(reps: int) -> list[dict]:
     bpc = 16
     slots = PinnedSlots(kv.chunk_bytes(bpc), BLOCKS // bpc)
     ids = torch.randperm(BLOCKS + BLOCKS // 8, generator=torch.Generator().manual_seed(0))[:BLOCKS].tolist()
-    items = [SlotCopy(s, tuple(ids[s * bpc:(s + 1) * bpc])) for s in range(BLOCKS // bpc)]
+    items = [SlotCopy(s, tuple(ids[s * bpc : (s + 1) * bpc])) for s in range(BLOCKS // bpc)]
     m, k, n = LAYER_MATMUL
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
@@ -255,14 +278,22 @@ def layerwise_rows(reps: int) -> list[dict]:
         t_whole = timed(load_then_compute, reps, sync)
         t_layers = timed(layerwise, reps, sync)
         executor.close()
-        rows.append({
-            "figure": "layerwise_overlap", "path": path, "layers": LAYERS, "blocks": BLOCKS,
-            "page_bytes": kv.page_bytes, "layer_matmul": list(LAYER_MATMUL),
-            "compute_ms": round(t_compute * 1e3, 3), "load_ms": round(t_load * 1e3, 3),
-            "load_then_compute_ms": round(t_whole * 1e3, 3), "layerwise_ms": round(t_layers * 1e3, 3),
-            "layerwise_vs_load_then_compute": round(t_layers / t_whole, 3),
-            "layerwise_vs_compute_alone": round(t_layers / t_compute, 3),
-        })
+        rows.append(
+            {
+                "figure": "layerwise_overlap",
+                "path": path,
+                "layers": LAYERS,
+                "blocks": BLOCKS,
+                "page_bytes": kv.page_bytes,
+                "layer_matmul": list(LAYER_MATMUL),
+                "compute_ms": round(t_compute * 1e3, 3),
+                "load_ms": round(t_load * 1e3, 3),
+                "load_then_compute_ms": round(t_whole * 1e3, 3),
+                "layerwise_ms": round(t_layers * 1e3, 3),
+                "layerwise_vs_load_then_compute": round(t_layers / t_whole, 3),
+                "layerwise_vs_compute_alone": round(t_layers / t_compute, 3),
+            }
+        )
     return rows
 
 
@@ -317,33 +348,62 @@ def interference_rows(reps: int) -> list[dict]:
 
         runs = [with_copy() for _ in range(reps)]
         shared = statistics.median(seconds for seconds, _ in runs)
-        rows.append({
-            "figure": "compute_slowdown", "direction": direction, "copy": kind, "matmul": MATMUL,
-            "matmuls": count, "compute_ms_alone": round(alone * 1e3, 2),
-            "compute_ms_beside_copy": round(shared * 1e3, 2), "slowdown": round(shared / alone, 3),
-            "copy_outlasted_compute": all(covered for _, covered in runs),
-            "copy_gbps_alone": round(host.numel() / once / 1e9, 2),
-        })
+        rows.append(
+            {
+                "figure": "compute_slowdown",
+                "direction": direction,
+                "copy": kind,
+                "matmul": MATMUL,
+                "matmuls": count,
+                "compute_ms_alone": round(alone * 1e3, 2),
+                "compute_ms_beside_copy": round(shared * 1e3, 2),
+                "slowdown": round(shared / alone, 3),
+                "copy_outlasted_compute": all(covered for _, covered in runs),
+                "copy_gbps_alone": round(host.numel() / once / 1e9, 2),
+            }
+        )
     return rows
 
 
 def plan_rows(cases: list[str]) -> list[dict]:
     """What a CUDA run measures and the memory each part needs; runs nothing."""
-    rows = [{"plan": name, "directions": ["gather", "scatter"],
-             "copies": [f"zero-copy max_ctas={cap}" for cap in CAPS] + ["staged", "device", "dma", "cudaMemcpyAsync"]
-             + [f"cross-layer {path}" for path in ops.COPY_PATHS],
-             **cuda_bytes(name)} for name in cases]
-    rows.append({"plan": "compute_slowdown", "matmul": MATMUL, "compute_seconds": COMPUTE_SECONDS,
-                 "copies": ["cudaMemcpyAsync", "zero-copy default cap", "zero-copy no cap", "dma path"],
-                 **cuda_bytes("cuda_like")})
-    rows.append({"plan": "layerwise_overlap", "layers": LAYERS, "blocks": BLOCKS, "layer_matmul": list(LAYER_MATMUL),
-                 "paths": list(ops.COPY_PATHS), "runs": ["compute alone", "load then compute", "layerwise"],
-                 **cuda_bytes("cuda_like")})
+    rows = [
+        {
+            "plan": name,
+            "directions": ["gather", "scatter"],
+            "copies": [f"zero-copy max_ctas={cap}" for cap in CAPS]
+            + ["staged", "device", "dma", "cudaMemcpyAsync"]
+            + [f"cross-layer {path}" for path in ops.COPY_PATHS],
+            **cuda_bytes(name),
+        }
+        for name in cases
+    ]
+    rows.append(
+        {
+            "plan": "compute_slowdown",
+            "matmul": MATMUL,
+            "compute_seconds": COMPUTE_SECONDS,
+            "copies": ["cudaMemcpyAsync", "zero-copy default cap", "zero-copy no cap", "dma path"],
+            **cuda_bytes("cuda_like"),
+        }
+    )
+    rows.append(
+        {
+            "plan": "layerwise_overlap",
+            "layers": LAYERS,
+            "blocks": BLOCKS,
+            "layer_matmul": list(LAYER_MATMUL),
+            "paths": list(ops.COPY_PATHS),
+            "runs": ["compute alone", "load then compute", "layerwise"],
+            **cuda_bytes("cuda_like"),
+        }
+    )
     return rows
 
 
-def roofline_copies(host: torch.Tensor, device_buf: torch.Tensor,
-                    stream: torch.cuda.Stream | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+def roofline_copies(
+    host: torch.Tensor, device_buf: torch.Tensor, stream: torch.cuda.Stream | None = None
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """One cudaMemcpyAsync of all bytes each way on `stream` (default: the current one):
     through cupy (torch-independent) when present."""
     n = host.numel()
@@ -370,13 +430,29 @@ def roofline_copies(host: torch.Tensor, device_buf: torch.Tensor,
         return d2h, h2d
 
 
-def row(case: str, direction: str, device: str, kv: ops.PagedLayers, nbytes: int, t_ours: float,
-        t_roof: float, roof_name: str, others: dict[str, float]) -> dict:
+def row(
+    case: str,
+    direction: str,
+    device: str,
+    kv: ops.PagedLayers,
+    nbytes: int,
+    t_ours: float,
+    t_roof: float,
+    roof_name: str,
+    others: dict[str, float],
+) -> dict:
     gbps = lambda t: round(nbytes / t / 1e9, 2)  # noqa: E731
     out = {
-        "case": case, "direction": direction, "device": device, "layers": kv.num_layers, "blocks": BLOCKS,
-        "page_bytes": kv.page_bytes, "bytes": nbytes, "ours_gbps": gbps(t_ours),
-        f"{roof_name}_gbps": gbps(t_roof), f"ratio_vs_{roof_name}": round(t_roof / t_ours, 3),
+        "case": case,
+        "direction": direction,
+        "device": device,
+        "layers": kv.num_layers,
+        "blocks": BLOCKS,
+        "page_bytes": kv.page_bytes,
+        "bytes": nbytes,
+        "ours_gbps": gbps(t_ours),
+        f"{roof_name}_gbps": gbps(t_roof),
+        f"ratio_vs_{roof_name}": round(t_roof / t_ours, 3),
     }
     for other, t in others.items():
         out[f"{other}_gbps"] = gbps(t)
@@ -391,11 +467,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU twin threads (0 = default)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
-    parser.add_argument("--plan", action="store_true", help="with --device cuda: print what would be measured, run nothing")
+    parser.add_argument(
+        "--plan", action="store_true", help="with --device cuda: print what would be measured, run nothing"
+    )
     parser.add_argument("--no-interference", action="store_true", help="with --device cuda: skip the compute slowdown")
     parser.add_argument("--no-layerwise", action="store_true", help="with --device cuda: skip the layerwise overlap")
-    parser.add_argument("--cross-layer", action="store_true",
-                        help="on CPU: only the cross-layer vs per-layer copies, for each copy path's twin")
+    parser.add_argument(
+        "--cross-layer",
+        action="store_true",
+        help="on CPU: only the cross-layer vs per-layer copies, for each copy path's twin",
+    )
     args = parser.parse_args()
     cases = args.case or list(CASES)
     if args.plan:
@@ -420,7 +501,6 @@ def main() -> None:
             torch.cuda.empty_cache()
     if args.device == "cuda" and not args.no_interference:
         emit(interference_rows(args.reps), args.out)
-
 
 
 def emit(rows: list[dict], out: Path | None) -> None:

@@ -38,8 +38,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args()
     ns = Namespace(
-        model="bench", revision="main", dtype="bfloat16", layout="LBNHC", block_size=16,
-        page_bytes=65536, num_layers=32, tp_size=1, tp_rank=0, chunk_size=args.chunk_size,
+        model="bench",
+        revision="main",
+        dtype="bfloat16",
+        layout="LBNHC",
+        block_size=16,
+        page_bytes=65536,
+        num_layers=32,
+        tp_size=1,
+        tp_rank=0,
+        chunk_size=args.chunk_size,
     )
     rng = np.random.default_rng(0)
     prompts = {name: rng.integers(0, VOCAB, size=n, dtype=np.uint32) for name, n in LENGTHS.items()}

@@ -63,8 +63,7 @@ class Workload:
     seed: int = 0
 
     def longest_prompt(self) -> int:
-        return (self.system_tokens + self.context_tokens
-                + self.rounds * (self.question_tokens + self.answer_tokens))
+        return self.system_tokens + self.context_tokens + self.rounds * (self.question_tokens + self.answer_tokens)
 
 
 @dataclasses.dataclass
@@ -111,8 +110,10 @@ class Conversations:
         rng = random.Random(work.seed)
         system = random_tokens(rng, work.system_tokens, work.vocab)
         self.history = [system + random_tokens(rng, work.context_tokens, work.vocab) for _ in range(work.users)]
-        self.questions = [[random_tokens(rng, work.question_tokens, work.vocab) for _ in range(work.rounds)]
-                          for _ in range(work.users)]
+        self.questions = [
+            [random_tokens(rng, work.question_tokens, work.vocab) for _ in range(work.rounds)]
+            for _ in range(work.users)
+        ]
 
     def prompt(self, user: int, round_: int) -> list[int]:
         return self.history[user] + self.questions[user][round_]
@@ -121,20 +122,31 @@ class Conversations:
         self.history[user] = self.prompt(user, round_) + answer
 
 
-def ask(client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float | None, int, list[int], int]:
+def ask(
+    client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int
+) -> tuple[float, float | None, int, list[int], int]:
     """One streamed greedy completion: TTFT, mean inter-token latency (as the client sees
     the tokens arrive: tokens that come in one streamed chunk are 0 apart), cached prompt tokens,
     the answer's token ids and its length."""
     start = time.perf_counter()
     stream = client.completions.create(
-        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, logprobs=0,
-        stream_options={"include_usage": True}, extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        logprobs=0,
+        stream_options={"include_usage": True},
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )
     stamps: list[float] = []
     answer: list[int] = []
     cached = 0
     for chunk in stream:
         for choice in chunk.choices:
-            ids = [int(t.removeprefix("token_id:")) for t in (choice.logprobs.tokens if choice.logprobs else None) or []]
+            ids = [
+                int(t.removeprefix("token_id:")) for t in (choice.logprobs.tokens if choice.logprobs else None) or []
+            ]
             stamps += [time.perf_counter()] * len(ids)
             answer += ids
         details = chunk.usage.prompt_tokens_details if chunk.usage else None
@@ -146,8 +158,15 @@ def ask(client: openai.OpenAI, model: str, prompt: list[int], max_tokens: int) -
     return stamps[0] - start, itl, cached, answer, len(answer)
 
 
-def run_workload(server_url: str, model: str, work: Workload, concurrency: int, qps: float | None,
-                 progress: tqdm, source_counts: Callable[[], dict[str, float]]) -> list[dict]:
+def run_workload(
+    server_url: str,
+    model: str,
+    work: Workload,
+    concurrency: int,
+    qps: float | None,
+    progress: tqdm,
+    source_counts: Callable[[], dict[str, float]],
+) -> list[dict]:
     """All rounds against one server; per round: its requests' figures, its wall time and
     the hit tokens by source that vLLM's /metrics counted during it."""
     client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -174,8 +193,14 @@ def run_workload(server_url: str, model: str, work: Workload, concurrency: int, 
         for r in results:
             talks.answered(r.user, round_, r.answer)
         after = source_counts()
-        rounds.append({"round": round_, "wall_s": wall, "results": results,
-                       "hits_by_source": {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)}})
+        rounds.append(
+            {
+                "round": round_,
+                "wall_s": wall,
+                "results": results,
+                "hits_by_source": {k: after[k] - before.get(k, 0.0) for k in after if after[k] - before.get(k, 0.0)},
+            }
+        )
     return rounds
 
 
@@ -190,17 +215,19 @@ def summarize(rounds: list[dict]) -> list[dict]:
         results: list[Result] = r["results"]
         ttfts = [x.ttft_s for x in results]
         itls = [x.itl_s for x in results if x.itl_s is not None]
-        rows.append({
-            "round": r["round"],
-            "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
-            "ttft_p90_ms": round(percentile(ttfts, 0.9) * 1e3, 1),
-            "itl_p50_ms": round(statistics.median(itls) * 1e3, 2) if itls else None,
-            "requests_per_s": round(len(results) / r["wall_s"], 3),
-            "output_tokens_per_s": round(sum(x.output_tokens for x in results) / r["wall_s"], 1),
-            "prompt_tokens": sum(x.prompt_tokens for x in results),
-            "cached_tokens": sum(x.cached_tokens for x in results),
-            "hits_by_source": r["hits_by_source"],
-        })
+        rows.append(
+            {
+                "round": r["round"],
+                "ttft_p50_ms": round(statistics.median(ttfts) * 1e3, 1),
+                "ttft_p90_ms": round(percentile(ttfts, 0.9) * 1e3, 1),
+                "itl_p50_ms": round(statistics.median(itls) * 1e3, 2) if itls else None,
+                "requests_per_s": round(len(results) / r["wall_s"], 3),
+                "output_tokens_per_s": round(sum(x.output_tokens for x in results) / r["wall_s"], 1),
+                "prompt_tokens": sum(x.prompt_tokens for x in results),
+                "cached_tokens": sum(x.cached_tokens for x in results),
+                "hits_by_source": r["hits_by_source"],
+            }
+        )
     return rows
 
 
@@ -211,14 +238,18 @@ def later_ttft_p50(rounds: list[dict]) -> float:
 
 def print_table(name: str, rows: list[dict]) -> None:
     tqdm.write(f"\n{name}")
-    tqdm.write(f"{'round':>5} {'TTFT p50 ms':>12} {'p90 ms':>8} {'ITL ms':>7} {'req/s':>6} {'tok/s':>6} "
-               f"{'cached/prompt tokens':>21}  hits by source")
+    tqdm.write(
+        f"{'round':>5} {'TTFT p50 ms':>12} {'p90 ms':>8} {'ITL ms':>7} {'req/s':>6} {'tok/s':>6} "
+        f"{'cached/prompt tokens':>21}  hits by source"
+    )
     for row in rows:
         sources = ", ".join(f"{k} {int(v)}" for k, v in row["hits_by_source"].items()) or "-"
         itl = f"{row['itl_p50_ms']:7.1f}" if row["itl_p50_ms"] is not None else f"{'-':>7}"
-        tqdm.write(f"{row['round']:>5} {row['ttft_p50_ms']:12.1f} {row['ttft_p90_ms']:8.1f} {itl} "
-                   f"{row['requests_per_s']:6.2f} {row['output_tokens_per_s']:6.1f} "
-                   f"{row['cached_tokens']:>10}/{row['prompt_tokens']:<10}  {sources}")
+        tqdm.write(
+            f"{row['round']:>5} {row['ttft_p50_ms']:12.1f} {row['ttft_p90_ms']:8.1f} {itl} "
+            f"{row['requests_per_s']:6.2f} {row['output_tokens_per_s']:6.1f} "
+            f"{row['cached_tokens']:>10}/{row['prompt_tokens']:<10}  {sources}"
+        )
 
 
 def draw(figures: dict[str, dict], path: Path, title: str) -> None:
@@ -249,11 +280,17 @@ def draw(figures: dict[str, dict], path: Path, title: str) -> None:
 def started(config: Configuration, model: Path, work_dir: Path, args: argparse.Namespace) -> Iterator[ApiServer]:
     kv = None
     if config.connector:
-        kv = connector_config(work_dir / f"kv_{config.name}", chunk_size=args.chunk_size,
-                              max_local_cpu_size=args.host_gb, local_disk=None)
-    server = ApiServer(model, kv_transfer_config=kv, env=fair_cpu_binding(), kv_cache_gib=args.kv_cache_gib,
-                       args=(*config.args, "--max-model-len", str(args.max_model_len), "--max-num-seqs", "16"),
-                       log_path=args.out / f"server_{config.name}.log")
+        kv = connector_config(
+            work_dir / f"kv_{config.name}", chunk_size=args.chunk_size, max_local_cpu_size=args.host_gb, local_disk=None
+        )
+    server = ApiServer(
+        model,
+        kv_transfer_config=kv,
+        env=fair_cpu_binding(),
+        kv_cache_gib=args.kv_cache_gib,
+        args=(*config.args, "--max-model-len", str(args.max_model_len), "--max-num-seqs", "16"),
+        log_path=args.out / f"server_{config.name}.log",
+    )
     with server:
         yield server
 
@@ -271,8 +308,13 @@ def bar(figures: dict[str, dict]) -> dict | None:
     ours = figures["ours_small"]["later_ttft_p50_ms"]
     vs_limit = ours / figures["prefix_roomy"]["later_ttft_p50_ms"]
     vs_small = ours / figures["prefix_small"]["later_ttft_p50_ms"]
-    return {"ours_vs_limit": round(vs_limit, 3), "bar_vs_limit": 1.2, "ours_vs_prefix_small": round(vs_small, 3),
-            "bar_vs_prefix_small": 0.3, "met": vs_limit <= 1.2 and vs_small <= 0.3}
+    return {
+        "ours_vs_limit": round(vs_limit, 3),
+        "bar_vs_limit": 1.2,
+        "ours_vs_prefix_small": round(vs_small, 3),
+        "bar_vs_prefix_small": 0.3,
+        "met": vs_limit <= 1.2 and vs_small <= 0.3,
+    }
 
 
 def main() -> None:
@@ -286,11 +328,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight at most")
     parser.add_argument("--qps", type=float, help="start each round's requests at this rate instead")
     parser.add_argument("--url", help="a running server (its first model) instead of starting servers")
-    parser.add_argument("--configs", default="no_cache,prefix_small,ours_small,prefix_roomy",
-                        help="which configurations to start, comma-separated")
+    parser.add_argument(
+        "--configs",
+        default="no_cache,prefix_small,ours_small,prefix_roomy",
+        help="which configurations to start, comma-separated",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bench", help="the local tiny Llama's size")
-    parser.add_argument("--small-blocks", type=int, help="KV blocks of the small configurations "
-                        "(default: room for the concurrent requests' prompts, not for every user)")
+    parser.add_argument(
+        "--small-blocks",
+        type=int,
+        help="KV blocks of the small configurations "
+        "(default: room for the concurrent requests' prompts, not for every user)",
+    )
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="KV space of the roomy configurations")
     parser.add_argument("--host-gb", type=float, default=1.0, help="our host tier's size")
     parser.add_argument("--chunk-size", type=int, default=256)
@@ -299,11 +348,20 @@ def main() -> None:
     if args.rounds < 2:
         parser.error(f"--rounds {args.rounds}: expected at least 2 (the first round is cold for every configuration)")
     if args.users < 1 or args.concurrency < 1 or (args.qps is not None and args.qps <= 0):
-        parser.error(f"--users {args.users}, --concurrency {args.concurrency}, --qps {args.qps}: expected positive values")
+        parser.error(
+            f"--users {args.users}, --concurrency {args.concurrency}, --qps {args.qps}: expected positive values"
+        )
 
     shape = PRESETS[args.preset]
-    work = Workload(args.users, args.rounds, args.system_tokens, args.context_tokens, args.question_tokens,
-                    args.answer_tokens, shape.vocab)
+    work = Workload(
+        args.users,
+        args.rounds,
+        args.system_tokens,
+        args.context_tokens,
+        args.question_tokens,
+        args.answer_tokens,
+        shape.vocab,
+    )
     args.max_model_len = -(-(work.longest_prompt() + work.answer_tokens) // CPU_BLOCK) * CPU_BLOCK
     if args.small_blocks is None:
         args.small_blocks = (args.concurrency + 1) * args.max_model_len // CPU_BLOCK
@@ -313,24 +371,34 @@ def main() -> None:
         chosen = [Configuration("url", args.url, ())]
     total = len(chosen) * work.users * work.rounds
     load = f"qps {args.qps}" if args.qps else f"concurrency {args.concurrency}"
-    tqdm.write(f"{work.users} users x {work.rounds} rounds, prompts {work.system_tokens + work.context_tokens}"
-               f"..{work.longest_prompt()} tokens, {load}; "
-               f"configurations: {', '.join(c.name for c in chosen)}; output in {args.out}")
+    tqdm.write(
+        f"{work.users} users x {work.rounds} rounds, prompts {work.system_tokens + work.context_tokens}"
+        f"..{work.longest_prompt()} tokens, {load}; "
+        f"configurations: {', '.join(c.name for c in chosen)}; output in {args.out}"
+    )
     figures: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="multi_round_qa_") as tmp, \
-            tqdm(total=total, unit="req", dynamic_ncols=True) as progress:
+    with (
+        tempfile.TemporaryDirectory(prefix="multi_round_qa_") as tmp,
+        tqdm(total=total, unit="req", dynamic_ncols=True) as progress,
+    ):
         model = None if args.url else build_tiny_llama(Path(tmp) / "model", **dataclasses.asdict(shape))
         for config in chosen:
             progress.set_description(f"{config.name}: starting")
-            with (started(config, model, Path(tmp), args) if model else _running(args.url)) as server:
+            with started(config, model, Path(tmp), args) if model else _running(args.url) as server:
                 warm_up(server.url, server.model, work)
                 progress.set_description(config.name)
-                rounds = run_workload(server.url, server.model, work, args.concurrency, args.qps, progress,
-                                      lambda: by_source(server.url))
+                rounds = run_workload(
+                    server.url, server.model, work, args.concurrency, args.qps, progress, lambda: by_source(server.url)
+                )
             rows = summarize(rounds)
-            figures[config.name] = {"label": config.label, "args": list(config.args), "connector": config.connector,
-                                    "rounds": rows, "later_ttft_p50_ms": round(later_ttft_p50(rounds), 1),
-                                    "answers": [[x.answer for x in r["results"]] for r in rounds]}
+            figures[config.name] = {
+                "label": config.label,
+                "args": list(config.args),
+                "connector": config.connector,
+                "rounds": rows,
+                "later_ttft_p50_ms": round(later_ttft_p50(rounds), 1),
+                "answers": [[x.answer for x in r["results"]] for r in rounds],
+            }
             tqdm.write(f"{config.name}: later rounds' TTFT p50 {figures[config.name]['later_ttft_p50_ms']} ms")
     for name, figure in figures.items():
         print_table(f"{name} ({figure['label']})", figure["rounds"])
@@ -344,9 +412,16 @@ def main() -> None:
         if reference is not None:
             same = sum(a == b for a, b in zip(answers[0], reference[0]))
             figure["first_round_answers_as_no_cache"] = f"{same}/{len(reference[0])}"
-    result = {"workload": dataclasses.asdict(work), "preset": args.preset, "concurrency": args.concurrency,
-              "qps": args.qps, "small_blocks": args.small_blocks, "cpu_binding": fair_cpu_binding(),
-              "configurations": figures, "bar": bar(figures)}
+    result = {
+        "workload": dataclasses.asdict(work),
+        "preset": args.preset,
+        "concurrency": args.concurrency,
+        "qps": args.qps,
+        "small_blocks": args.small_blocks,
+        "cpu_binding": fair_cpu_binding(),
+        "configurations": figures,
+        "bar": bar(figures),
+    }
     (args.out / "multi_round_qa.json").write_text(json.dumps(result, indent=1))
     title = f"multi-round QA: {work.users} users x {work.rounds} rounds, {args.preset} tiny Llama, {load}"
     draw(figures, args.out / "multi_round_qa.png", title)

@@ -43,8 +43,9 @@ def median_s(fn: Callable[[], object], reps: int) -> float:
 def raw_client(url: str) -> glide.GlideClient:
     ep = parse_remote_url(url)
     host, port = ep.hosts[0]
-    return glide.GlideClient.create(glide.GlideClientConfiguration([glide.NodeAddress(host, port)],
-                                                                   request_timeout=10_000))
+    return glide.GlideClient.create(
+        glide.GlideClientConfiguration([glide.NodeAddress(host, port)], request_timeout=10_000)
+    )
 
 
 def tier_vs_client(url: str, reps: int, integrity: str | None) -> None:
@@ -63,11 +64,19 @@ def tier_vs_client(url: str, reps: int, integrity: str | None) -> None:
         out = torch.empty_like(slot)
         t_load = median_s(lambda: tier.read_into(key, out), reps)
         assert torch.equal(out, slot)
-        emit({"figure": "remote tier vs client", "integrity": bool(integrity), "value_mib": mib,
-              "store_gbps": round(n / t_store / 1e9, 2), "client_set_gbps": round(n / t_raw_set / 1e9, 2),
-              "store_ratio": round(t_raw_set / t_store, 3),
-              "load_gbps": round(n / t_load / 1e9, 2), "client_get_gbps": round(n / t_raw_get / 1e9, 2),
-              "load_ratio": round(t_raw_get / t_load, 3)})
+        emit(
+            {
+                "figure": "remote tier vs client",
+                "integrity": bool(integrity),
+                "value_mib": mib,
+                "store_gbps": round(n / t_store / 1e9, 2),
+                "client_set_gbps": round(n / t_raw_set / 1e9, 2),
+                "store_ratio": round(t_raw_set / t_store, 3),
+                "load_gbps": round(n / t_load / 1e9, 2),
+                "client_get_gbps": round(n / t_raw_get / 1e9, 2),
+                "load_ratio": round(t_raw_get / t_load, 3),
+            }
+        )
     tier.close()
     store.close()
     client.close()
@@ -77,6 +86,7 @@ def lookup_latency(url: str, reps: int) -> None:
     cfg = CacheConfig(remote_url=url, remote_timeout_ms=10_000)
     store = RemoteStore(cfg, bytes(16))
     for tp in (1, 2, 8):
+
         def shards(key: bytes, tp: int = tp) -> list[tuple[bytes, int]]:
             return [(key + bytes([r]), r) for r in range(tp)]
 
@@ -93,15 +103,24 @@ def clients(url: str, reps: int) -> None:
 
     ep = parse_remote_url(url)
     host, port = ep.hosts[0]
-    candidates: dict[str, Any] = {"valkey-glide-sync": raw_client(url),
-                                  "redis-py+hiredis": redis.Redis(host=host, port=port)}
+    candidates: dict[str, Any] = {
+        "valkey-glide-sync": raw_client(url),
+        "redis-py+hiredis": redis.Redis(host=host, port=port),
+    }
     for mib in SIZES_MIB:
         value = os.urandom(mib << 20)
         for name, client in candidates.items():
             t_set = median_s(lambda: client.set(b"candidate", value), reps)
             t_get = median_s(lambda: client.get(b"candidate"), reps)
-            emit({"figure": "client", "client": name, "value_mib": mib,
-                  "set_gbps": round(len(value) / t_set / 1e9, 2), "get_gbps": round(len(value) / t_get / 1e9, 2)})
+            emit(
+                {
+                    "figure": "client",
+                    "client": name,
+                    "value_mib": mib,
+                    "set_gbps": round(len(value) / t_set / 1e9, 2),
+                    "get_gbps": round(len(value) / t_get / 1e9, 2),
+                }
+            )
 
 
 def main() -> None:

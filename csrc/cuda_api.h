@@ -19,9 +19,9 @@
 namespace lmc::cuda {
 
 bool built_with_cuda();
-std::string built_archs();        // e.g. "80;86;89;90;100;120", empty without CUDA
-int runtime_version();            // cudart version linked in, 0 without CUDA
-int device_count();               // 0 with no driver or no device; never fails
+std::string built_archs();  // e.g. "80;86;89;90;100;120", empty without CUDA
+int runtime_version();      // cudart version linked in, 0 without CUDA
+int device_count();         // 0 with no driver or no device; never fails
 
 // Where and how a copy runs.
 struct Launch {

@@ -17,8 +17,8 @@ namespace lmc::cuda {
 
 namespace {
 
-Status copy_one_by_one(const std::vector<void*>& dsts, const std::vector<void*>& srcs,
-                       const std::vector<size_t>& sizes, cudaStream_t stream) {
+Status copy_one_by_one(const std::vector<void*>& dsts, const std::vector<void*>& srcs, const std::vector<size_t>& sizes,
+                       cudaStream_t stream) {
   for (size_t i = 0; i < dsts.size(); ++i) {
     Status st = check_cuda(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, stream),
                            "cudaMemcpyAsync of run " + std::to_string(i) + " of " + std::to_string(dsts.size()));
@@ -27,8 +27,7 @@ Status copy_one_by_one(const std::vector<void*>& dsts, const std::vector<void*>&
   return Status::Ok();
 }
 
-Status copy_batch(std::vector<void*>& dsts, std::vector<void*>& srcs, std::vector<size_t>& sizes,
-                  cudaStream_t stream) {
+Status copy_batch(std::vector<void*>& dsts, std::vector<void*>& srcs, std::vector<size_t>& sizes, cudaStream_t stream) {
 #if CUDART_VERSION >= 12080
   if (stream != nullptr && dsts.size() > 1) {
     cudaMemcpyAttributes attr = {};
@@ -37,13 +36,12 @@ Status copy_batch(std::vector<void*>& dsts, std::vector<void*>& srcs, std::vecto
     size_t attr_index = 0;
     const std::string what = "cudaMemcpyBatchAsync of " + std::to_string(dsts.size()) + " runs";
 #if CUDART_VERSION >= 13000
-    return check_cuda(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr,
-                                           &attr_index, 1, stream),
-                      what);
+    return check_cuda(
+        cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_index, 1, stream), what);
 #else
     size_t fail_index = 0;
-    Status st = check_cuda(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr,
-                                                &attr_index, 1, &fail_index, stream),
+    Status st = check_cuda(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), dsts.size(), &attr, &attr_index,
+                                                1, &fail_index, stream),
                            what);
     if (!st.ok()) return Status::CudaError(st.message() + " (at run " + std::to_string(fail_index) + ")");
     return st;

@@ -22,8 +22,7 @@ namespace lmc::cuda {
 Status check_cuda(cudaError_t err, const std::string& call) {
   if (err == cudaSuccess) return Status::Ok();
   cudaGetLastError();
-  return Status::CudaError(call + " failed: " + cudaGetErrorName(err) + ": " +
-                           cudaGetErrorString(err));
+  return Status::CudaError(call + " failed: " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 
 bool built_with_cuda() { return true; }
@@ -89,14 +88,13 @@ Status DeviceScope::enter(int device, const std::string& call) {
   const int count = device_count();
   if (count == 0) return Status::Unavailable(call + " needs a CUDA device, and none is visible");
   if (device < 0 || device >= count)
-    return Status::InvalidArgument("device = " + std::to_string(device) + " is out of range: " +
-                                   devices_visible(count));
+    return Status::InvalidArgument("device = " + std::to_string(device) +
+                                   " is out of range: " + devices_visible(count));
   const DriverContextCalls& driver = driver_context_calls();
   CUcontext before = nullptr;
   const bool known = driver.get != nullptr && driver.set != nullptr && driver.get(&before) == CUDA_SUCCESS;
   int current = -1;
-  if (known && before != nullptr && cudaGetDevice(&current) == cudaSuccess && current == device)
-    return Status::Ok();
+  if (known && before != nullptr && cudaGetDevice(&current) == cudaSuccess && current == device) return Status::Ok();
   Status st = check_cuda(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")");
   if (!st.ok()) return st;
   saved_ = before;
@@ -121,9 +119,8 @@ Status host_register(void* ptr, std::size_t bytes, int device, int64_t* device_p
   if (!st.ok()) return st;
   const std::string on = " on CUDA device " + std::to_string(device);
   int host_pointer_works = 0;
-  st = check_cuda(
-      cudaDeviceGetAttribute(&host_pointer_works, cudaDevAttrCanUseHostPointerForRegisteredMem, device),
-      "cudaDeviceGetAttribute(CanUseHostPointerForRegisteredMem)" + on);
+  st = check_cuda(cudaDeviceGetAttribute(&host_pointer_works, cudaDevAttrCanUseHostPointerForRegisteredMem, device),
+                  "cudaDeviceGetAttribute(CanUseHostPointerForRegisteredMem)" + on);
   if (!st.ok()) return st;
   st = check_cuda(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped),
                   "cudaHostRegister(" + std::to_string(bytes) + " bytes)" + on);

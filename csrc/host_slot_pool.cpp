@@ -46,8 +46,8 @@ std::string pin_name(PinMode pin) { return pin == PinMode::kAlways ? "always" : 
 Status map_aligned(int64_t bytes, int64_t align, char** out) {
   const int64_t slack = align - HostSlotPool::kSlotAlignment;
   if (bytes > kMaxInt64 - slack) return Status::OutOfMemory("the mapping overflows 64 bits");
-  void* raw = mmap(nullptr, static_cast<size_t>(bytes + slack), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* raw =
+      mmap(nullptr, static_cast<size_t>(bytes + slack), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return Status::OutOfMemory(std::strerror(errno));
   const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t aligned = (start + align - 1) / align * align;
@@ -67,14 +67,14 @@ Status HostSlotPool::stride_for(int64_t slot_bytes, int64_t* stride) {
                                    ": expected a positive number of bytes");
   if (slot_bytes > kMaxInt64 - (kSlotAlignment - 1))
     return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
-                                   " is too large: rounded up to a multiple of " +
-                                   std::to_string(kSlotAlignment) + " it overflows 64 bits");
+                                   " is too large: rounded up to a multiple of " + std::to_string(kSlotAlignment) +
+                                   " it overflows 64 bits");
   *stride = (slot_bytes + kSlotAlignment - 1) / kSlotAlignment * kSlotAlignment;
   return Status::Ok();
 }
 
 Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
-                        std::unique_ptr<HostSlotPool>* out) {
+                            std::unique_ptr<HostSlotPool>* out) {
   int64_t stride = 0;
   Status st = stride_for(slot_bytes, &stride);
   if (!st.ok()) return st;
@@ -82,9 +82,8 @@ Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, 
     return Status::InvalidArgument("num_slots = " + std::to_string(num_slots) +
                                    ": expected a positive number of slots");
   if (num_slots > kMaxInt64 / stride)
-    return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) +
-                                   " x num_slots = " + std::to_string(num_slots) +
-                                   ": the arena size overflows 64 bits");
+    return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) + " x num_slots = " +
+                                   std::to_string(num_slots) + ": the arena size overflows 64 bits");
   if (device < kCurrentDevice)
     return Status::InvalidArgument("device = " + std::to_string(device) +
                                    ": expected a CUDA device index, or -1 for the calling thread's "
@@ -99,23 +98,21 @@ Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, 
   char* base = nullptr;
   st = map_aligned(arena, huge ? kHugePageBytes : kSlotAlignment, &base);
   if (!st.ok())
-    return Status::OutOfMemory("cannot map the host pool: " + std::to_string(num_slots) +
-                               " slots x " + std::to_string(stride) + " bytes = " +
-                               std::to_string(arena) + " bytes: " + st.message());
+    return Status::OutOfMemory("cannot map the host pool: " + std::to_string(num_slots) + " slots x " +
+                               std::to_string(stride) + " bytes = " + std::to_string(arena) +
+                               " bytes: " + st.message());
   std::unique_ptr<HostSlotPool> pool;
   try {
     pool.reset(new HostSlotPool(base, slot_bytes, stride, num_slots));
   } catch (const std::bad_alloc&) {
     munmap(base, static_cast<size_t>(arena));
-    return Status::OutOfMemory("cannot allocate the free list of " + std::to_string(num_slots) +
-                               " slots");
+    return Status::OutOfMemory("cannot allocate the free list of " + std::to_string(num_slots) + " slots");
   }
 
   // Before registering: a fork must neither copy the arena into the child nor
   // share its pages with it (see host_slot_pool.h).
   if (madvise(base, static_cast<size_t>(arena), MADV_DONTFORK) != 0)
-    return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " +
-                               std::string(std::strerror(errno)));
+    return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " + std::string(std::strerror(errno)));
   // A hint only: without transparent huge pages the pool works the same.
   if (huge) (void)madvise(base, static_cast<size_t>(arena), MADV_HUGEPAGE);
   // Fault every page in now, in the kernel (~4 GB/s here), instead of on the first
@@ -192,8 +189,7 @@ HostSlotPool::~HostSlotPool() {
 
 Status HostSlotPool::check_slot(int64_t slot) const {
   if (slot < 0 || slot >= num_slots_)
-    return Status::InvalidArgument("slot = " + std::to_string(slot) +
-                                   " is out of range: the pool has " +
+    return Status::InvalidArgument("slot = " + std::to_string(slot) + " is out of range: the pool has " +
                                    std::to_string(num_slots_) + " slots");
   return Status::Ok();
 }
@@ -217,12 +213,10 @@ Status HostSlotPool::with_refcount(Self& self, int64_t slot, Fn&& fn) {
 
 Status HostSlotPool::free(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
-    if (count == 0)
-      return Status::InvalidArgument(slot_name(slot) + " is not allocated (freed twice?)");
+    if (count == 0) return Status::InvalidArgument(slot_name(slot) + " is not allocated (freed twice?)");
     if (count > 1) {
       const int64_t pins = count - 1;
-      return Status::InvalidArgument(slot_name(slot) + " is still pinned by " +
-                                     std::to_string(pins) +
+      return Status::InvalidArgument(slot_name(slot) + " is still pinned by " + std::to_string(pins) +
                                      (pins == 1 ? " transfer" : " transfers"));
     }
     count = 0;
@@ -234,8 +228,7 @@ Status HostSlotPool::free(int64_t slot) {
 Status HostSlotPool::pin(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
     if (count == 0)
-      return Status::InvalidArgument(slot_name(slot) +
-                                     " is not allocated: only an allocated slot can be pinned");
+      return Status::InvalidArgument(slot_name(slot) + " is not allocated: only an allocated slot can be pinned");
     ++count;
     return Status::Ok();
   });
@@ -244,8 +237,8 @@ Status HostSlotPool::pin(int64_t slot) {
 Status HostSlotPool::unpin(int64_t slot) {
   return with_refcount(*this, slot, [&](int64_t& count) {
     if (count <= 1)
-      return Status::InvalidArgument(slot_name(slot) + " holds no pin to release (refcount " +
-                                     std::to_string(count) + ")");
+      return Status::InvalidArgument(slot_name(slot) + " holds no pin to release (refcount " + std::to_string(count) +
+                                     ")");
     --count;
     return Status::Ok();
   });

@@ -22,8 +22,8 @@ Status launch_shape(int64_t page_bytes, int64_t pages, int64_t max_ctas, LaunchS
   const int64_t target = max_ctas > 0 ? max_ctas : kTargetCtas;
   const int64_t for_ctas = ceil_div(page_bytes, ceil_div(target, pages));
   const int64_t for_grid_y = ceil_div(page_bytes, kMaxGridY);
-  const int64_t segment = std::min(
-      page_bytes, round_up(std::max({for_ctas, for_grid_y, kMinSegmentBytes}), kSegmentAlign));
+  const int64_t segment =
+      std::min(page_bytes, round_up(std::max({for_ctas, for_grid_y, kMinSegmentBytes}), kSegmentAlign));
   const int64_t segments = ceil_div(page_bytes, segment);
   // segments <= ceil(target / pages), so a capped grid keeps at least one CTA per segment.
   const int64_t pages_at_once = max_ctas > 0 ? std::max<int64_t>(1, max_ctas / segments) : pages;

@@ -9,8 +9,8 @@
 
 namespace lmc {
 
-constexpr int kCopyThreads = 256;  // threads per CTA
-constexpr int kCopyUnroll = 4;     // 16-byte loads in flight per thread
+constexpr int kCopyThreads = 256;                                  // threads per CTA
+constexpr int kCopyUnroll = 4;                                     // 16-byte loads in flight per thread
 constexpr int64_t kSegmentAlign = kCopyThreads * 16;               // one CTA-wide pass of 16-byte words
 constexpr int64_t kMinSegmentBytes = kSegmentAlign * kCopyUnroll;  // one unrolled round: 16 KiB
 // Without a cap: enough CTAs for a few waves on any current GPU when pages are few

@@ -30,8 +30,8 @@ enum class CopyDirection : int {
 struct PageCopyArgs {
   int64_t layer_ptrs[kMaxLayers];  // base address of each layer's paged cache
   int32_t num_layers = 0;
-  int64_t block_stride = 0;        // bytes from one block of a layer to the next
-  int64_t page_bytes = 0;          // bytes of one (layer, block) page
+  int64_t block_stride = 0;            // bytes from one block of a layer to the next
+  int64_t page_bytes = 0;              // bytes of one (layer, block) page
   const int64_t* block_ids = nullptr;  // num_blocks ids, readable where the copy runs
   int64_t num_blocks = 0;
   // Chunk c starts at chunk_table[c]; with no table there is one chunk at chunk_ptr.
@@ -47,9 +47,7 @@ struct PageRef {
   int64_t chunk;  // address of the page in its chunk buffer
 };
 
-LMC_HOST_DEVICE int64_t num_pages(const PageCopyArgs& a) {
-  return static_cast<int64_t>(a.num_layers) * a.num_blocks;
-}
+LMC_HOST_DEVICE int64_t num_pages(const PageCopyArgs& a) { return static_cast<int64_t>(a.num_layers) * a.num_blocks; }
 
 // Pages are numbered layer-major, so consecutive pages of one layer land next
 // to each other in the chunk buffer.
@@ -61,8 +59,7 @@ LMC_HOST_DEVICE PageRef page_ref(const PageCopyArgs& a, int64_t page) {
   const int64_t chunk_base = a.chunk_table != nullptr ? a.chunk_table[chunk] : a.chunk_ptr;
   PageRef ref;
   ref.paged = a.layer_ptrs[layer] + a.block_ids[i] * a.block_stride;
-  ref.chunk = chunk_base + (a.chunk_first_layer + layer) * a.chunk_layer_stride +
-              in_chunk * a.page_bytes;
+  ref.chunk = chunk_base + (a.chunk_first_layer + layer) * a.chunk_layer_stride + in_chunk * a.page_bytes;
   return ref;
 }
 

@@ -52,8 +52,7 @@ __attribute__((target("avx2"))) void stream_copy(char* dst, const char* src, siz
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + 96), d);
   }
   for (; n >= 32; n -= 32, dst += 32, src += 32)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
   std::memcpy(dst, src, n);
 }
 
@@ -94,8 +93,7 @@ Status page_copy(const PageCopyArgs& a, CopyDirection dir) {
   const int64_t pages = num_pages(a);
   if (pages == 0) return Status::Ok();
   const int64_t threshold = options().streaming_min_bytes;
-  const bool streaming =
-      threshold >= 0 && pages * a.page_bytes >= threshold && has_streaming_stores();
+  const bool streaming = threshold >= 0 && pages * a.page_bytes >= threshold && has_streaming_stores();
   const bool gather = dir == CopyDirection::kGather;
   const size_t bytes = static_cast<size_t>(a.page_bytes);
   pool()->parallel_for(pages, [&](int64_t begin, int64_t end) {

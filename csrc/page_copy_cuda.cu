@@ -20,8 +20,7 @@ namespace lmc::cuda {
 
 namespace {
 
-static_assert(sizeof(PageCopyArgs) <= 4096,
-              "PageCopyArgs is passed by value as a kernel parameter (4 KiB limit)");
+static_assert(sizeof(PageCopyArgs) <= 4096, "PageCopyArgs is passed by value as a kernel parameter (4 KiB limit)");
 
 constexpr int kThreads = kCopyThreads;
 constexpr int kUnroll = kCopyUnroll;
@@ -30,8 +29,7 @@ constexpr int kUnroll = kCopyUnroll;
 // n % sizeof(T) bytes go byte by byte. Each thread issues kUnroll loads before
 // its stores, including in a segment's last, partial round.
 template <typename T>
-__device__ __forceinline__ void copy_words(char* __restrict__ dst, const char* __restrict__ src,
-                                           int64_t n) {
+__device__ __forceinline__ void copy_words(char* __restrict__ dst, const char* __restrict__ src, int64_t n) {
   __builtin_assume(__isGlobal(dst) && __isGlobal(src));  // LDG/STG instead of generic LD/ST
   T* __restrict__ d = reinterpret_cast<T*>(dst);
   const T* __restrict__ s = reinterpret_cast<const T*>(src);
@@ -96,8 +94,8 @@ Status launch_page_copy(const PageCopyArgs& a, CopyDirection dir, cudaStream_t s
     page_copy_kernel<CopyDirection::kGather><<<grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
   else
     page_copy_kernel<CopyDirection::kScatter><<<grid, kThreads, 0, stream>>>(a, shape.segment_bytes);
-  return check_cuda(cudaGetLastError(), "page_copy kernel launch (" + std::to_string(pages) +
-                                            " pages of " + std::to_string(a.page_bytes) + " bytes)");
+  return check_cuda(cudaGetLastError(), "page_copy kernel launch (" + std::to_string(pages) + " pages of " +
+                                            std::to_string(a.page_bytes) + " bytes)");
 }
 
 // The rows between staging and host: one cudaMemcpy2DAsync, or one copy per row where
@@ -118,9 +116,9 @@ Status copy_rows(const StagedCopy& s, const StagedRows& rows, CopyDirection dir,
                                         static_cast<size_t>(rows.width), static_cast<size_t>(rows.rows), kind, stream),
                       what);
   for (int64_t r = 0; r < rows.rows; ++r) {
-    Status st = check_cuda(cudaMemcpyAsync(dst + r * dst_pitch, src + r * src_pitch,
-                                           static_cast<size_t>(rows.width), kind, stream),
-                           "cudaMemcpyAsync of row " + std::to_string(r) + " of " + what);
+    Status st = check_cuda(
+        cudaMemcpyAsync(dst + r * dst_pitch, src + r * src_pitch, static_cast<size_t>(rows.width), kind, stream),
+        "cudaMemcpyAsync of row " + std::to_string(r) + " of " + what);
     if (!st.ok()) return st;
   }
   return Status::Ok();

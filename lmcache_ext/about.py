@@ -24,8 +24,10 @@ def build_line() -> str:
     if not info["cuda"]:
         return f"lmcache_ext {info['version']}, CPU build"
     runtime = info["cuda_runtime_version"]
-    return (f"lmcache_ext {info['version']}, CUDA build (archs {info['cuda_archs']}, "
-            f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10})")
+    return (
+        f"lmcache_ext {info['version']}, CUDA build (archs {info['cuda_archs']}, "
+        f"CUDA runtime {runtime // 1000}.{runtime % 1000 // 10})"
+    )
 
 
 def devices() -> list[str]:
@@ -45,8 +47,10 @@ def devices() -> list[str]:
 def tiers_line(config: CacheConfig, num_slots: int, slot_bytes: int, ranks: int = 1) -> str:
     """The tiers a cache holds and their sizes: host slots (each `slot_bytes`, per rank
     of `ranks`), the disk directory and its cap, the remote store (password masked)."""
-    host = (f"host {format_bytes(num_slots * slot_bytes * ranks)} ({num_slots} slots of {format_bytes(slot_bytes)}"
-            f"{f' x {ranks} ranks' if ranks > 1 else ''})")
+    host = (
+        f"host {format_bytes(num_slots * slot_bytes * ranks)} ({num_slots} slots of {format_bytes(slot_bytes)}"
+        f"{f' x {ranks} ranks' if ranks > 1 else ''})"
+    )
     if not config.local_cpu:
         host = f"host off ({num_slots} staging slots)"
     parts = [host]

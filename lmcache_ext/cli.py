@@ -37,11 +37,14 @@ def tier_roots(directory: str) -> list[Path]:
         raise UsageError(f"DIR = '{root}' is not a directory: expected a disk cache's directory (local_disk)")
     if is_tier_root(root):
         return [root]
-    ranks = sorted((p for p in root.glob("rank*") if p.name[4:].isdigit() and is_tier_root(p)),
-                   key=lambda p: int(p.name[4:]))
+    ranks = sorted(
+        (p for p in root.glob("rank*") if p.name[4:].isdigit() and is_tier_root(p)), key=lambda p: int(p.name[4:])
+    )
     if not ranks:
-        raise UsageError(f"DIR = '{root}' holds no disk cache: expected the local_disk directory of lmcache_ext "
-                         "(sub-directories 00..ff, or one such rank<N>/ directory per TP rank)")
+        raise UsageError(
+            f"DIR = '{root}' holds no disk cache: expected the local_disk directory of lmcache_ext "
+            "(sub-directories 00..ff, or one such rank<N>/ directory per TP rank)"
+        )
     return ranks
 
 
@@ -63,8 +66,10 @@ def disk_stats(directory: str) -> list[str]:
                 namespace = "unreadable header"
             chunks[namespace] += 1
             nbytes[namespace] += size
-        lines.append(f"{root}: {len(found)} chunks, {format_bytes(sum(nbytes.values()))} "
-                     f"({sum(nbytes.values())} bytes); {len(junk)} other files")
+        lines.append(
+            f"{root}: {len(found)} chunks, {format_bytes(sum(nbytes.values()))} "
+            f"({sum(nbytes.values())} bytes); {len(junk)} other files"
+        )
         for namespace, n in sorted(chunks.items(), key=lambda item: -item[1]):
             lines.append(f"  namespace {namespace}: {n} chunks, {format_bytes(nbytes[namespace])}")
     return lines
@@ -92,8 +97,10 @@ def verify(directory: str) -> tuple[list[str], int]:
                 if kind is not None:
                     bad[kind] += 1
         deleted += removed_at_start + sum(bad.values())
-        lines.append(f"{root}: {len(keys)} chunk files checked, {len(keys) - sum(bad.values()) - sum(unreadable.values())}"
-                     f" good, {sum(bad.values())} bad and deleted; {removed_at_start} temp or stray files deleted")
+        lines.append(
+            f"{root}: {len(keys)} chunk files checked, {len(keys) - sum(bad.values()) - sum(unreadable.values())}"
+            f" good, {sum(bad.values())} bad and deleted; {removed_at_start} temp or stray files deleted"
+        )
         lines += [f"  bad ({kind}): {n}" for kind, n in sorted(bad.items())]
         lines += [f"  could not read ({why}), kept: {n}" for why, n in sorted(unreadable.items())]
     return lines, deleted
@@ -103,10 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcache_ext", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="the build (CUDA or CPU, CUDA archs) and the CUDA devices seen now")
-    commands.add_parser("disk-stats", help="chunks and bytes per namespace under a disk cache (read-only)") \
-        .add_argument("dir", metavar="DIR")
-    commands.add_parser("verify", help="check every chunk file, delete the bad ones, report") \
-        .add_argument("dir", metavar="DIR")
+    commands.add_parser(
+        "disk-stats", help="chunks and bytes per namespace under a disk cache (read-only)"
+    ).add_argument("dir", metavar="DIR")
+    commands.add_parser("verify", help="check every chunk file, delete the bad ones, report").add_argument(
+        "dir", metavar="DIR"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "info":

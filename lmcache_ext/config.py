@@ -78,25 +78,56 @@ _IGNORED_BY_FEATURE: dict[str, tuple[str, ...]] = {
     "remote serialisation (chunks are stored as raw bytes)": ("remote_serde",),
     "P2P sharing": ("enable_p2p", "p2p_host", "p2p_init_ports", "p2p_lookup_ports"),
     "disaggregated prefill": (
-        "enable_pd", "enable_xpyd", "pd_role", "pd_buffer_size", "pd_buffer_device", "pd_peer_host",
-        "pd_peer_init_port", "pd_peer_alloc_port", "pd_proxy_host", "pd_proxy_port", "transfer_channel",
-        "nixl_backends", "nixl_buffer_size", "nixl_buffer_device", "nixl_role",
+        "enable_pd",
+        "enable_xpyd",
+        "pd_role",
+        "pd_buffer_size",
+        "pd_buffer_device",
+        "pd_peer_host",
+        "pd_peer_init_port",
+        "pd_peer_alloc_port",
+        "pd_proxy_host",
+        "pd_proxy_port",
+        "transfer_channel",
+        "nixl_backends",
+        "nixl_buffer_size",
+        "nixl_buffer_device",
+        "nixl_role",
     ),
     "the cache controller": (
-        "enable_controller", "lmcache_instance_id", "controller_url", "controller_pull_url",
-        "controller_reply_url", "lmcache_worker_ports",
+        "enable_controller",
+        "lmcache_instance_id",
+        "controller_url",
+        "controller_pull_url",
+        "controller_reply_url",
+        "lmcache_worker_ports",
     ),
     "CacheBlend": (
-        "enable_blending", "blend_recompute_ratios", "blend_thresholds", "blend_check_layers",
-        "blend_min_tokens", "blend_special_str",
+        "enable_blending",
+        "blend_recompute_ratios",
+        "blend_thresholds",
+        "blend_check_layers",
+        "blend_min_tokens",
+        "blend_special_str",
     ),
     "the internal API server": (
-        "internal_api_server_enabled", "internal_api_server_host", "internal_api_server_port_start",
+        "internal_api_server_enabled",
+        "internal_api_server_host",
+        "internal_api_server_port_start",
     ),
     "LMCache's own engine tuning": (
-        "use_experimental", "blocking_timeout_secs", "pre_caching_hash_algorithm", "py_enable_gc",
-        "extra_config", "numa_mode", "enable_async_loading", "lookup_timeout_ms", "min_retrieve_tokens",
-        "local_disk_path_sharding", "reserve_local_cpu_size", "local_cpu_use_hugepages",
+        "use_experimental",
+        "blocking_timeout_secs",
+        "pre_caching_hash_algorithm",
+        "py_enable_gc",
+        "extra_config",
+        "numa_mode",
+        "enable_async_loading",
+        "lookup_timeout_ms",
+        "min_retrieve_tokens",
+        "local_disk_path_sharding",
+        "reserve_local_cpu_size",
+        "local_cpu_use_hugepages",
     ),
 }
 IGNORED_LMCACHE_KEYS: Mapping[str, str] = {
@@ -217,7 +248,7 @@ def _parse_local_disk(key: str, value: Any, source: str) -> str | None:
         raise _fail(key, value, source, expected)
     path = value.strip()
     if path.startswith("file://"):
-        path = path[len("file://"):]
+        path = path[len("file://") :]
         if not path.startswith("/"):
             raise _fail(key, value, source, "'file:///absolute/path' (three slashes: no host)")
     elif "://" in path:
@@ -228,7 +259,7 @@ def _parse_local_disk(key: str, value: Any, source: str) -> str | None:
 
 
 def _parse_cache_namespace(key: str, value: Any, source: str) -> str:
-    """"" (none), or a printable label of up to 256 characters; a YAML number is read as its text."""
+    """ "" (none), or a printable label of up to 256 characters; a YAML number is read as its text."""
     if _is_null(value):
         return ""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -299,9 +330,7 @@ class CacheConfig:
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
     local_cpu: bool = field(default=True, metadata={"parse": _parse_bool})
-    max_local_cpu_size: float = field(
-        default=5.0, metadata={"parse": _size_parser(True, " (the host pool, per rank)")}
-    )
+    max_local_cpu_size: float = field(default=5.0, metadata={"parse": _size_parser(True, " (the host pool, per rank)")})
     local_disk: str | None = field(default=None, metadata={"parse": _parse_local_disk})
     max_local_disk_size: float = field(default=0.0, metadata={"parse": _size_parser(False, "")})
     remote_url: str | None = field(default=None, metadata={"parse": _parse_remote_url})
@@ -331,7 +360,9 @@ class CacheConfig:
     cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
     disk_o_direct: bool = field(default=False, metadata={"parse": _parse_bool})
     disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
-    cpu_copy_threads: int = field(default=0, metadata={"parse": _int_parser(0, " (0 = the default)", MAX_CPU_COPY_THREADS)})
+    cpu_copy_threads: int = field(
+        default=0, metadata={"parse": _int_parser(0, " (0 = the default)", MAX_CPU_COPY_THREADS)}
+    )
     pin_host_memory: str = field(default="auto", metadata={"parse": _choice_parser(PIN_HOST_MEMORY_MODES)})
     cache_namespace: str = field(default="", metadata={"parse": _parse_cache_namespace})
     sources: InitVar[Mapping[str, str] | None] = None
@@ -460,7 +491,10 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
         else:
             logger.warning(
                 "ignoring LMCache key %s = %s from %s: lmcache_ext does not implement %s",
-                key, _shown(key, value), source, IGNORED_LMCACHE_KEYS[key],
+                key,
+                _shown(key, value),
+                source,
+                IGNORED_LMCACHE_KEYS[key],
             )
     return CacheConfig(**values, sources=sources)
 
@@ -490,7 +524,7 @@ def _known(
 
 
 def _strip_extra_prefix(key: Any) -> Any:
-    return key[len(EXTRA_CONFIG_PREFIX):] if isinstance(key, str) and key.startswith(EXTRA_CONFIG_PREFIX) else key
+    return key[len(EXTRA_CONFIG_PREFIX) :] if isinstance(key, str) and key.startswith(EXTRA_CONFIG_PREFIX) else key
 
 
 def _unknown_key(key: Any, value: Any, source: str) -> ConfigError:

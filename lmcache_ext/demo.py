@@ -77,15 +77,20 @@ def print_table(rows: list[dict]) -> None:
     cold = rows[0]["ttft_s"]
     print(f"\n{'request':32} {'TTFT ms':>9} {'vs no cache':>12} {'cached/prompt tokens':>22}")
     for r in rows:
-        print(f"{r['request']:32} {r['ttft_s'] * 1e3:9.1f} {r['ttft_s'] / cold:12.3f} "
-              f"{r['cached_tokens']:>10}/{r['prompt_tokens']}")
+        print(
+            f"{r['request']:32} {r['ttft_s'] * 1e3:9.1f} {r['ttft_s'] / cold:12.3f} "
+            f"{r['cached_tokens']:>10}/{r['prompt_tokens']}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--doc-tokens", type=int, default=3000)
-    parser.add_argument("--workdir", type=Path, help="keep the model and the disk cache here (default: a temp "
-                        "directory, removed at the end)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the model and the disk cache here (default: a temp directory, removed at the end)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object instead of a table")
     args = parser.parse_args()
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
@@ -97,17 +102,27 @@ def main() -> None:
         doc = [rng.randrange(3, BENCH.vocab) for _ in range(args.doc_tokens)]
         q1, q2, q3 = ([rng.randrange(3, BENCH.vocab) for _ in range(40)] for _ in range(3))
         disk = work / "kv"
-        say(f"model: {BENCH.layers} layers, hidden {BENCH.hidden}; a document of {len(doc)} tokens with 40-token "
+        say(
+            f"model: {BENCH.layers} layers, hidden {BENCH.hidden}; a document of {len(doc)} tokens with 40-token "
             f"questions; disk cache {disk if args.workdir else 'in a temp directory'}; vLLM's own prefix cache off, "
-            "so every hit is ours")
+            "so every hit is ours"
+        )
         say("1/3 an engine without the connector: the baseline")
         baseline = serve(model, [("no connector: doc+q1", doc + q1)], {})
         say("2/3 an engine with the connector: cold (computed and stored), again (host), another question")
-        first = serve(model, [("cold: doc+q1 (stored)", doc + q1), ("again: doc+q1 (host)", doc + q1),
-                              ("doc+q2 (shared prefix)", doc + q2)], {"kv_transfer_config": connector_config(disk)})
+        first = serve(
+            model,
+            [
+                ("cold: doc+q1 (stored)", doc + q1),
+                ("again: doc+q1 (host)", doc + q1),
+                ("doc+q2 (shared prefix)", doc + q2),
+            ],
+            {"kv_transfer_config": connector_config(disk)},
+        )
         say("3/3 a new engine with the connector on the same disk directory: a third question")
-        restarted = serve(model, [("after restart: doc+q3 (disk)", doc + q3)],
-                          {"kv_transfer_config": connector_config(disk)})
+        restarted = serve(
+            model, [("after restart: doc+q3 (disk)", doc + q3)], {"kv_transfer_config": connector_config(disk)}
+        )
     rows = baseline + first + restarted
     same = baseline[0]["first_token"] == first[0]["first_token"] == first[1]["first_token"]
     if args.json:

@@ -101,7 +101,9 @@ class CacheDirectory:
         with self._lock:
             for i in range(len(partials) - 1, -1, -1):
                 entry = self._host.get(partials[i])
-                if (entry is None or not entry.ready) and (entry is not None or self._lower_source(partials[i]) is None):
+                if (entry is None or not entry.ready) and (
+                    entry is not None or self._lower_source(partials[i]) is None
+                ):
                     continue
                 found = self._loadable([*keys, partials[i]])
                 if len(found) == len(keys) + 1:

@@ -77,15 +77,26 @@ class CacheEngine:
             epoch=read_epoch(config.local_disk),
         )
         slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
-        self._storage = build_storage(config, slot_bytes, namespace=dataclasses.replace(self._namespace, epoch="").fingerprint,
-                                      rank=tp_rank, disk_root=config.local_disk, disk_bytes=config.disk_bytes)
+        self._storage = build_storage(
+            config,
+            slot_bytes,
+            namespace=dataclasses.replace(self._namespace, epoch="").fingerprint,
+            rank=tp_rank,
+            disk_root=config.local_disk,
+            disk_bytes=config.disk_bytes,
+        )
         self._pool = self._storage.pool
         self._stats = EngineStats()
-        self._directory = CacheDirectory(self._pool, list(self._storage.presence.items()),
-                                         on_evict=lambda key: self._stats.evicted("host"))
-        self._executor = TransferExecutor(self._kv, self._pool, self._storage.tiers,
-                                          read_threads=max(config.disk_io_threads, config.remote_connections),
-                                          cuda_copy_path=config.cuda_copy_path)
+        self._directory = CacheDirectory(
+            self._pool, list(self._storage.presence.items()), on_evict=lambda key: self._stats.evicted("host")
+        )
+        self._executor = TransferExecutor(
+            self._kv,
+            self._pool,
+            self._storage.tiers,
+            read_threads=max(config.disk_io_threads, config.remote_connections),
+            cuda_copy_path=config.cuda_copy_path,
+        )
         self._writes_left: dict[ChunkKey, int] = {}  # tier writes still running per stored chunk
         self._writes_lock = threading.Lock()
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="lmcache-engine")
@@ -126,7 +137,9 @@ class CacheEngine:
                 if slot is not Reserve.PRESENT:
                     fills.append((chunk, slot))
             try:
-                result = self._executor.run(Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills)))
+                result = self._executor.run(
+                    Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills))
+                )
             except BaseException:
                 for chunk, _ in fills:
                     self._directory.release(chunk.key)  # never committed: dropped with its pin
@@ -144,10 +157,15 @@ class CacheEngine:
                     continue
                 with self._writes_lock:
                     self._writes_left[chunk.key] = len(self._storage.tiers)
-                writes += [TierTransfer(tier, chunk.key, slot, self._payload_bytes(chunk)) for tier in self._storage.tiers]
+                writes += [
+                    TierTransfer(tier, chunk.key, slot, self._payload_bytes(chunk)) for tier in self._storage.tiers
+                ]
             self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
-            self._stats.usage("host", (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes,
-                              self._pool.num_slots * self._pool.slot_bytes)
+            self._stats.usage(
+                "host",
+                (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes,
+                self._pool.num_slots * self._pool.slot_bytes,
+            )
             self._storage.record(self._stats)  # here, not in a write's callback: a tier may hold its lock there
             return self._tokens_of(cached)
 
@@ -181,7 +199,9 @@ class CacheEngine:
                 self._stats.loaded(plan.source.value, chunk.blocks * self._block_size, self._payload_bytes(chunk))
             return self._tokens_of([c for c, _ in loaded])
 
-    def _load(self, chunks: list[_Chunk], planned: list[PlannedLoad], blocks: list[int]) -> list[tuple[_Chunk, PlannedLoad]]:
+    def _load(
+        self, chunks: list[_Chunk], planned: list[PlannedLoad], blocks: list[int]
+    ) -> list[tuple[_Chunk, PlannedLoad]]:
         """Fill the planned slots that come from a lower tier, then scatter the leading
         chunks whose bytes are good into their blocks; returns those chunks."""
         reads = [
@@ -325,9 +345,10 @@ class CacheEngine:
         if not self._config.save_unfull_chunk:
             return chunks, found
         f = len(found)
-        partials = partial_keys(tokens, self._namespace, start=f * self._config.chunk_size,
-                                prev_key=keys[f - 1] if f else None)
-        remote = self._storage.presence.get(Source.REMOTE)
+        partials = partial_keys(
+            tokens, self._namespace, start=f * self._config.chunk_size, prev_key=keys[f - 1] if f else None
+        )
+        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
         if remote is not None and partials:
             remote.probe(partials)
         partial = self._directory.lookup_partial(keys[:f], partials)
@@ -341,8 +362,13 @@ class CacheEngine:
         if not self._config.save_unfull_chunk or chunk.blocks == 1:
             return []
         start = chunk.index * self._config.chunk_size
-        return partial_keys(tokens, self._namespace, start=start, end=start + (chunk.blocks - 1) * self._block_size,
-                            prev_key=chunks[chunk.index - 1].key if chunk.index else None)
+        return partial_keys(
+            tokens,
+            self._namespace,
+            start=start,
+            end=start + (chunk.blocks - 1) * self._block_size,
+            prev_key=chunks[chunk.index - 1].key if chunk.index else None,
+        )
 
     def _forget_remote(self, read: TierTransfer) -> None:
         remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
@@ -351,8 +377,9 @@ class CacheEngine:
 
     def _write_done(self, write: TierTransfer, ok: bool) -> None:
         if ok:
-            self._stats.stored(write.tier.value, write.nbytes // self._kv.chunk_bytes(1) * self._block_size,
-                               write.nbytes)
+            self._stats.stored(
+                write.tier.value, write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes
+            )
         else:
             self._stats.failed(f"{write.tier.value}_write")
         with self._writes_lock:
@@ -362,4 +389,3 @@ class CacheEngine:
                 del self._writes_left[write.key]
         if last:
             self._directory.release(write.key)
-

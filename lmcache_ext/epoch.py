@@ -36,8 +36,12 @@ def read_epoch(root: str | os.PathLike[str] | None) -> str:
         text = f"<unreadable: {exc}>"
     if _EPOCH.fullmatch(text):
         return text
-    logger.warning("cache epoch file %s holds %r, expected 32 hex digits: starting a new epoch, "
-                   "so the chunks already on disk will not be hit", path, text[:64])
+    logger.warning(
+        "cache epoch file %s holds %r, expected 32 hex digits: starting a new epoch, "
+        "so the chunks already on disk will not be hit",
+        path,
+        text[:64],
+    )
     try:
         return new_epoch(root)
     except OSError as exc:

@@ -49,8 +49,14 @@ class SlotMemory(Protocol):
 class TransferExecutor:
     """Runs plans against one paged cache, one slot pool and the tiers below it."""
 
-    def __init__(self, kv: ops.PagedLayers, slots: SlotMemory, tiers: Mapping[Source, LowerTier],
-                 read_threads: int = 2, cuda_copy_path: str = "kernel") -> None:
+    def __init__(
+        self,
+        kv: ops.PagedLayers,
+        slots: SlotMemory,
+        tiers: Mapping[Source, LowerTier],
+        read_threads: int = 2,
+        cuda_copy_path: str = "kernel",
+    ) -> None:
         _check_reachable(kv, slots)
         self._kv: ops.PagedLayers | None = kv
         self._device = kv.device
@@ -141,12 +147,14 @@ class TransferExecutor:
             raise ValueError(f"the plan reads chunks from {sorted(missing)} but this worker has no such tier")
         for r in reads:
             self._wait_slot(r.slot)
-        futures = [self._readers.submit(self._tiers[r.tier].read_into, r.key, self._payload(r.slot, r.nbytes))
-                   for r in reads]
+        futures = [
+            self._readers.submit(self._tiers[r.tier].read_into, r.key, self._payload(r.slot, r.nbytes)) for r in reads
+        ]
         return [f.result() for f in futures]
 
-    def _copy(self, kv: ops.PagedLayers | None, copy: Callable[..., None], items: Sequence[SlotCopy],
-              skip: set[int]) -> list[bool]:
+    def _copy(
+        self, kv: ops.PagedLayers | None, copy: Callable[..., None], items: Sequence[SlotCopy], skip: set[int]
+    ) -> list[bool]:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
         runnable = [item for item in items if item.slot not in skip]
@@ -154,8 +162,16 @@ class TransferExecutor:
             self._copy_items(kv, copy, runnable, on_stream)
         return [item.slot not in skip for item in items]
 
-    def _copy_items(self, kv: ops.PagedLayers, copy: Callable[..., None], items: Sequence[SlotCopy],
-                    on_stream: dict[str, object]) -> None:
+    def _copy_items(
+        self,
+        kv: ops.PagedLayers | None,
+        copy: Callable[..., None],
+        items: Sequence[SlotCopy],
+        on_stream: dict[str, object],
+    ) -> None:
+        if not items:
+            return
+        assert kv is not None, "_bound raises when chunks would move and no paged cache is bound"
         groups: dict[int, list[SlotCopy]] = defaultdict(list)
         for item in items:
             if item.whole:
@@ -186,8 +202,9 @@ class TransferExecutor:
         with self._copies.copies(slots) as stream:
             yield {"stream": stream, "path": self._cuda_path}
 
-    def _copy_part(self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy,
-                   on_stream: dict[str, object]) -> None:
+    def _copy_part(
+        self, kv: ops.PagedLayers, copy: Callable[..., None], item: SlotCopy, on_stream: dict[str, object]
+    ) -> None:
         """Blocks first.. of a chunk: the slot seen from block `first`, layers still
         chunk_blocks pages apart."""
         offset = item.first * kv.chunk_geometry()[1]

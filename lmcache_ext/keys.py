@@ -125,9 +125,7 @@ class Namespace:
             )
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise ValueError(f"Namespace.cache_salt = {self.cache_salt!r}: expected None or a str")
-        if self.lora_id is not None and (
-            not isinstance(self.lora_id, (str, int)) or isinstance(self.lora_id, bool)
-        ):
+        if self.lora_id is not None and (not isinstance(self.lora_id, (str, int)) or isinstance(self.lora_id, bool)):
             raise ValueError(f"Namespace.lora_id = {self.lora_id!r}: expected None, a str or an int")
 
     @functools.cached_property
@@ -196,9 +194,7 @@ def _token_bytes(tokens: np.ndarray | Sequence[Any], begin: int, end: int | None
             or (ids.dtype.itemsize > _TOKEN_BYTES and ids.max() >= TOKEN_LIMIT)
         ):
             i = int(np.flatnonzero((ids < 0) | (ids >= TOKEN_LIMIT))[0])
-            raise ValueError(
-                f"tokens[{begin + i}] = {ids[i]} is out of range: expected a token id in [0, 2**32)"
-            )
+            raise ValueError(f"tokens[{begin + i}] = {ids[i]} is out of range: expected a token id in [0, 2**32)")
         return np.ascontiguousarray(ids, dtype="<u4").data.cast("B")
     # For 128k ints: array.fromlist 0.4 ms, array(list) 0.6 ms, np.fromiter / np.array 1.7-2 ms, and
     # a list slice alone 0.34 ms, hence no slice from 0 (numbers: benchmarks/keys.py).

@@ -35,8 +35,9 @@ Submit = Callable[..., Future]
 class LayerwiseLoad:
     """The per-layer scatters of one step's loads, started at once."""
 
-    def __init__(self, executor: TransferExecutor, items: Sequence[SlotCopy], num_layers: int,
-                 submit: Submit | None) -> None:
+    def __init__(
+        self, executor: TransferExecutor, items: Sequence[SlotCopy], num_layers: int, submit: Submit | None
+    ) -> None:
         """`submit(fn, *args)` runs the CPU copies on a thread (unused on CUDA)."""
         self._executor = executor
         self._items = tuple(items)
@@ -92,8 +93,7 @@ class LayerwiseLoad:
 class LayerwiseSave:
     """The per-layer gathers of one step's stores, each started when its layer is written."""
 
-    def __init__(self, executor: TransferExecutor, items: Sequence[SlotCopy], num_layers: int,
-                 submit: Submit) -> None:
+    def __init__(self, executor: TransferExecutor, items: Sequence[SlotCopy], num_layers: int, submit: Submit) -> None:
         self._executor = executor
         self._items = tuple(items)
         self._num_layers = num_layers

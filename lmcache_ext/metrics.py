@@ -57,21 +57,30 @@ class Metric:
         return PREFIX + self.name
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("lookup_tokens", Kind.COUNTER, "Prompt tokens looked up, past what vLLM's own prefix cache held"),
-    Metric("hit_tokens", Kind.COUNTER, "Looked-up tokens found, by the tier that held them", "tier"),
-    Metric("miss_tokens", Kind.COUNTER, "Looked-up tokens found in no tier"),
-    Metric("stored_tokens", Kind.COUNTER, "Tokens written into a tier", "tier"),
-    Metric("stored_bytes", Kind.COUNTER, "Bytes written into a tier (every TP rank's shard)", "tier"),
-    Metric("loaded_tokens", Kind.COUNTER, "Tokens loaded into the paged KV cache, by the tier they came from", "tier"),
-    Metric("loaded_bytes", Kind.COUNTER, "Bytes loaded into the paged KV cache (every TP rank's shard)", "tier"),
-    Metric("failures", Kind.COUNTER, "Failed operations, by kind (each costs hits, never a wrong token)", "kind"),
-    Metric("evictions", Kind.COUNTER, "Chunks evicted from a tier", "tier"),
-    Metric("usage_bytes", Kind.GAUGE, "Bytes held in a tier (all TP ranks)", "tier"),
-    Metric("capacity_bytes", Kind.GAUGE, "Bytes a tier may hold (all TP ranks)", "tier"),
-    Metric("transfer_seconds", Kind.HISTOGRAM,
-           "Latency of transfers: store (paged cache to host), load (to the paged cache), <tier>_write", "op"),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("lookup_tokens", Kind.COUNTER, "Prompt tokens looked up, past what vLLM's own prefix cache held"),
+        Metric("hit_tokens", Kind.COUNTER, "Looked-up tokens found, by the tier that held them", "tier"),
+        Metric("miss_tokens", Kind.COUNTER, "Looked-up tokens found in no tier"),
+        Metric("stored_tokens", Kind.COUNTER, "Tokens written into a tier", "tier"),
+        Metric("stored_bytes", Kind.COUNTER, "Bytes written into a tier (every TP rank's shard)", "tier"),
+        Metric(
+            "loaded_tokens", Kind.COUNTER, "Tokens loaded into the paged KV cache, by the tier they came from", "tier"
+        ),
+        Metric("loaded_bytes", Kind.COUNTER, "Bytes loaded into the paged KV cache (every TP rank's shard)", "tier"),
+        Metric("failures", Kind.COUNTER, "Failed operations, by kind (each costs hits, never a wrong token)", "kind"),
+        Metric("evictions", Kind.COUNTER, "Chunks evicted from a tier", "tier"),
+        Metric("usage_bytes", Kind.GAUGE, "Bytes held in a tier (all TP ranks)", "tier"),
+        Metric("capacity_bytes", Kind.GAUGE, "Bytes a tier may hold (all TP ranks)", "tier"),
+        Metric(
+            "transfer_seconds",
+            Kind.HISTOGRAM,
+            "Latency of transfers: store (paged cache to host), load (to the paged cache), <tier>_write",
+            "op",
+        ),
+    )
+}
 
 
 def empty_payload() -> Payload:
@@ -194,8 +203,9 @@ class PromSink:
     process exports one sink's series: the last one made; vLLM makes its loggers anew,
     for instance, when an engine restarts in the same process)."""
 
-    def __init__(self, counter: type = Counter, gauge: type = Gauge, histogram: type = Histogram,
-                 labelnames: Sequence[str] = ()) -> None:
+    def __init__(
+        self, counter: type = Counter, gauge: type = Gauge, histogram: type = Histogram, labelnames: Sequence[str] = ()
+    ) -> None:
         if (counter, gauge, histogram) == (Counter, Gauge, Histogram):
             _unregister_ours()
         self._lock = threading.Lock()
@@ -206,11 +216,13 @@ class PromSink:
             if m.kind is Kind.COUNTER:
                 self._series[m.name] = counter(name=m.full_name, documentation=m.doc, labelnames=labels)
             elif m.kind is Kind.GAUGE:
-                self._series[m.name] = gauge(name=m.full_name, documentation=m.doc, labelnames=labels,
-                                             multiprocess_mode="mostrecent")
+                self._series[m.name] = gauge(
+                    name=m.full_name, documentation=m.doc, labelnames=labels, multiprocess_mode="mostrecent"
+                )
             else:
-                self._series[m.name] = histogram(name=m.full_name, documentation=m.doc, labelnames=labels,
-                                                 buckets=LATENCY_BUCKETS)
+                self._series[m.name] = histogram(
+                    name=m.full_name, documentation=m.doc, labelnames=labels, buckets=LATENCY_BUCKETS
+                )
 
     def observe(self, payload: Mapping[str, Any], labelvalues: Sequence[Any] = ()) -> None:
         """Add a payload to the series, under `labelvalues` for the sink's own labels."""
@@ -246,8 +258,10 @@ def _kind(name: str) -> Kind:
 def _metric(name: str, kind: Kind) -> Metric:
     metric = METRICS.get(name)
     if metric is None or metric.kind is not kind:
-        raise ValueError(f"metric {name!r} under {kind.value!r}: expected one of "
-                         f"{sorted(n for n, m in METRICS.items() if m.kind is kind)}")
+        raise ValueError(
+            f"metric {name!r} under {kind.value!r}: expected one of "
+            f"{sorted(n for n, m in METRICS.items() if m.kind is kind)}"
+        )
     return metric
 
 

@@ -92,8 +92,7 @@ class PagedLayers:
         block_stride = first.stride(0) * first.element_size()
         if first.shape[0] > 1 and block_stride < page_bytes:
             raise ValueError(
-                f"layers[0] block stride is {block_stride} bytes; expected at least the page size "
-                f"{page_bytes}"
+                f"layers[0] block stride is {block_stride} bytes; expected at least the page size {page_bytes}"
             )
         return cls(
             layer_ptrs=tuple(kv.data_ptr() for kv in tensors),
@@ -112,8 +111,10 @@ class PagedLayers:
     def cross_layer(self) -> bool:
         """True when each block holds all layers' pages back to back (BL* layouts)."""
         n = self.num_layers
-        return n > 1 and self.block_stride == n * self.page_bytes and all(
-            p == self.layer_ptrs[0] + i * self.page_bytes for i, p in enumerate(self.layer_ptrs)
+        return (
+            n > 1
+            and self.block_stride == n * self.page_bytes
+            and all(p == self.layer_ptrs[0] + i * self.page_bytes for i, p in enumerate(self.layer_ptrs))
         )
 
     @property
@@ -155,9 +156,7 @@ def check_block_ids(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
     bad = torch.nonzero((ids < 0) | (ids >= kv.num_blocks))
     if bad.numel():
         i = int(bad[0, 0])
-        raise ValueError(
-            f"block_ids[{i}] = {int(ids[i])} is out of range: the cache has {kv.num_blocks} blocks"
-        )
+        raise ValueError(f"block_ids[{i}] = {int(ids[i])} is out of range: the cache has {kv.num_blocks} blocks")
     return ids
 
 
@@ -217,8 +216,7 @@ def _copy(
             f"{name} has {len(chunk_list)} chunk buffers; expected {want_chunks} for {n} blocks "
             f"at {blocks_per_chunk} blocks per chunk"
         )
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)
-                              or not 0 <= layer < kv.num_layers):
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < kv.num_layers):
         raise ValueError(f"layer = {layer!r} is out of range: the cache has {kv.num_layers} layers")
     if layer is None or kv.cross_layer:
         layer_ptrs, page_bytes = kv.chunk_geometry()
@@ -235,8 +233,9 @@ def _copy(
     for c, (t, need) in enumerate(zip(chunk_list, needs)):
         _check_chunk_tensor(kv, t, name if single else f"{name}[{c}]", need, staging is not None)
     if layer is not None and kv.cross_layer:
-        _copy_cross_layer_layer(direction, kv, ids, chunk_list, blocks_per_chunk, layer, staging, stream, max_ctas,
-                                path)
+        _copy_cross_layer_layer(
+            direction, kv, ids, chunk_list, blocks_per_chunk, layer, staging, stream, max_ctas, path
+        )
         return
     geometry = _Geometry(layer_ptrs, page_bytes, layer_stride, first_layer)
     if staging is not None:
@@ -256,9 +255,13 @@ def _copy(
     )
     if kv.device.type == "cpu" or path == "dma":  # block ids and chunk table read on the host
         table = torch.tensor([t.data_ptr() for t in chunk_list], dtype=torch.int64) if not single else None
-        on_cuda = {} if kv.device.type == "cpu" else dict(
-            device_index=kv.device.index,
-            stream=(stream if stream is not None else torch.cuda.current_stream(kv.device)).cuda_stream,
+        on_cuda = (
+            {}
+            if kv.device.type == "cpu"
+            else dict(
+                device_index=kv.device.index,
+                stream=(stream if stream is not None else torch.cuda.current_stream(kv.device)).cuda_stream,
+            )
         )
         _C.page_copy(
             block_ids_ptr=ids.data_ptr(),
@@ -285,9 +288,18 @@ def _copy(
         )
 
 
-def _copy_cross_layer_layer(direction: str, kv: PagedLayers, ids: torch.Tensor, chunk_list: list[torch.Tensor],
-                            blocks_per_chunk: int, layer: int, staging: torch.Tensor | None,
-                            stream: torch.cuda.Stream | None, max_ctas: int | None, path: str) -> None:
+def _copy_cross_layer_layer(
+    direction: str,
+    kv: PagedLayers,
+    ids: torch.Tensor,
+    chunk_list: list[torch.Tensor],
+    blocks_per_chunk: int,
+    layer: int,
+    staging: torch.Tensor | None,
+    stream: torch.cuda.Stream | None,
+    max_ctas: int | None,
+    path: str,
+) -> None:
     """One layer of a cross-layer cache, whose chunks read [block][layer][page]: each
     block's page of `layer` is its own one-page chunk, so one launch moves them all and
     the chunk's bytes are the same as a whole-chunk copy's."""
@@ -300,10 +312,14 @@ def _copy_cross_layer_layer(direction: str, kv: PagedLayers, ids: torch.Tensor, 
         flat = chunk_list[c].reshape(-1).view(torch.uint8)
         for j in range(min(blocks_per_chunk, ids.numel() - c * blocks_per_chunk)):
             start = j * block_bytes + offset
-            pages.append(flat[start:start + kv.page_bytes])
+            pages.append(flat[start : start + kv.page_bytes])
     one_layer = PagedLayers(
-        layer_ptrs=(kv.layer_ptrs[layer],), block_stride=kv.block_stride, page_bytes=kv.page_bytes,
-        num_blocks=kv.num_blocks, device=kv.device, tensors=kv.tensors,
+        layer_ptrs=(kv.layer_ptrs[layer],),
+        block_stride=kv.block_stride,
+        page_bytes=kv.page_bytes,
+        num_blocks=kv.num_blocks,
+        device=kv.device,
+        tensors=kv.tensors,
     )
     _copy(direction, one_layer, ids, pages, 1, None, None, stream, max_ctas, path)
 
@@ -388,8 +404,11 @@ def _copy_staged(
     stream = stream if stream is not None else torch.cuda.current_stream(kv.device)
     with index_ring.ring_for(kv.device).upload(ids, [], stream) as (ids_ptr, _):
         _C.page_copy_staged(
-            block_ids_ptr=ids_ptr, device_index=kv.device.index, stream=stream.cuda_stream,
-            max_ctas=max_ctas or 0, **args
+            block_ids_ptr=ids_ptr,
+            device_index=kv.device.index,
+            stream=stream.cuda_stream,
+            max_ctas=max_ctas or 0,
+            **args,
         )
 
 

@@ -17,8 +17,17 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 DEFAULT_PORT = 6379
-SCHEMES = ("redis", "rediss", "valkey", "valkeys", "unix", "redis-cluster", "rediss-cluster",
-           "valkey-cluster", "valkeys-cluster")
+SCHEMES = (
+    "redis",
+    "rediss",
+    "valkey",
+    "valkeys",
+    "unix",
+    "redis-cluster",
+    "rediss-cluster",
+    "valkey-cluster",
+    "valkeys-cluster",
+)
 FORMS = (
     "'redis://[user:password@]host[:port][/db]' (or rediss:// for TLS; valkey:// and valkeys:// alike), "
     "'unix:///path/to/socket', or 'redis-cluster://host:port,host:port,...' (rediss-cluster:// for TLS)"

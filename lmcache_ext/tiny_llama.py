@@ -80,10 +80,7 @@ def build_tiny_llama(
     """Write a random-weight LlamaForCausalLM (safetensors) and a locally trained BPE
     tokenizer into `dest`; the same arguments give the same files. Returns `dest`."""
     if head_dim not in CPU_HEAD_SIZES:
-        raise ValueError(
-            f"head_dim = {head_dim} is not supported: vLLM's CPU attention takes "
-            f"one of {CPU_HEAD_SIZES}"
-        )
+        raise ValueError(f"head_dim = {head_dim} is not supported: vLLM's CPU attention takes one of {CPU_HEAD_SIZES}")
     if heads % kv_heads:
         raise ValueError(f"heads = {heads} is not a multiple of kv_heads = {kv_heads}")
     import torch

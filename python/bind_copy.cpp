@@ -25,8 +25,7 @@ CopyDirection parse_direction(const std::string& direction) {
 }
 
 bool parse_dma(const std::string& path) {
-  if (path != "kernel" && path != "dma")
-    throw py::value_error("path = '" + path + "': expected 'kernel' or 'dma'");
+  if (path != "kernel" && path != "dma") throw py::value_error("path = '" + path + "': expected 'kernel' or 'dma'");
   return path == "dma";
 }
 
@@ -36,28 +35,24 @@ Status run_page_copy(const PageCopyArgs& a, CopyDirection dir, bool on_cuda, boo
 }
 
 bool parse_on_cuda(const std::string& device) {
-  if (device != "cpu" && device != "cuda")
-    throw py::value_error("device = '" + device + "': expected 'cpu' or 'cuda'");
+  if (device != "cpu" && device != "cuda") throw py::value_error("device = '" + device + "': expected 'cpu' or 'cuda'");
   return device == "cuda";
 }
 
 cuda::Launch make_launch(int device_index, int64_t stream, int64_t max_ctas) {
   if (device_index < 0)
-    throw py::value_error("device_index = " + std::to_string(device_index) +
-                          ": expected a CUDA device index >= 0");
+    throw py::value_error("device_index = " + std::to_string(device_index) + ": expected a CUDA device index >= 0");
   if (max_ctas < 0)
-    throw py::value_error("max_ctas = " + std::to_string(max_ctas) +
-                          ": expected a positive cap, or 0 for none");
+    throw py::value_error("max_ctas = " + std::to_string(max_ctas) + ": expected a positive cap, or 0 for none");
   return {device_index, stream, max_ctas};
 }
 
-PageCopyArgs make_args(const std::vector<int64_t>& layer_ptrs, int64_t block_stride,
-                       int64_t page_bytes, int64_t block_ids_ptr, int64_t num_blocks,
-                       int64_t chunk_ptr, int64_t chunk_table_ptr, int64_t blocks_per_chunk,
-                       int64_t chunk_layer_stride, int chunk_first_layer) {
+PageCopyArgs make_args(const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
+                       int64_t block_ids_ptr, int64_t num_blocks, int64_t chunk_ptr, int64_t chunk_table_ptr,
+                       int64_t blocks_per_chunk, int64_t chunk_layer_stride, int chunk_first_layer) {
   if (layer_ptrs.empty() || layer_ptrs.size() > static_cast<size_t>(kMaxLayers))
-    throw py::value_error("len(layer_ptrs) = " + std::to_string(layer_ptrs.size()) +
-                          ": expected 1 to " + std::to_string(kMaxLayers) + " layers");
+    throw py::value_error("len(layer_ptrs) = " + std::to_string(layer_ptrs.size()) + ": expected 1 to " +
+                          std::to_string(kMaxLayers) + " layers");
   PageCopyArgs a;
   for (size_t l = 0; l < layer_ptrs.size(); ++l) a.layer_ptrs[l] = layer_ptrs[l];
   a.num_layers = static_cast<int32_t>(layer_ptrs.size());
@@ -78,18 +73,16 @@ PageCopyArgs make_args(const std::vector<int64_t>& layer_ptrs, int64_t block_str
 void bind_page_copy(py::module_& m) {
   m.def(
       "page_copy",
-      [](const std::string& direction, const std::string& device,
-         const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
-         int64_t block_ids_ptr, int64_t num_blocks, int64_t chunk_ptr, int64_t chunk_table_ptr,
-         int64_t blocks_per_chunk, int64_t chunk_layer_stride, int chunk_first_layer,
+      [](const std::string& direction, const std::string& device, const std::vector<int64_t>& layer_ptrs,
+         int64_t block_stride, int64_t page_bytes, int64_t block_ids_ptr, int64_t num_blocks, int64_t chunk_ptr,
+         int64_t chunk_table_ptr, int64_t blocks_per_chunk, int64_t chunk_layer_stride, int chunk_first_layer,
          int device_index, int64_t stream, int64_t max_ctas, const std::string& path) {
         const CopyDirection dir = parse_direction(direction);
         const bool on_cuda = parse_on_cuda(device);
         const bool dma = parse_dma(path);
         const cuda::Launch launch = make_launch(device_index, stream, max_ctas);
-        const PageCopyArgs a =
-            make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr, num_blocks, chunk_ptr,
-                      chunk_table_ptr, blocks_per_chunk, chunk_layer_stride, chunk_first_layer);
+        const PageCopyArgs a = make_args(layer_ptrs, block_stride, page_bytes, block_ids_ptr, num_blocks, chunk_ptr,
+                                         chunk_table_ptr, blocks_per_chunk, chunk_layer_stride, chunk_first_layer);
         Status st;
         {
           py::gil_scoped_release release;
@@ -97,11 +90,11 @@ void bind_page_copy(py::module_& m) {
         }
         throw_if_error(st);
       },
-      py::kw_only(), py::arg("direction"), py::arg("device"), py::arg("layer_ptrs"),
-      py::arg("block_stride"), py::arg("page_bytes"), py::arg("block_ids_ptr"),
-      py::arg("num_blocks"), py::arg("chunk_ptr") = 0, py::arg("chunk_table_ptr") = 0,
-      py::arg("blocks_per_chunk"), py::arg("chunk_layer_stride"), py::arg("chunk_first_layer") = 0,
-      py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0, py::arg("path") = "kernel",
+      py::kw_only(), py::arg("direction"), py::arg("device"), py::arg("layer_ptrs"), py::arg("block_stride"),
+      py::arg("page_bytes"), py::arg("block_ids_ptr"), py::arg("num_blocks"), py::arg("chunk_ptr") = 0,
+      py::arg("chunk_table_ptr") = 0, py::arg("blocks_per_chunk"), py::arg("chunk_layer_stride"),
+      py::arg("chunk_first_layer") = 0, py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0,
+      py::arg("path") = "kernel",
       "Copy pages between a paged cache and chunk buffers (gather: paged -> chunk). "
       "All addresses must be readable/writable where the copy runs. CUDA: on device "
       "device_index (made current for the call) and stream, with at most max_ctas CTAs "
@@ -112,10 +105,9 @@ void bind_page_copy(py::module_& m) {
         "True when the DMA path batches its runs (built against CUDA >= 12.8).");
   m.def(
       "page_copy_staged",
-      [](const std::string& direction, const std::string& device,
-         const std::vector<int64_t>& layer_ptrs, int64_t block_stride, int64_t page_bytes,
-         int64_t block_ids_ptr, int64_t num_blocks, int64_t staging_ptr, int64_t staging_bytes,
-         int64_t host_ptr, int64_t host_bytes, int64_t host_layer_stride, int host_first_layer,
+      [](const std::string& direction, const std::string& device, const std::vector<int64_t>& layer_ptrs,
+         int64_t block_stride, int64_t page_bytes, int64_t block_ids_ptr, int64_t num_blocks, int64_t staging_ptr,
+         int64_t staging_bytes, int64_t host_ptr, int64_t host_bytes, int64_t host_layer_stride, int host_first_layer,
          int device_index, int64_t stream, int64_t max_ctas) {
         const CopyDirection dir = parse_direction(direction);
         const bool on_cuda = parse_on_cuda(device);
@@ -135,11 +127,10 @@ void bind_page_copy(py::module_& m) {
         }
         throw_if_error(st);
       },
-      py::kw_only(), py::arg("direction"), py::arg("device"), py::arg("layer_ptrs"),
-      py::arg("block_stride"), py::arg("page_bytes"), py::arg("block_ids_ptr"), py::arg("num_blocks"),
-      py::arg("staging_ptr"), py::arg("staging_bytes"), py::arg("host_ptr"), py::arg("host_bytes"),
-      py::arg("host_layer_stride"), py::arg("host_first_layer") = 0, py::arg("device_index") = 0,
-      py::arg("stream") = 0, py::arg("max_ctas") = 0,
+      py::kw_only(), py::arg("direction"), py::arg("device"), py::arg("layer_ptrs"), py::arg("block_stride"),
+      py::arg("page_bytes"), py::arg("block_ids_ptr"), py::arg("num_blocks"), py::arg("staging_ptr"),
+      py::arg("staging_bytes"), py::arg("host_ptr"), py::arg("host_bytes"), py::arg("host_layer_stride"),
+      py::arg("host_first_layer") = 0, py::arg("device_index") = 0, py::arg("stream") = 0, py::arg("max_ctas") = 0,
       "Pages <-> a compact staging buffer on the cache's device, and the staging rows <-> "
       "exactly the rows they occupy in the host chunk ([layer][block][page], "
       "host_layer_stride apart, from layer host_first_layer): on CUDA one kernel and one "

@@ -25,8 +25,8 @@ PinMode parse_pin(const std::string& pin) {
   throw py::value_error("pin = '" + pin + "': expected 'auto', 'never' or 'always'");
 }
 
-std::unique_ptr<HostSlotPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin,
-                                    bool lock, int device) {
+std::unique_ptr<HostSlotPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin, bool lock,
+                                        int device) {
   const PinMode mode = parse_pin(pin);
   std::unique_ptr<HostSlotPool> pool;
   Status st;
@@ -58,8 +58,8 @@ void bind_host_slot_pool(py::module_& m) {
       "One host arena of num_slots equal slots (each slot_bytes long, 4096-aligned), "
       "mapped once; page-locked for CUDA when pin allows and a device is visible. "
       "Buffer protocol: the whole arena as writable bytes.")
-      .def(py::init(&make_pool), py::arg("slot_bytes"), py::arg("num_slots"),
-           py::arg("pin") = "auto", py::arg("lock") = false, py::arg("device") = kCurrentDevice,
+      .def(py::init(&make_pool), py::arg("slot_bytes"), py::arg("num_slots"), py::arg("pin") = "auto",
+           py::arg("lock") = false, py::arg("device") = kCurrentDevice,
            "pin: 'auto' (page-lock when a CUDA device is visible), 'never', or 'always' "
            "(RuntimeError when no device is visible). Page-locking that fails raises with "
            "CUDA's error text. device: the CUDA device to register with (-1: the calling "
@@ -71,8 +71,7 @@ void bind_host_slot_pool(py::module_& m) {
             throw_if_error(HostSlotPool::stride_for(slot_bytes, &stride));
             return stride;
           },
-          py::arg("slot_bytes"),
-          "The slot stride a pool of this slot_bytes uses (rounded up to 4096).")
+          py::arg("slot_bytes"), "The slot stride a pool of this slot_bytes uses (rounded up to 4096).")
       .def(
           "alloc",
           [](HostSlotPool& pool) -> py::object {
@@ -92,8 +91,7 @@ void bind_host_slot_pool(py::module_& m) {
           "pin", [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::pin, slot); },
           py::arg("slot"), "Add a holder to an allocated slot (a transfer in flight).")
       .def(
-          "unpin",
-          [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::unpin, slot); },
+          "unpin", [](HostSlotPool& pool, int64_t slot) { call_released(pool, &HostSlotPool::unpin, slot); },
           py::arg("slot"), "Release one pin taken with pin().")
       .def(
           "refcount",
@@ -116,9 +114,8 @@ void bind_host_slot_pool(py::module_& m) {
       .def_property_readonly("slot_bytes", &HostSlotPool::slot_bytes)
       .def_property_readonly("slot_stride", &HostSlotPool::slot_stride)
       .def_property_readonly("arena_bytes", &HostSlotPool::arena_bytes)
-      .def_property_readonly(
-          "base_address",
-          [](const HostSlotPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
+      .def_property_readonly("base_address",
+                             [](const HostSlotPool& pool) { return reinterpret_cast<uintptr_t>(pool.base()); })
       .def_property_readonly("is_page_locked", &HostSlotPool::is_page_locked,
                              "Registered with cudaHostRegister (fast and zero-copy DMA).")
       .def_property_readonly("device", &HostSlotPool::device,
@@ -141,8 +138,8 @@ void bind_host_slot_pool(py::module_& m) {
                     ", mlocked=" + (pool.is_mlocked() ? "True" : "False") + ")";
            })
       .def_buffer([](HostSlotPool& pool) {
-        return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1,
-                               {pool.arena_bytes()}, {int64_t{1}}, /*readonly=*/false);
+        return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1, {pool.arena_bytes()},
+                               {int64_t{1}}, /*readonly=*/false);
       });
   m.def(
       "device_addresses",

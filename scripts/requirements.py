@@ -11,5 +11,6 @@ project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml")
 unknown = sorted(set(sys.argv[1:]) - set(project["optional-dependencies"]))
 if unknown:
     sys.exit(f"no extra {unknown} in pyproject.toml: expected some of {sorted(project['optional-dependencies'])}")
-print(*project["dependencies"], *(r for extra in sys.argv[1:] for r in project["optional-dependencies"][extra]),
-      sep="\n")
+print(
+    *project["dependencies"], *(r for extra in sys.argv[1:] for r in project["optional-dependencies"][extra]), sep="\n"
+)

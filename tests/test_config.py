@@ -252,8 +252,18 @@ def test_size_strings_and_numbers_are_gb(text, gb):
 @pytest.mark.parametrize(
     ("text", "value"),
     [
-        ("true", True), ("True", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
-        ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False), (" no ", False),
+        ("true", True),
+        ("True", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("Yes", True),
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("NO", False),
+        (" no ", False),
     ],
 )
 def test_bool_strings_from_env(text, value):
@@ -275,8 +285,16 @@ def test_local_disk_forms_are_normalised_to_an_absolute_path(tmp_path):
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://h", "rediss://cache.example:6380", "valkey://[::1]:6379", "valkeys://user:pw@h/0", "REDIS://H:1",
-     "unix:///run/redis.sock?db=2", "redis-cluster://a:7000,b:7001,c", "rediss-cluster://:pw@a:7000"],
+    [
+        "redis://h",
+        "rediss://cache.example:6380",
+        "valkey://[::1]:6379",
+        "valkeys://user:pw@h/0",
+        "REDIS://H:1",
+        "unix:///run/redis.sock?db=2",
+        "redis-cluster://a:7000,b:7001,c",
+        "rediss-cluster://:pw@a:7000",
+    ],
 )
 def test_remote_urls_accepted(url):
     assert load_config({"remote_url": url}, environ=NO_ENV).remote_url == url
@@ -335,17 +353,31 @@ BAD_EXTRA_CONFIG_VALUES = [
     ("local_cpu", None, BOOLEAN),
     ("cache_policy", "LFU", "one of 'LRU' (any case)"),
     ("pin_host_memory", False, "one of 'auto', 'never', 'always' (any case)"),
-    ("remote_url", "http://h:80", REMOTE_URL + " (the scheme 'http' is not one of redis, rediss, valkey, valkeys, "
-     "unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)"),
+    (
+        "remote_url",
+        "http://h:80",
+        REMOTE_URL + " (the scheme 'http' is not one of redis, rediss, valkey, valkeys, "
+        "unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)",
+    ),
     ("remote_url", "redis://h:99999", REMOTE_URL + " ('h:99999' is not host[:port] with a port in 1..65535)"),
     ("remote_url", "redis://h:0", REMOTE_URL + " ('h:0' is not host[:port] with a port in 1..65535)"),
-    ("remote_url", "localhost:6379", REMOTE_URL + " (the scheme 'localhost:6379' is not one of redis, rediss, "
-     "valkey, valkeys, unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)"),
+    (
+        "remote_url",
+        "localhost:6379",
+        REMOTE_URL + " (the scheme 'localhost:6379' is not one of redis, rediss, "
+        "valkey, valkeys, unix, redis-cluster, rediss-cluster, valkey-cluster, valkeys-cluster)",
+    ),
     ("remote_url", 6379, REMOTE_URL),
-    ("remote_url", "redis://a:1,b:2", REMOTE_URL + " (several hosts are a cluster: use redis-cluster:// "
-     "(or rediss-cluster://))"),
-    ("remote_url", "unix://relative.sock", REMOTE_URL + " (a unix socket needs an absolute path: "
-     "'unix:///path/to/socket')"),
+    (
+        "remote_url",
+        "redis://a:1,b:2",
+        REMOTE_URL + " (several hosts are a cluster: use redis-cluster:// (or rediss-cluster://))",
+    ),
+    (
+        "remote_url",
+        "unix://relative.sock",
+        REMOTE_URL + " (a unix socket needs an absolute path: 'unix:///path/to/socket')",
+    ),
     ("remote_timeout_ms", 0, "an integer >= 1 (milliseconds)"),
     ("remote_connections", 65, "an integer in [1, 64] (clients per process)"),
     ("remote_max_value_bytes", 4096, "an integer >= 65536 (bytes; larger chunks are stored in parts)"),
@@ -389,18 +421,28 @@ def test_bad_env_value_names_key_value_variable_and_what_is_allowed(var, text, a
 
 
 def test_a_bad_remote_url_is_shown_without_its_password():
-    with raises_exactly(f"remote_url = 'redis://:***@/0' from env LMCACHE_REMOTE_URL: expected {REMOTE_URL} "
-                        "('' is not host[:port] with a port in 1..65535)"):
+    with raises_exactly(
+        f"remote_url = 'redis://:***@/0' from env LMCACHE_REMOTE_URL: expected {REMOTE_URL} "
+        "('' is not host[:port] with a port in 1..65535)"
+    ):
         load_config(environ={"LMCACHE_REMOTE_URL": "redis://:pw@/0"})
 
 
 def test_secrets_never_show_in_errors_dicts_or_reprs():
-    config = load_config({"remote_url": "rediss://u:url-secret@h", "remote_password": "pw-secret",
-                          "remote_integrity_key": "integrity-secret-0123"}, environ=NO_ENV)
+    config = load_config(
+        {
+            "remote_url": "rediss://u:url-secret@h",
+            "remote_password": "pw-secret",
+            "remote_integrity_key": "integrity-secret-0123",
+        },
+        environ=NO_ENV,
+    )
     shown = repr(config) + str(config.to_dict())
     assert "secret" not in shown and shown.count("***") == 6
-    with raises_exactly("remote_integrity_key = '***' from kv_connector_extra_config: expected a string of at "
-                        "least 16 characters, or null"):
+    with raises_exactly(
+        "remote_integrity_key = '***' from kv_connector_extra_config: expected a string of at "
+        "least 16 characters, or null"
+    ):
         load_config({"remote_integrity_key": "short-secret"}, environ=NO_ENV)
 
 
@@ -411,8 +453,15 @@ def test_tls_files_need_a_tls_url_and_a_client_certificate_its_key(tmp_path):
         load_config({"remote_url": "redis://u:pw@h", "remote_tls_ca_file": str(pem)}, environ=NO_ENV)
     with raises_with("remote_tls_cert_file from kv_connector_extra_config is set without its pair"):
         load_config({"remote_url": "rediss://h", "remote_tls_cert_file": str(pem)}, environ=NO_ENV)
-    both = load_config({"remote_url": "rediss://h", "remote_tls_cert_file": str(pem), "remote_tls_key_file": str(pem),
-                        "remote_tls_ca_file": str(pem)}, environ=NO_ENV)
+    both = load_config(
+        {
+            "remote_url": "rediss://h",
+            "remote_tls_cert_file": str(pem),
+            "remote_tls_key_file": str(pem),
+            "remote_tls_ca_file": str(pem),
+        },
+        environ=NO_ENV,
+    )
     assert both.remote_tls_ca_file == str(pem)
 
 
@@ -466,7 +515,8 @@ def test_direct_construction_is_checked_too():
     with raises_with("chunk_size = 0 from CacheConfig(): expected an integer >= 1"):
         CacheConfig(chunk_size=0)
     assert CacheConfig(cache_policy="lru", max_local_cpu_size="512M").to_dict() == {
-        **CacheConfig().to_dict(), "max_local_cpu_size": 0.5,
+        **CacheConfig().to_dict(),
+        "max_local_cpu_size": 0.5,
     }
 
 
@@ -585,6 +635,8 @@ def test_a_remote_url_without_the_remote_client_installed_says_what_to_install(m
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "glide_sync" else real(name, *a))
-    with raises_exactly("remote_url = 'redis://u:***@h' from kv_connector_extra_config needs the remote tier's client, "
-                        "which is not installed: pip install 'lmcache_ext[remote]' (valkey-glide-sync), or remote_url null"):
+    with raises_exactly(
+        "remote_url = 'redis://u:***@h' from kv_connector_extra_config needs the remote tier's client, "
+        "which is not installed: pip install 'lmcache_ext[remote]' (valkey-glide-sync), or remote_url null"
+    ):
         load_config({"remote_url": "redis://u:pw@h"}, environ=NO_ENV)

@@ -192,8 +192,10 @@ def test_shutdown_with_transfers_pending_lets_them_end_and_leaves_whole_files(tm
     assert len(files) == 2 and not list((tmp_path / "kv").rglob("*.tmp"))
 
 
-@pytest.mark.parametrize(("device", "setting", "in_background"),
-                         [("cuda", None, True), ("cpu", None, False), ("cpu", True, True), ("cuda", False, False)])
+@pytest.mark.parametrize(
+    ("device", "setting", "in_background"),
+    [("cuda", None, True), ("cpu", None, False), ("cpu", True, True), ("cuda", False, False)],
+)
 def test_where_lower_tier_hits_load_follows_the_device_unless_set(tmp_path, device, setting, in_background):
     """On a CPU engine a step lasts seconds: a request parked for a background load would
     wait behind a whole one, so by default its disk hits load before the forward."""

@@ -54,8 +54,9 @@ def vllm_request(rid: str, tokens: list[int] | None = None, **kw: object) -> Req
 
 
 def image(identifier: str, offset: int, length: int) -> MultiModalFeatureSpec:
-    return MultiModalFeatureSpec(data=None, modality="image", identifier=identifier,
-                                 mm_position=PlaceholderRange(offset=offset, length=length))
+    return MultiModalFeatureSpec(
+        data=None, modality="image", identifier=identifier, mm_position=PlaceholderRange(offset=offset, length=length)
+    )
 
 
 def hits(scheduler: SchedulerSide, req: object) -> int | None:
@@ -63,6 +64,7 @@ def hits(scheduler: SchedulerSide, req: object) -> int | None:
 
 
 # -- 1. keys separate what vLLM's block hashes separate --
+
 
 def test_prompt_embeddings_enter_the_keys():
     rig = Rig()
@@ -93,10 +95,20 @@ def test_lora_adapter_and_cache_salt_enter_the_keys():
     tokens = prompt(2 * CHUNK + 1, seed=12)
     lora = LoRARequest("adapter", 1, "/adapters/a")
     rig.step([(vllm_request("a", tokens, lora_request=lora, cache_salt="tenant"), list(range(9)), 0)])
-    assert hits(rig.scheduler, vllm_request("b", tokens, lora_request=LoRARequest("adapter", 7, "/adapters/a"),
-                                  cache_salt="tenant")) == 2 * CHUNK  # the int id is per process: not keyed
-    assert hits(rig.scheduler, vllm_request("c", tokens, lora_request=LoRARequest("adapter", 1, "/adapters/b"),
-                                  cache_salt="tenant")) == 0
+    assert (
+        hits(
+            rig.scheduler,
+            vllm_request("b", tokens, lora_request=LoRARequest("adapter", 7, "/adapters/a"), cache_salt="tenant"),
+        )
+        == 2 * CHUNK
+    )  # the int id is per process: not keyed
+    assert (
+        hits(
+            rig.scheduler,
+            vllm_request("c", tokens, lora_request=LoRARequest("adapter", 1, "/adapters/b"), cache_salt="tenant"),
+        )
+        == 0
+    )
     assert hits(rig.scheduler, vllm_request("d", tokens, lora_request=lora, cache_salt="other")) == 0
     assert hits(rig.scheduler, vllm_request("e", tokens, lora_request=lora)) == 0
 
@@ -122,6 +134,7 @@ def test_a_request_whose_extras_cannot_be_keyed_is_neither_hit_nor_stored(monkey
 
 
 # -- 2. a hit promises only what can be loaded --
+
 
 def disk_chunks(tmp_path: Path, prompts: list[list[int]]) -> None:
     """Store `prompts` to disk through a roomy engine, each from the blocks after the
@@ -178,6 +191,7 @@ def test_chunks_inside_vllms_own_hit_need_not_be_cached(tmp_path):
 
 
 # -- 3. a cache reset drops stale KV --
+
 
 def test_reset_hides_every_earlier_chunk_on_host_disk_and_after_a_restart(tmp_path):
     rig = Rig(tmp_path)
@@ -255,6 +269,7 @@ def test_cache_namespace_separates_keys(tmp_path):
 
 # -- 4. sleep mode --
 
+
 def test_sleep_mode_unregisters_and_restores_the_kv_cache():
     rig = Rig()
     tokens = prompt(2 * CHUNK + 1, seed=50)
@@ -265,7 +280,9 @@ def test_sleep_mode_unregisters_and_restores_the_kv_cache():
     rig.scheduler.plan_load(b, list(range(20, 29)), hit(rig.scheduler, b))
     plan = rig.scheduler.build_plan(step_output())
     before = page_view(rig.caches[0][0])[20:28].clone()
-    with pytest.raises(RuntimeError, match=r"none is bound: vLLM unregistered it for sleep mode .* \(restore_kv_caches\)"):
+    with pytest.raises(
+        RuntimeError, match=r"none is bound: vLLM unregistered it for sleep mode .* \(restore_kv_caches\)"
+    ):
         w.load(plan)
     assert torch.equal(page_view(rig.caches[0][0])[20:28], before)
     w.load(StepPlan())  # an empty step touches nothing
@@ -293,16 +310,22 @@ def test_a_second_registration_keeps_the_cached_chunks_and_shutdown_after_unregi
 
 # -- small defects and the connector itself --
 
+
 def fake_vllm(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
     spec = SimpleNamespace(block_size=BLOCK, dtype=torch.bfloat16, page_size_bytes=PAGE)
     kv_cache_config = SimpleNamespace(
         kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])] * groups,
-        kv_cache_layout="LBHNC")
+        kv_cache_layout="LBHNC",
+    )
     vllm_config = SimpleNamespace(
         model_config=SimpleNamespace(model="m", revision=None),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1), cache_config=SimpleNamespace(),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        cache_config=SimpleNamespace(),
         device_config=SimpleNamespace(device_type="cpu"),
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.001}))
+        kv_transfer_config=SimpleNamespace(
+            kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.001}
+        ),
+    )
     return vllm_config, kv_cache_config
 
 

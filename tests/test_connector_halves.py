@@ -154,8 +154,9 @@ def test_a_worker_refuses_caches_that_do_not_match_the_config():
         w.register({f"l{i}": t for i, t in enumerate(wrong)})
 
 
-def decode_step(rig: Rig, req: SimpleNamespace, computed: int, new_blocks: list[int] | None,
-                resumed: bool = False) -> StepPlan:
+def decode_step(
+    rig: Rig, req: SimpleNamespace, computed: int, new_blocks: list[int] | None, resumed: bool = False
+) -> StepPlan:
     """A step that computes one more token of a running (or resumed) request."""
     return rig.scheduler.build_plan(cached_step(req.request_id, computed, new_blocks, 1, resumed))
 
@@ -196,11 +197,15 @@ def test_an_untested_vllm_version_fails_at_start_up_saying_what_is_supported():
 
 def fake_vllm(groups: int, block_size: int = BLOCK):
     spec = SimpleNamespace(block_size=block_size, dtype=torch.bfloat16, page_size_bytes=PAGE)
-    kv_cache_config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["a", "b"])] * groups,
-                                      kv_cache_layout="LBHNC")
-    vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="m", revision=None),
-                                  parallel_config=SimpleNamespace(tensor_parallel_size=2), cache_config=SimpleNamespace(),
-                                  device_config=SimpleNamespace(device_type="cpu"))
+    kv_cache_config = SimpleNamespace(
+        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["a", "b"])] * groups, kv_cache_layout="LBHNC"
+    )
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(model="m", revision=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=2),
+        cache_config=SimpleNamespace(),
+        device_config=SimpleNamespace(device_type="cpu"),
+    )
     return vllm_config, kv_cache_config
 
 

@@ -70,7 +70,9 @@ def test_partial_and_full_keys_never_collide_and_a_shorter_partial_is_replaced_b
     ns = geometry().namespace
     tokens = prompt(3 * CHUNK, seed=4)
     full = chunk_keys(tokens, ns)
-    partials = [k for c in range(3) for k in partial_keys(tokens, ns, start=c * CHUNK, prev_key=full[c - 1] if c else None)]
+    partials = [
+        k for c in range(3) for k in partial_keys(tokens, ns, start=c * CHUNK, prev_key=full[c - 1] if c else None)
+    ]
     assert len(partials) == 3 * (CHUNK // BLOCK - 1) and len(set(partials + full)) == len(partials) + 3
     rig = Rig(save_unfull_chunk=True)
     rig.step([(request("a", tokens[: CHUNK + BLOCK + 1]), blocks_for(CHUNK + BLOCK + 1, 0), 0)])
@@ -128,9 +130,15 @@ def test_a_partial_on_disk_is_hit_after_a_restart_by_every_tp_rank(tmp_path):
     sources = [[t.clone() for t in cache] for cache in rig.caches]
     for w in rig.workers:
         w.close()
-    key = partial_keys(tokens, geometry(2).namespace, start=CHUNK, prev_key=chunk_keys(tokens, geometry(2).namespace)[0])[1]
+    key = partial_keys(
+        tokens, geometry(2).namespace, start=CHUNK, prev_key=chunk_keys(tokens, geometry(2).namespace)[0]
+    )[1]
     for r in range(2):  # each rank wrote its shard of the partial: two blocks' bytes
-        path = rank_root(tmp_path / "kv", r) / rank_key(key, r, geometry(2)).hex()[:2] / rank_key(key, r, geometry(2)).hex()
+        path = (
+            rank_root(tmp_path / "kv", r)
+            / rank_key(key, r, geometry(2)).hex()[:2]
+            / rank_key(key, r, geometry(2)).hex()
+        )
         assert path.exists()
     fresh = Rig(tmp_path, tp=2, seed=20, save_unfull_chunk=True)
     grown = request("b", tokens + prompt(50, seed=10))

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
-                    "the connector's remote tier needs it (lmcache_ext[remote])")
+pytest.importorskip(
+    "glide_sync",
+    reason="valkey-glide-sync is not installed: the connector's remote tier needs it (lmcache_ext[remote])",
+)
 
 from connector_rig import CHUNK, Rig, hit, prompt, reads_of, request, same_pages
 from lmcache_ext.plans import Source

@@ -20,7 +20,16 @@ from lmcache_ext.tiers import DiskTier, disk
 GiB = 1 << 30
 SIZES = [1, 4095, 4096, (1 << 20) + 3]
 # Byte offsets of the header fields, from the layout "<8sHH16s16sQQQ".
-MAGIC_AT, VERSION_AT, FLAGS_AT, KEY_AT, NAMESPACE_AT, LENGTH_AT, PAYLOAD_SUM_AT, HEADER_SUM_AT = 0, 8, 10, 12, 28, 44, 52, 60
+MAGIC_AT, VERSION_AT, FLAGS_AT, KEY_AT, NAMESPACE_AT, LENGTH_AT, PAYLOAD_SUM_AT, HEADER_SUM_AT = (
+    0,
+    8,
+    10,
+    12,
+    28,
+    44,
+    52,
+    60,
+)
 
 
 def key(i: int) -> bytes:
@@ -68,8 +77,13 @@ def root(tmp_path: Path) -> Path:
 def make_tier(root: Path):
     tiers: list[DiskTier] = []
 
-    def make(capacity: int = GiB, threads: int = 2, o_direct: bool = False, at: Path | None = None,
-             namespace: bytes = disk.NO_NAMESPACE) -> DiskTier:
+    def make(
+        capacity: int = GiB,
+        threads: int = 2,
+        o_direct: bool = False,
+        at: Path | None = None,
+        namespace: bytes = disk.NO_NAMESPACE,
+    ) -> DiskTier:
         tier = DiskTier(at or root, capacity, threads=threads, o_direct=o_direct, namespace=namespace)
         tiers.append(tier)
         return tier

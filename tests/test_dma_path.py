@@ -47,7 +47,7 @@ def test_dma_gather_and_scatter_match_the_reference_and_the_kernel(device, targe
     slots = [buffer(kv.chunk_bytes(4), device, target) for _ in range(2)]
     ops.gather(kv, block_ids, slots, blocks_per_chunk=4, path="dma")
     for c, slot in enumerate(slots):
-        assert torch.equal(synced(slot), reference(layers, block_ids[4 * c:4 * c + 4]).cpu())
+        assert torch.equal(synced(slot), reference(layers, block_ids[4 * c : 4 * c + 4]).cpu())
     by_kernel = [buffer(kv.chunk_bytes(4), device, target) for _ in range(2)]
     ops.gather(kv, block_ids, by_kernel, blocks_per_chunk=4)
     by_layer = [buffer(kv.chunk_bytes(4), device, target) for _ in range(2)]
@@ -73,9 +73,19 @@ def test_dma_path_options_are_checked_before_a_byte_moves():
     with pytest.raises(ValueError, match="staging"):
         ops.gather(kv, [0, 1], out, path="dma", staging=torch.zeros_like(out))
     with pytest.raises(ValueError, match="path = 'x': expected 'kernel' or 'dma'"):
-        _C.page_copy(direction="gather", device="cpu", layer_ptrs=list(kv.layer_ptrs), block_stride=kv.block_stride,
-                     page_bytes=kv.page_bytes, block_ids_ptr=0, num_blocks=0, chunk_ptr=out.data_ptr(),
-                     blocks_per_chunk=1, chunk_layer_stride=kv.page_bytes, path="x")
+        _C.page_copy(
+            direction="gather",
+            device="cpu",
+            layer_ptrs=list(kv.layer_ptrs),
+            block_stride=kv.block_stride,
+            page_bytes=kv.page_bytes,
+            block_ids_ptr=0,
+            num_blocks=0,
+            chunk_ptr=out.data_ptr(),
+            blocks_per_chunk=1,
+            chunk_layer_stride=kv.page_bytes,
+            path="x",
+        )
     assert torch.count_nonzero(out) == 0
 
 

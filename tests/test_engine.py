@@ -31,7 +31,11 @@ def new_cache(seed: int) -> list[torch.Tensor]:
 
 
 def config(tmp_path: Path | None = None, host_chunks: int = 64, disk_chunks: int = 64, **kw) -> CacheConfig:
-    disk = dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=disk_chunks * (CHUNK_BYTES + 4096) / GB) if tmp_path else {}
+    disk = (
+        dict(local_disk=str(tmp_path / "kv"), max_local_disk_size=disk_chunks * (CHUNK_BYTES + 4096) / GB)
+        if tmp_path
+        else {}
+    )
     return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=host_chunks * CHUNK_BYTES / GB, **disk, **kw)
 
 
@@ -44,7 +48,9 @@ def blocks_of(cache: list[torch.Tensor], ids: list[int]) -> list[torch.Tensor]:
     return [page_view(kv)[ids].clone() for kv in cache]
 
 
-def assert_same_blocks(dst: list[torch.Tensor], dst_ids: list[int], src: list[torch.Tensor], src_ids: list[int]) -> None:
+def assert_same_blocks(
+    dst: list[torch.Tensor], dst_ids: list[int], src: list[torch.Tensor], src_ids: list[int]
+) -> None:
     for layer, (d, s) in enumerate(zip(dst, src)):
         assert torch.equal(page_view(d)[dst_ids], page_view(s)[src_ids]), f"layer {layer}"
 
@@ -294,7 +300,9 @@ def big_chunk_cache() -> list[torch.Tensor]:
 
 
 def big_chunk_config(tmp_path: Path) -> CacheConfig:
-    return CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.25, local_disk=str(tmp_path / "kv"), max_local_disk_size=1.0)
+    return CacheConfig(
+        chunk_size=CHUNK, max_local_cpu_size=0.25, local_disk=str(tmp_path / "kv"), max_local_disk_size=1.0
+    )
 
 
 def test_a_killed_writer_leaves_nothing_a_later_engine_would_misread(tmp_path):

@@ -27,7 +27,9 @@ def test_partial_copies_address_the_chunk_from_its_first_block():
         assert result.gathers == (True, True)
         before = [page_view(t).clone() for t in layers]
         # blocks 1..2 of chunk 0 and blocks 0..2 of chunk 1 into fresh places
-        executor.run(Plan(scatters=(SlotCopy(0, (20, 21), chunk_blocks=4, first=1), SlotCopy(1, (24, 25, 26), chunk_blocks=4))))
+        executor.run(
+            Plan(scatters=(SlotCopy(0, (20, 21), chunk_blocks=4, first=1), SlotCopy(1, (24, 25, 26), chunk_blocks=4)))
+        )
         for layer, t in enumerate(layers):
             pages = page_view(t)
             assert torch.equal(pages[[20, 21]], before[layer][[5, 6]]), (layout, layer)
@@ -46,7 +48,9 @@ KEY_A, KEY_B = b"a" * 16, b"b" * 16
 
 
 def fake_cuda(kv: ops.PagedLayers) -> ops.PagedLayers:
-    return ops.PagedLayers(kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors)
+    return ops.PagedLayers(
+        kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors
+    )
 
 
 def test_a_cuda_cache_with_pageable_slots_is_refused_at_start_up():
@@ -106,14 +110,25 @@ def test_cuda_copies_run_on_the_copy_stream_and_the_host_waits_only_for_slots_it
     monkeypatch.setattr(ops, "gather", fake.copy("gather"))
     monkeypatch.setattr(ops, "scatter", fake.copy("scatter"))
     executor = TransferExecutor(fake_cuda(kv), fake, {Source.DISK: fake})
-    plan = Plan(reads=(TierTransfer(Source.DISK, KEY_A, 0, 64),), scatters=(SlotCopy(0, (1, 2)),),
-                gathers=(SlotCopy(1, (3, 4)), SlotCopy(0, (6,), chunk_blocks=2, first=1)), writes=(TierTransfer(Source.DISK, KEY_B, 1, 64),))
+    plan = Plan(
+        reads=(TierTransfer(Source.DISK, KEY_A, 0, 64),),
+        scatters=(SlotCopy(0, (1, 2)),),
+        gathers=(SlotCopy(1, (3, 4)), SlotCopy(0, (6,), chunk_blocks=2, first=1)),
+        writes=(TierTransfer(Source.DISK, KEY_B, 1, 64),),
+    )
     assert executor.run(plan) == PlanResult((True,), (True,), (True, True))
     assert fake.log == [
-        ("wait", 0), ("read", KEY_A),  # a read overwrites slot 0: its last copy first
-        ("copies", (0,)), ("scatter", "copy-stream"), ("event", (0,)),
-        ("copies", (1, 0)), ("gather", "copy-stream"), ("gather", "copy-stream"), ("event", (1, 0)),
-        ("wait", 1), ("write", KEY_B),  # a write reads slot 1: its gather first, nothing else
+        ("wait", 0),
+        ("read", KEY_A),  # a read overwrites slot 0: its last copy first
+        ("copies", (0,)),
+        ("scatter", "copy-stream"),
+        ("event", (0,)),
+        ("copies", (1, 0)),
+        ("gather", "copy-stream"),
+        ("gather", "copy-stream"),
+        ("event", (1, 0)),
+        ("wait", 1),
+        ("write", KEY_B),  # a write reads slot 1: its gather first, nothing else
     ]
     fake.log.clear()
     executor.bind(None)

@@ -248,8 +248,18 @@ def test_extending_from_numpy_and_torch_slices_equals_one_shot():
         lambda t: torch.tensor(t, dtype=torch.int32),
         lambda t: torch.tensor(t, dtype=torch.int64).repeat_interleave(2)[::2],
     ],
-    ids=["tuple", "numpy-scalars", "np-uint32", "np-int64", "np-uint16", "np-big-endian", "np-strided",
-         "torch-int64", "torch-int32", "torch-strided"],
+    ids=[
+        "tuple",
+        "numpy-scalars",
+        "np-uint32",
+        "np-int64",
+        "np-uint16",
+        "np-big-endian",
+        "np-strided",
+        "torch-int64",
+        "torch-int32",
+        "torch-strided",
+    ],
 )
 def test_every_input_kind_gives_the_list_keys(convert):
     assert chunk_keys(convert(TOKENS), NS, include_partial=True) == chunk_keys(TOKENS, NS, include_partial=True)
@@ -376,7 +386,9 @@ def test_partial_keys_are_the_partial_keys_of_every_block_aligned_prefix_of_a_ch
         expected = [chunk_keys(tokens[: start + n], ns, include_partial=True)[-1] for n in lengths if n < 8]
         assert keys == expected and len(keys) == (3 if start < 16 else 2)
         assert partial_keys(np.array(tokens), ns, start=start, prev_key=prev) == keys
-    assert partial_keys(tokens, ns, start=8, prev_key=full[0], end=13) == partial_keys(tokens[:13], ns, start=8, prev_key=full[0])
+    assert partial_keys(tokens, ns, start=8, prev_key=full[0], end=13) == partial_keys(
+        tokens[:13], ns, start=8, prev_key=full[0]
+    )
     assert partial_keys(tokens, ns, start=8, prev_key=full[0], end=9) == []  # no whole block before `end`
     assert not set(partial_keys(tokens, ns, start=8, prev_key=full[0])) & set(full)
     with pytest.raises(ValueError, match=r"start = 3: expected a multiple of chunk_size = 8"):

@@ -19,8 +19,9 @@ from lmcache_ext import ops
 DELAY = 0.25
 
 
-def layer_copies(monkeypatch: pytest.MonkeyPatch, name: str, delay: float = 0.0,
-                 fail_layer: int | None = None) -> dict[int, float]:
+def layer_copies(
+    monkeypatch: pytest.MonkeyPatch, name: str, delay: float = 0.0, fail_layer: int | None = None
+) -> dict[int, float]:
     """Every per-layer `ops.<name>` sleeps `delay` first and raises on `fail_layer`;
     the returned dict gets each layer's end time once its copy has returned."""
     ended: dict[int, float] = {}
@@ -50,9 +51,12 @@ def load_plan(rig: Rig, tokens: list[int], blocks: list[int]):
     req = request("b", tokens)
     external = rig.matched(req)
     rig.scheduler.plan_load(req, blocks, external)
-    return rig.scheduler.build_plan(step_output(
-        new=[SimpleNamespace(req_id="b", block_ids=(blocks,), num_computed_tokens=external)],
-        scheduled={"b": len(tokens) - external}))
+    return rig.scheduler.build_plan(
+        step_output(
+            new=[SimpleNamespace(req_id="b", block_ids=(blocks,), num_computed_tokens=external)],
+            scheduled={"b": len(tokens) - external},
+        )
+    )
 
 
 def test_each_layer_is_ready_only_after_its_scatter_and_the_next_one_overlaps(monkeypatch):
@@ -89,8 +93,9 @@ def test_a_chunk_saved_layer_by_layer_is_byte_identical_to_one_saved_whole(tmp_p
         w.save(plan)
         w.flush()
         rig.scheduler.apply_report(w.take_report())
-        files[mode] = {p.relative_to(tmp_path / mode): p.read_bytes() for p in (tmp_path / mode).rglob("*")
-                       if p.is_file()}
+        files[mode] = {
+            p.relative_to(tmp_path / mode): p.read_bytes() for p in (tmp_path / mode).rglob("*") if p.is_file()
+        }
     assert len(files["whole"]) >= 2 and files["whole"] == files["layers"]
 
 

@@ -35,7 +35,7 @@ class Slots:
         self.is_page_locked = pinned
 
     def view(self, slot: int) -> torch.Tensor:
-        return self._buf[slot * self._slot_bytes:(slot + 1) * self._slot_bytes]
+        return self._buf[slot * self._slot_bytes : (slot + 1) * self._slot_bytes]
 
 
 def inline(fn, *args):
@@ -83,6 +83,7 @@ def test_per_layer_loads_are_in_place_at_each_wait_and_saves_match_whole_gathers
         load.wait(layer)
         got = page_view(dst_layers[layer]).clone()  # read on the current stream, after the wait
         for want, have in zip(items, targets):
-            assert torch.equal(got[list(have.block_ids)].cpu(),
-                               page_view(src_layers[layer])[list(want.block_ids)].cpu()), (layer, have)
+            assert torch.equal(
+                got[list(have.block_ids)].cpu(), page_view(src_layers[layer])[list(want.block_ids)].cpu()
+            ), (layer, have)
     assert load.finish()

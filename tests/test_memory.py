@@ -249,7 +249,9 @@ def test_page_locking_that_fails_fails_creation_naming_why(pin: str) -> None:
     count = _C.cuda_device_count()
     with pytest.raises(ValueError) as info:
         HostSlotPool(4096, 2, pin=pin, device=count)
-    assert str(info.value).startswith(f"pin = {pin}: cannot page-lock the host pool of 8192 bytes: device = {count} is out of range")
+    assert str(info.value).startswith(
+        f"pin = {pin}: cannot page-lock the host pool of 8192 bytes: device = {count} is out of range"
+    )
 
 
 @pytest.mark.gpu
@@ -302,8 +304,7 @@ def test_for_budget_rejects_a_budget_below_one_slot() -> None:
     with pytest.raises(ValueError) as info:
         HostSlotPool.for_budget(8191, 5000)
     assert str(info.value) == (
-        "total_bytes = 8191 holds no slot: "
-        "slot_bytes = 5000 takes 8192 bytes (a 4096-aligned stride)"
+        "total_bytes = 8191 holds no slot: slot_bytes = 5000 takes 8192 bytes (a 4096-aligned stride)"
     )
     with pytest.raises(ValueError, match="slot_bytes = 0: expected a positive number of bytes"):
         HostSlotPool.for_budget(1 << 20, 0)
@@ -314,9 +315,7 @@ def test_for_budget_rejects_a_budget_below_one_slot() -> None:
 def test_repr_names_the_class_and_counts() -> None:
     pool = HostSlotPool(1000, 3, pin="never")
     pool.alloc()
-    assert repr(pool) == (
-        "HostSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False)"
-    )
+    assert repr(pool) == ("HostSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False)")
 
 
 # --- layout and views -----------------------------------------------------------------
@@ -468,13 +467,20 @@ print(os.waitstatus_to_exitcode(status), int(pool.view(0)[:4].sum()))
 
 @pytest.mark.parametrize(
     "pin",
-    ["never", pytest.param("always", marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")])],
+    [
+        "never",
+        pytest.param(
+            "always", marks=[pytest.mark.gpu, pytest.mark.skipif(NO_CUDA_DEVICE, reason="needs a CUDA device")]
+        ),
+    ],
 )
 def test_a_forked_child_does_not_inherit_the_arena(pin: str) -> None:
     """MADV_DONTFORK: fork neither copies the (page-locked) arena nor shares its pages."""
     pool = HostSlotPool(HUGE_PAGE, 2, pin="never")
     assert "dc" in vm_flags(pool.base_address)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-c", FORK_CHILD, pin], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD, pin], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "28"]

@@ -24,9 +24,16 @@ def test_counters_add_gauge_parts_sum_and_keep_their_latest_value_histograms_joi
     b.usage("disk", 900, 4000, part="0")  # rank 0 again, later: replaces its 1000
     b.observe("transfer_seconds", 0.25, "load")
     flat = flatten(merge(a.take(), b.take()))
-    assert flat == {"lookup_tokens": 400, "hit_tokens_host": 128, "hit_tokens_disk": 128, "miss_tokens": 144,
-                    "usage_bytes_disk": 1600, "capacity_bytes_disk": 8000,
-                    "transfer_seconds_load_count": 2, "transfer_seconds_load_sum": 0.75}
+    assert flat == {
+        "lookup_tokens": 400,
+        "hit_tokens_host": 128,
+        "hit_tokens_disk": 128,
+        "miss_tokens": 144,
+        "usage_bytes_disk": 1600,
+        "capacity_bytes_disk": 8000,
+        "transfer_seconds_load_count": 2,
+        "transfer_seconds_load_sum": 0.75,
+    }
     assert flatten(a.take()) == {}  # take() empties the recorder
 
 
@@ -71,8 +78,9 @@ def test_a_sink_adds_payloads_to_series_under_the_callers_labels():
 
 # -- the connector's halves (vLLM's stats class and its serialization) --
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed: the connector runs on vLLM's connector API")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed: the connector runs on vLLM's connector API"
+)
 
 
 @needs_vllm

@@ -129,7 +129,7 @@ def test_many_chunk_buffers_and_layerwise_copies(device, target):
     slots = [chunk_buffer(slot_bytes, device, target) for _ in range(3)]
     ops.gather(kv, ids, slots, blocks_per_chunk=bpc)
     for c, slot in enumerate(slots):
-        part = ids[c * bpc:(c + 1) * bpc]
+        part = ids[c * bpc : (c + 1) * bpc]
         got = synced(slot).view(num_layers, bpc * kv.page_bytes)[:, : len(part) * kv.page_bytes]
         assert torch.equal(got.flatten(), reference_chunk(layers, part).cpu())
 
@@ -232,6 +232,7 @@ def test_empty_block_list_copies_nothing():
 
 # ---- bad input: a clear ValueError, and not a byte written ----
 
+
 @pytest.fixture
 def small():
     layers = make_layers("LBNHC", 2, 16, 1, 4, 8, torch.float16, seed=19)
@@ -251,8 +252,10 @@ def small():
         (dict(out=[torch.zeros(256, dtype=torch.uint8)]), r"blocks_per_chunk is required"),
         (dict(blocks_per_chunk=0), r"blocks_per_chunk = 0: expected a positive int"),
         (dict(out=[torch.zeros(256, dtype=torch.uint8)], blocks_per_chunk=1), r"out has 1 chunk buffers; expected 2"),
-        (dict(layer=2, out=[torch.zeros(256, dtype=torch.uint8)] * 2, blocks_per_chunk=1),
-         r"layer = 2 is out of range: the cache has 2 layers"),
+        (
+            dict(layer=2, out=[torch.zeros(256, dtype=torch.uint8)] * 2, blocks_per_chunk=1),
+            r"layer = 2 is out of range: the cache has 2 layers",
+        ),
         (dict(staging=torch.zeros(255, dtype=torch.uint8)), r"staging has 255 bytes; expected at least 256"),
         (dict(max_ctas=8), r"max_ctas was given but the cache is on cpu; it is for cuda caches"),
         (dict(out="buffer"), r"out is a str; expected a torch.Tensor or a list of them"),
@@ -270,8 +273,12 @@ def test_bad_arguments_raise_before_any_byte_moves(small, kwargs, message):
     if out_before is not None:
         assert torch.equal(out, out_before)
     with pytest.raises(ValueError, match=re.sub(r"^out\b", "src", message)):
-        ops.scatter(kv, kwargs.get("block_ids", [0, 15]), kwargs.get("out", torch.zeros(256, dtype=torch.uint8)),
-                    **{k: v for k, v in kwargs.items() if k not in ("block_ids", "out")})
+        ops.scatter(
+            kv,
+            kwargs.get("block_ids", [0, 15]),
+            kwargs.get("out", torch.zeros(256, dtype=torch.uint8)),
+            **{k: v for k, v in kwargs.items() if k not in ("block_ids", "out")},
+        )
     for t, before in zip(layers, snapshot):
         assert torch.equal(page_view(t), before)
 
@@ -281,7 +288,10 @@ def test_bad_arguments_raise_before_any_byte_moves(small, kwargs, message):
     [
         ([], r"len\(layers\) = 0: expected 1 to 256 layers"),
         ([torch.zeros(4, 8)] * 257, r"len\(layers\) = 257"),
-        ([torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16)], r"layers\[1\] has dtype torch.float16; expected torch.float32"),
+        (
+            [torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16)],
+            r"layers\[1\] has dtype torch.float16; expected torch.float32",
+        ),
         ([torch.zeros(4, 8), torch.zeros(5, 8)], r"layers\[1\] has shape \(5, 8\); expected \(4, 8\)"),
         ([torch.zeros(4)], r"layers\[0\] has shape \(4,\); expected \[num_blocks, ...\]"),
         ([torch.zeros(64).as_strided((4, 8), (2, 1))], r"block stride is 8 bytes; expected at least the page size 32"),
@@ -298,7 +308,9 @@ def test_pageable_host_buffer_rejected_for_cuda_cache_message():
     """The CUDA-only check is reachable on CPU machines through a fake cuda description."""
     layers = make_layers("separate", 1, 4, 1, 4, 4, torch.float32, seed=20)
     kv = ops.PagedLayers.from_tensors(layers)
-    fake = ops.PagedLayers(kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors)
+    fake = ops.PagedLayers(
+        kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors
+    )
     with pytest.raises(ValueError, match="out is pageable host memory"):
         ops.gather(fake, [0], torch.zeros(64, dtype=torch.uint8))
 
@@ -373,9 +385,17 @@ def staged_args(**over):
     host = torch.zeros(3 * 4 * 64, dtype=torch.uint8)
     staging = torch.zeros(3 * 2 * 64, dtype=torch.uint8)
     args = dict(
-        direction="gather", device="cpu", layer_ptrs=[t.data_ptr() for t in layers], block_stride=64,
-        page_bytes=64, block_ids_ptr=ids.data_ptr(), num_blocks=2, staging_ptr=staging.data_ptr(),
-        staging_bytes=staging.numel(), host_ptr=host.data_ptr(), host_bytes=host.numel(),
+        direction="gather",
+        device="cpu",
+        layer_ptrs=[t.data_ptr() for t in layers],
+        block_stride=64,
+        page_bytes=64,
+        block_ids_ptr=ids.data_ptr(),
+        num_blocks=2,
+        staging_ptr=staging.data_ptr(),
+        staging_bytes=staging.numel(),
+        host_ptr=host.data_ptr(),
+        host_bytes=host.numel(),
         host_layer_stride=4 * 64,
     )
     args.update(over)
@@ -386,9 +406,15 @@ def staged_args(**over):
     "over,message",
     [
         (dict(host_layer_stride=127), r"host_layer_stride = 127 must be at least num_blocks \* page_bytes = 128"),
-        (dict(staging_bytes=383), r"staging_bytes = 383 is less than the 384 bytes the pages take in the staging buffer"),
+        (
+            dict(staging_bytes=383),
+            r"staging_bytes = 383 is less than the 384 bytes the pages take in the staging buffer",
+        ),
         (dict(host_bytes=639), r"host_bytes = 639 is less than the end of the last row the pages occupy = 640"),
-        (dict(host_first_layer=1, host_bytes=767), r"host_bytes = 767 is less than the end of the last row the pages occupy = 896"),
+        (
+            dict(host_first_layer=1, host_bytes=767),
+            r"host_bytes = 767 is less than the end of the last row the pages occupy = 896",
+        ),
         (dict(host_first_layer=-1), r"host_first_layer = -1 must be >= 0"),
         (dict(host_ptr=0), r"host_ptr is a null address"),
         (dict(staging_ptr=0), r"staging_ptr is a null address"),
@@ -413,7 +439,10 @@ def test_staged_twin_rows_end_exactly_at_the_host_bytes_it_checks():
 
 # ---- the grid: capped for host <-> device copies, every byte covered ----
 
-@pytest.mark.parametrize("page_bytes,pages", [(65536, 8192), (65536, 3), (2 << 20, 1), (100, 5), (1 << 30, 2), (16384, 33)])
+
+@pytest.mark.parametrize(
+    "page_bytes,pages", [(65536, 8192), (65536, 3), (2 << 20, 1), (100, 5), (1 << 30, 2), (16384, 33)]
+)
 @pytest.mark.parametrize("max_ctas", [0, 1, 8, 32, 4096])
 def test_launch_shape_covers_every_page_within_the_cap(page_bytes, pages, max_ctas):
     s = _C.launch_shape(page_bytes=page_bytes, pages=pages, max_ctas=max_ctas)
@@ -437,7 +466,9 @@ def test_launch_shape_refuses_bad_values():
 
 
 def fake_cuda(kv: ops.PagedLayers) -> ops.PagedLayers:
-    return ops.PagedLayers(kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors)
+    return ops.PagedLayers(
+        kv.layer_ptrs, kv.block_stride, kv.page_bytes, kv.num_blocks, torch.device("cuda", 0), kv.tensors
+    )
 
 
 @pytest.mark.parametrize(
@@ -458,9 +489,20 @@ def page_copy_args(device_index: int) -> dict:
     layers = make_layers("separate", 1, 4, 1, 4, 4, torch.float32, seed=35)
     ids = torch.tensor([2], dtype=torch.int64)
     out = torch.zeros(64, dtype=torch.uint8)
-    return dict(direction="gather", device="cuda", layer_ptrs=[layers[0].data_ptr()], block_stride=64, page_bytes=64,
-                block_ids_ptr=ids.data_ptr(), num_blocks=1, chunk_ptr=out.data_ptr(), blocks_per_chunk=1,
-                chunk_layer_stride=64, device_index=device_index, _keep=(layers, ids, out))
+    return dict(
+        direction="gather",
+        device="cuda",
+        layer_ptrs=[layers[0].data_ptr()],
+        block_stride=64,
+        page_bytes=64,
+        block_ids_ptr=ids.data_ptr(),
+        num_blocks=1,
+        chunk_ptr=out.data_ptr(),
+        blocks_per_chunk=1,
+        chunk_layer_stride=64,
+        device_index=device_index,
+        _keep=(layers, ids, out),
+    )
 
 
 def test_cuda_copies_name_a_device_index_they_cannot_use():

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
-                    "the remote tier needs it (lmcache_ext[remote])")
+pytest.importorskip(
+    "glide_sync", reason="valkey-glide-sync is not installed: the remote tier needs it (lmcache_ext[remote])"
+)
 
 import torch
 
@@ -35,8 +36,14 @@ def cache(seed: int) -> list[torch.Tensor]:
 
 
 def config(url: str, **kw: object) -> CacheConfig:
-    settings = {"chunk_size": CHUNK, "max_local_cpu_size": 64 * CHUNK_BYTES / GB, "remote_url": url,
-                "remote_timeout_ms": 300, "remote_max_value_bytes": 65536, **kw}
+    settings = {
+        "chunk_size": CHUNK,
+        "max_local_cpu_size": 64 * CHUNK_BYTES / GB,
+        "remote_url": url,
+        "remote_timeout_ms": 300,
+        "remote_max_value_bytes": 65536,
+        **kw,
+    }
     return CacheConfig(**settings)
 
 
@@ -79,14 +86,17 @@ def test_chunks_larger_than_a_value_are_split_into_parts_read_all_or_nothing(red
     """16 layers: 128 KiB chunks, stored as a manifest and two 64 KiB parts each."""
     wide = lambda seed: make_layers("LBHNC", 16, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed)  # noqa: E731
     tokens = prompt(2 * CHUNK, seed=5)
-    with CacheEngine(config(redis.url), wide(5), BLOCK, model="wide") as writer, \
-            CacheEngine(config(redis.url), wide(6), BLOCK, model="wide") as reader:
+    with (
+        CacheEngine(config(redis.url), wide(5), BLOCK, model="wide") as writer,
+        CacheEngine(config(redis.url), wide(6), BLOCK, model="wide") as reader,
+    ):
         writer.store(tokens, list(range(8)))
         writer.flush()
         keys = redis.cli("KEYS", "*").split()
         manifests = sorted(k for k in keys if k.endswith("}"))
         assert len(manifests) == 2 and sorted(k for k in keys if not k.endswith("}")) == sorted(
-            f"{m}:{i}" for m in manifests for i in (0, 1))
+            f"{m}:{i}" for m in manifests for i in (0, 1)
+        )
         assert reader.retrieve(tokens[:CHUNK], list(range(20, 24))) == CHUNK
         assert same_pages(reader._kv.tensors, list(range(20, 24)), writer._kv.tensors, list(range(4)))
         for manifest in manifests:
@@ -221,8 +231,9 @@ def test_tls_with_an_acl_user_and_the_password_never_shown(tls_redis, caplog):
             engine(f"rediss://kvuser:not-the-{secret}@127.0.0.1:{node.port}", 3, remote_tls_ca_file=str(certs["ca"]))
         with pytest.raises(RemoteConfigError, match=r"TLS verification failed") as untrusted:
             engine(url, 4)
-        env_password = engine(f"rediss://kvuser@127.0.0.1:{node.port}", 5, remote_password=secret,
-                              remote_tls_ca_file=str(certs["ca"]))
+        env_password = engine(
+            f"rediss://kvuser@127.0.0.1:{node.port}", 5, remote_password=secret, remote_tls_ca_file=str(certs["ca"])
+        )
         assert env_password.lookup(tokens) == 3 * CHUNK
         env_password.close()
     for shown in (caplog.text, str(wrong.value), str(untrusted.value)):

@@ -180,7 +180,6 @@ def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model,
     assert cached_of(again) == [[3 * CHUNK + 128], [4 * CHUNK]] and tokens_of(again) == tokens_of(plain)
 
 
-
 CHAT = """
 from vllm import LLM, SamplingParams
 llm = LLM(model={model!r}, max_model_len=4096, seed=0, enable_prefix_caching=False, **{kwargs!r})

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.vllm
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
+
 BATCHES = [[ASK_A], [ASK_B]]
 WHOLE_STEP_HITS = [[0], [3 * CHUNK]]  # what test_vllm_connector sees for the same prompts
 
@@ -40,9 +41,9 @@ counted(layerwise.LayerwiseSave, "layer", "gathers")
 
 def test_layerwise_outputs_and_hits_match_plain_vllm_and_whole_step_mode(model, tmp_path):
     plain = generate(model, BATCHES, {})
-    code = COUNT_LAYER_HOOKS + GENERATE.format(model=str(model), kwargs=connector(tmp_path / "kv", use_layerwise=True),
-                                               batches=BATCHES).replace(
-        'return {"results"', 'return {"calls": calls, "results"')
+    code = COUNT_LAYER_HOOKS + GENERATE.format(
+        model=str(model), kwargs=connector(tmp_path / "kv", use_layerwise=True), batches=BATCHES
+    ).replace('return {"results"', 'return {"calls": calls, "results"')
     layered = run_vllm_script(code)
     assert tokens_of(layered["results"]) == tokens_of(plain)
     assert cached_of(layered["results"]) == WHOLE_STEP_HITS

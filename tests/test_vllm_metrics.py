@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed: this test runs a real vLLM server")
 openai = pytest.importorskip("openai", reason="the openai client drives the server")
 from conftest import running_server  # noqa: E402
+from lmcache_ext.demo import connector_config  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -25,20 +26,21 @@ HIT = 512
 
 def sample(samples: dict, name: str, **labels: str) -> float:
     """The sum of `name`'s samples whose labels include `labels` (vLLM adds model_name and engine)."""
-    return sum(value for (found, found_labels), value in samples.items()
-               if found == name and set(labels.items()) <= set(found_labels))
+    return sum(
+        value
+        for (found, found_labels), value in samples.items()
+        if found == name and set(labels.items()) <= set(found_labels)
+    )
 
 
 def test_a_server_logs_the_connector_and_shows_its_series_on_metrics(
     tmp_path: Path, tiny_model: Path, say: Callable[[str], None]
 ) -> None:
     disk = tmp_path / "kv"
-    kv_config = {"kv_connector": "LMCacheConnectorV1Dynamic", "kv_connector_module_path": "lmcache_ext.integration.vllm",
-                 "kv_role": "kv_both", "kv_connector_extra_config": {
-                     "chunk_size": CHUNK, "max_local_cpu_size": 0.25, "local_disk": str(disk),
-                     "max_local_disk_size": 1}}
-    with running_server(say, "metrics", tiny_model, tmp_path, kv_transfer_config=kv_config,
-                        args=("--no-enable-prefix-caching",)) as server:
+    kv_config = connector_config(disk, chunk_size=CHUNK, max_local_cpu_size=0.25, max_local_disk_size=1)
+    with running_server(
+        say, "metrics", tiny_model, tmp_path, kv_transfer_config=kv_config, args=("--no-enable-prefix-caching",)
+    ) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
         for _ in range(2):  # a miss that stores two chunks, then a host hit of both
             client.completions.create(model=str(tiny_model), prompt=PROMPT, max_tokens=4, temperature=0)
@@ -62,8 +64,11 @@ def test_a_server_logs_the_connector_and_shows_its_series_on_metrics(
     for tier in ("host", "disk"):
         assert sample(samples, "lmcache_ext:stored_tokens_total", tier=tier) == HIT
         assert sample(samples, "lmcache_ext:stored_bytes_total", tier=tier) > 0
-        assert 0 < sample(samples, "lmcache_ext:usage_bytes", tier=tier) <= sample(
-            samples, "lmcache_ext:capacity_bytes", tier=tier)
+        assert (
+            0
+            < sample(samples, "lmcache_ext:usage_bytes", tier=tier)
+            <= sample(samples, "lmcache_ext:capacity_bytes", tier=tier)
+        )
     assert sample(samples, "lmcache_ext:transfer_seconds_count", op="load") == 1
     assert sample(samples, "lmcache_ext:transfer_seconds_count", op="disk_write") == 2
     assert not any(name == "lmcache_ext:failures_total" and value for (name, _), value in samples.items())

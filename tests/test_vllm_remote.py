@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: "
-                    "the remote tier needs it (lmcache_ext[remote])")
+pytest.importorskip(
+    "glide_sync", reason="valkey-glide-sync is not installed: the remote tier needs it (lmcache_ext[remote])"
+)
 
 from lmcache_ext.tiny_llama import build_tiny_llama
 from test_vllm_connector import ASK_A, ASK_B, CHUNK, TP2, TP2_ENV, cached_of, connector, generate, run, tokens_of

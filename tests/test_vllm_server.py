@@ -74,8 +74,15 @@ def complete(server: ApiServer, prompt: list[int]) -> Completion:
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     start = time.perf_counter()
     stream = client.completions.create(
-        model=server.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=5, stream=True,
-        stream_options={"include_usage": True}, extra_body={"return_tokens_as_token_ids": True})
+        model=server.model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"return_tokens_as_token_ids": True},
+    )
     out = Completion()
     for chunk in stream:
         for choice in chunk.choices:
@@ -100,10 +107,12 @@ def assert_same_greedy(ours: Completion, plain: Completion) -> None:
         if mine != theirs:
             top = plain.top[i]
             assert mine in top and abs(top[mine] - top[theirs]) <= LOGPROB_TOLERANCE, (
-                f"token {i}: {mine} with the connector, {theirs} without, and they do not tie: {top}")
+                f"token {i}: {mine} with the connector, {theirs} without, and they do not tie: {top}"
+            )
             return
         assert abs(ours.logprobs[i] - plain.logprobs[i]) <= LOGPROB_TOLERANCE, (
-            f"token {i} ({mine}): logprob {ours.logprobs[i]} with the connector, {plain.logprobs[i]} without")
+            f"token {i} ({mine}): logprob {ours.logprobs[i]} with the connector, {plain.logprobs[i]} without"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,36 +128,45 @@ def reference(tiny_model: Path, logs: Path, say: Callable[[str], None]) -> dict[
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_model: Path, logs: Path, reference: dict, tmp_path_factory: pytest.TempPathFactory,
-         say: Callable[[str], None]) -> Iterator[ApiServer]:
+def ours(
+    tiny_model: Path, logs: Path, reference: dict, tmp_path_factory: pytest.TempPathFactory, say: Callable[[str], None]
+) -> Iterator[ApiServer]:
     """The server with the connector (host pool, disk); the restart test restarts it."""
-    config = connector_config(tmp_path_factory.mktemp("kv"), chunk_size=CHUNK, max_local_cpu_size=0.25,
-                              max_local_disk_size=1)
-    with running_server(say, "with the connector", tiny_model, logs, args=ARGS, env=fair_cpu_binding(),
-                        kv_transfer_config=config) as server:
+    config = connector_config(
+        tmp_path_factory.mktemp("kv"), chunk_size=CHUNK, max_local_cpu_size=0.25, max_local_disk_size=1
+    )
+    with running_server(
+        say, "with the connector", tiny_model, logs, args=ARGS, env=fair_cpu_binding(), kv_transfer_config=config
+    ) as server:
         yield server
 
 
-def test_a_long_prompt_streamed_twice_hits_the_second_time(ours: ApiServer, reference: dict,
-                                                           say: Callable[[str], None]) -> None:
+def test_a_long_prompt_streamed_twice_hits_the_second_time(
+    ours: ApiServer, reference: dict, say: Callable[[str], None]
+) -> None:
     host_before = ours.metric_sum(CACHED_BY_SOURCE, source="host")
     cold = complete(ours, LONG)
     warm = complete(ours, LONG)
-    say(f"long prompt ({len(LONG)} tokens): TTFT cold {cold.ttft_s * 1e3:.0f} ms, warm {warm.ttft_s * 1e3:.0f} ms, "
-        f"cached {cold.cached_tokens} then {warm.cached_tokens} tokens")
+    say(
+        f"long prompt ({len(LONG)} tokens): TTFT cold {cold.ttft_s * 1e3:.0f} ms, warm {warm.ttft_s * 1e3:.0f} ms, "
+        f"cached {cold.cached_tokens} then {warm.cached_tokens} tokens"
+    )
     assert (cold.cached_tokens, warm.cached_tokens) == (0, hit_of(LONG))
     assert ours.metric_sum(CACHED_BY_SOURCE, source="host") - host_before == hit_of(LONG)
     assert_same_greedy(cold, reference["long"])
     assert_same_greedy(warm, reference["long"])
 
 
-def test_eight_concurrent_requests_share_a_stored_prefix(ours: ApiServer, reference: dict,
-                                                        say: Callable[[str], None]) -> None:
+def test_eight_concurrent_requests_share_a_stored_prefix(
+    ours: ApiServer, reference: dict, say: Callable[[str], None]
+) -> None:
     first = complete(ours, SHARED[0])  # computes and stores the prefix
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda p: complete(ours, p), SHARED[1:]))
-    say(f"8 concurrent requests: cached tokens {[o.cached_tokens for o in outs]}, "
-        f"TTFT {[round(o.ttft_s * 1e3) for o in outs]} ms")
+    say(
+        f"8 concurrent requests: cached tokens {[o.cached_tokens for o in outs]}, "
+        f"TTFT {[round(o.ttft_s * 1e3) for o in outs]} ms"
+    )
     assert first.cached_tokens == 0
     assert [o.cached_tokens for o in outs] == [len(PREFIX)] * 8  # the prefix, four full chunks
     for i, out in enumerate([first, *outs]):
@@ -167,8 +185,12 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(ours: ApiServer
         with pytest.raises(openai.BadRequestError) as error:
             client.completions.create(model=ours.model, **request)
         assert error.value.status_code == 400, what
-    reply = httpx.post(ours.url + "/v1/completions", content=b'{"model": "x", "prompt": [1, 2,',
-                       headers={"content-type": "application/json"}, timeout=60)
+    reply = httpx.post(
+        ours.url + "/v1/completions",
+        content=b'{"model": "x", "prompt": [1, 2,',
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert reply.status_code == 400, reply.text
     assert ours.healthy()
     again = complete(ours, LONG)
@@ -176,8 +198,9 @@ def test_malformed_requests_get_400_and_the_server_keeps_serving(ours: ApiServer
     assert_same_greedy(again, reference["long"])
 
 
-def test_a_restart_on_the_same_disk_directory_hits_from_disk(ours: ApiServer, reference: dict,
-                                                            say: Callable[[str], None]) -> None:
+def test_a_restart_on_the_same_disk_directory_hits_from_disk(
+    ours: ApiServer, reference: dict, say: Callable[[str], None]
+) -> None:
     for name in ("long", "shared0"):
         complete(ours, PROMPTS[name])  # stored (if earlier tests have not stored them), then written to disk
     say("restarting the server with the connector on the same disk directory")

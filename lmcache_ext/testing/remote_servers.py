@@ -53,8 +53,21 @@ class Server:
     def start(self) -> Server:
         self.workdir.mkdir(parents=True, exist_ok=True)
         port_args = ("--port", "0", "--tls-port", str(self.port)) if self.tls else ("--port", str(self.port))
-        args = [self.binary, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir), "--enable-debug-command", "local", *self.extra]
+        args = [
+            self.binary,
+            *port_args,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--enable-debug-command",
+            "local",
+            *self.extra,
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -79,14 +92,18 @@ class Server:
     def cli(self, *args: str) -> str:
         """redis-cli against this server (TLS: with the test CA in extra's directory)."""
         tls = ["--tls", "--cacert", str(self.workdir.parent / "ca.pem")] if self.tls else []
-        out = subprocess.run(["redis-cli", *tls, "-p", str(self.port), *args], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            ["redis-cli", *tls, "-p", str(self.port), *args], capture_output=True, text=True, timeout=30
+        )
         return out.stdout.strip()
 
     def pause(self, seconds: float) -> None:
         """Make the server unresponsive for `seconds` (a slow or stuck server)."""
-        subprocess.Popen(["redis-cli", "-p", str(self.port), "DEBUG", "SLEEP", str(seconds)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            ["redis-cli", "-p", str(self.port), "DEBUG", "SLEEP", str(seconds)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.1)
 
 
@@ -98,15 +115,53 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files["ca_key"]), "-out", str(files["ca"]),
-        "-days", "2", "-subj", "/CN=lmcache_ext test CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(files["ca_key"]),
+        "-out",
+        str(files["ca"]),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lmcache_ext test CA",
+    )
     csr = directory / "server.csr"
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(files["server_key"]), "-out", str(csr),
-        "-subj", "/CN=localhost")
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(files["server_key"]),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=localhost",
+    )
     ext = directory / "san.cnf"
     ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run("x509", "-req", "-in", str(csr), "-CA", str(files["ca"]), "-CAkey", str(files["ca_key"]), "-CAcreateserial",
-        "-out", str(files["server"]), "-days", "2", "-extfile", str(ext))
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(files["ca"]),
+        "-CAkey",
+        str(files["ca_key"]),
+        "-CAcreateserial",
+        "-out",
+        str(files["server"]),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     return files
 
 
@@ -129,11 +184,29 @@ def start_cluster(binary: str, workdir: Path) -> Cluster:
     nodes = []
     for i in range(3):
         port = free_port(below=55536)
-        nodes.append(Server(binary, workdir / f"node{i}", port, extra=(
-            "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-            "--cluster-require-full-coverage", "no", "--cluster-node-timeout", "1000")).start())
-    subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
-                   check=True, capture_output=True, timeout=60)
+        nodes.append(
+            Server(
+                binary,
+                workdir / f"node{i}",
+                port,
+                extra=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    "--cluster-require-full-coverage",
+                    "no",
+                    "--cluster-node-timeout",
+                    "1000",
+                ),
+            ).start()
+        )
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-yes"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     deadline = time.monotonic() + 20
     while any("cluster_state:ok" not in n.cli("CLUSTER", "INFO") for n in nodes):
         if time.monotonic() > deadline:

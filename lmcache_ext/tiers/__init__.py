@@ -78,7 +78,12 @@ class Storage:
 
 
 def build_storage(
-    config: CacheConfig, slot_bytes: int, *, namespace: bytes, rank: int, disk_root: str | Path | None,
+    config: CacheConfig,
+    slot_bytes: int,
+    *,
+    namespace: bytes,
+    rank: int,
+    disk_root: str | Path | None,
     disk_bytes: int,
 ) -> Storage:
     """The host pool of `slot_bytes` slots that `config` asks for, the disk tier under
@@ -87,8 +92,13 @@ def build_storage(
     carry `namespace` (16 bytes): the fingerprint of the cache that writes them."""
     storage = Storage(HostSlotPool.for_config(config, slot_bytes), {})
     if disk_root is not None:
-        disk = DiskTier(disk_root, max(disk_bytes, 1), threads=config.disk_io_threads, o_direct=config.disk_o_direct,
-                        namespace=namespace)
+        disk = DiskTier(
+            disk_root,
+            max(disk_bytes, 1),
+            threads=config.disk_io_threads,
+            o_direct=config.disk_o_direct,
+            namespace=namespace,
+        )
         storage.tiers[Source.DISK] = disk
         storage.presence[Source.DISK] = disk
     if config.remote_url:

@@ -410,8 +410,9 @@ class DiskTier:
                 self._drop(key)
             return bad.kind
         try:
-            self._read_checked(path, key, memoryview(bytearray(fields.payload_len)), direct=False,
-                               namespace=fields.namespace)
+            self._read_checked(
+                path, key, memoryview(bytearray(fields.payload_len)), direct=False, namespace=fields.namespace
+            )
         except BadRecord as bad:
             return bad.kind  # deleted by _read_checked
         return None
@@ -543,8 +544,9 @@ class DiskTier:
             full = "too_large" if size > self._capacity else "no_room" if self._reserved + size > self._capacity else ""
             if full:
                 self._writes_failed[full] += 1
-                self._write_faults.failed(full, f"{size} bytes, {self._capacity - self._reserved} free of "
-                                                f"{self._capacity}")
+                self._write_faults.failed(
+                    full, f"{size} bytes, {self._capacity - self._reserved} free of {self._capacity}"
+                )
                 return False
             self._evict_down_to(self._capacity - self._reserved - size)
             self._reserved += size
@@ -617,7 +619,9 @@ class DiskTier:
         self._read_checked(path, key, out, direct=False)
         return False
 
-    def _read_checked(self, path: Path, key: bytes, out: memoryview, direct: bool, namespace: bytes | None = None) -> None:
+    def _read_checked(
+        self, path: Path, key: bytes, out: memoryview, direct: bool, namespace: bytes | None = None
+    ) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
         try:
             st = os.fstat(fd)

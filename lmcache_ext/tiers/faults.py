@@ -24,8 +24,13 @@ class FaultLog:
             self._burst += 1
             first = self._burst == 1
         if first:
-            self._logger.warning("%s failing (%s%s): those chunks are not cached; further faults are counted, "
-                                 "not logged, until one succeeds", self._what, kind, f": {detail}" if detail else "")
+            self._logger.warning(
+                "%s failing (%s%s): those chunks are not cached; further faults are counted, "
+                "not logged, until one succeeds",
+                self._what,
+                kind,
+                f": {detail}" if detail else "",
+            )
 
     def succeeded(self) -> None:
         with self._lock:

@@ -103,7 +103,9 @@ def tls_problem(endpoint: RemoteEndpoint, config: CacheConfig) -> str | None:
             with context.wrap_socket(raw, server_hostname=host):
                 return None
     except ssl.SSLCertVerificationError as exc:
-        return f"TLS verification failed ({exc.verify_message}; set remote_tls_ca_file to the CA that signed the server)"
+        return (
+            f"TLS verification failed ({exc.verify_message}; set remote_tls_ca_file to the CA that signed the server)"
+        )
     except ssl.SSLError as exc:
         return f"TLS handshake failed ({exc.reason})"
     except OSError:
@@ -130,8 +132,11 @@ class Health:
             self._backoff = min(BACKOFF_MAX_S, self._backoff * 2 or BACKOFF_FIRST_S)
             self._down_until = time.monotonic() + self._backoff
         if first:
-            logger.warning("remote tier %s is not answering (%s): its hits and stores are skipped, retrying with "
-                           "backoff", self._shown, exc)
+            logger.warning(
+                "remote tier %s is not answering (%s): its hits and stores are skipped, retrying with backoff",
+                self._shown,
+                exc,
+            )
 
     def succeeded(self) -> None:
         with self._lock:
@@ -258,18 +263,30 @@ class RemoteStore:
         if ep.tls:
             ca = open(cfg.remote_tls_ca_file, "rb").read() if cfg.remote_tls_ca_file else None
             tls = glide.TlsAdvancedConfiguration(
-                use_insecure_tls=not cfg.remote_tls_verify, root_pem_cacerts=ca,
-                client_cert_path=cfg.remote_tls_cert_file, client_key_path=cfg.remote_tls_key_file,
+                use_insecure_tls=not cfg.remote_tls_verify,
+                root_pem_cacerts=ca,
+                client_cert_path=cfg.remote_tls_cert_file,
+                client_key_path=cfg.remote_tls_key_file,
             )
         timeout = cfg.remote_timeout_ms
         if ep.cluster:
             cluster = glide.AdvancedGlideClusterClientConfiguration(connection_timeout=timeout, tls_config=tls)
-            return glide.GlideClusterClient.create(glide.GlideClusterClientConfiguration(
-                addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, advanced_config=cluster))
+            return glide.GlideClusterClient.create(
+                glide.GlideClusterClientConfiguration(
+                    addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, advanced_config=cluster
+                )
+            )
         advanced = glide.AdvancedGlideClientConfiguration(connection_timeout=timeout, tls_config=tls)
-        return glide.GlideClient.create(glide.GlideClientConfiguration(
-            addresses, use_tls=ep.tls, credentials=credentials, request_timeout=timeout, database_id=ep.db,
-            advanced_config=advanced))
+        return glide.GlideClient.create(
+            glide.GlideClientConfiguration(
+                addresses,
+                use_tls=ep.tls,
+                credentials=credentials,
+                request_timeout=timeout,
+                database_id=ep.db,
+                advanced_config=advanced,
+            )
+        )
 
 
 class Unavailable(Exception):
@@ -285,8 +302,9 @@ class RemotePresence:
     without waiting on the network. One pipelined round trip checks the manifests of
     every TP rank's shard of a batch of chunks; answers are kept `fresh_s` seconds."""
 
-    def __init__(self, store: RemoteStore, shard_keys: Callable[[bytes], Sequence[tuple[bytes, int]]],
-                 fresh_s: float = 2.0) -> None:
+    def __init__(
+        self, store: RemoteStore, shard_keys: Callable[[bytes], Sequence[tuple[bytes, int]]], fresh_s: float = 2.0
+    ) -> None:
         """`shard_keys(chunk_key)`: the (shard key, rank) pairs that make the chunk."""
         self._store = store
         self._shard_keys = shard_keys
@@ -416,8 +434,9 @@ class RemoteTier:
                 raise BadRecord("untagged")
             mac.check(rest[PART_SIZE.size :], bytes(manifest[: HEADER.size + PART_SIZE.size]), out)
 
-    def _read_parts(self, client: Any, manifest_key: bytes, out: memoryview, part_bytes: int,
-                    before: list[memoryview]) -> list[bytes] | None:
+    def _read_parts(
+        self, client: Any, manifest_key: bytes, out: memoryview, part_bytes: int, before: list[memoryview]
+    ) -> list[bytes] | None:
         """MGET `before`'s keys (the manifest) and the parts of `part_bytes` into `out`;
         the answers for `before`, or None when the manifest is missing. Raises
         BadRecord when a part is missing or of the wrong length."""
@@ -525,8 +544,12 @@ class RemoteTier:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._counts, "reads_bad": dict(self._reads_bad), "writes_failed": dict(self._writes_failed),
-                    "writes_pending": len(self._pending)}
+            return {
+                **self._counts,
+                "reads_bad": dict(self._reads_bad),
+                "writes_failed": dict(self._writes_failed),
+                "writes_pending": len(self._pending),
+            }
 
     def _forget(self, future: Future[bool]) -> None:
         with self._lock:

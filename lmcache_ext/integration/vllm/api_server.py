@@ -29,9 +29,22 @@ _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 def server_command(model: Path | str, port: int, kv_transfer_config: dict | None, args: tuple[str, ...]) -> list[str]:
     """The command line that starts the server (printed in the log of every start)."""
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--host", "127.0.0.1", "--port", str(port), "--seed", "0", "--enable-prompt-tokens-details",
-               "--disable-uvicorn-access-log", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--seed",
+        "0",
+        "--enable-prompt-tokens-details",
+        "--disable-uvicorn-access-log",
+        *args,
+    ]
     if kv_transfer_config is not None:
         command += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
     return command
@@ -62,8 +75,16 @@ class ApiServer:
     (nothing leaves the machine); `args` are further server arguments. The server's
     output goes to `log_path` (a temp file by default), whose tail a failed start shows."""
 
-    def __init__(self, model: Path | str, *, kv_transfer_config: dict | None = None, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, kv_cache_gib: int = 1, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: Path | str,
+        *,
+        kv_transfer_config: dict | None = None,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        kv_cache_gib: int = 1,
+        log_path: Path | None = None,
+    ) -> None:
         self.model = str(model)
         self.kv_transfer_config = kv_transfer_config
         self.args = args
@@ -84,18 +105,22 @@ class ApiServer:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {' '.join(command)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the vLLM server exited with {self.proc.returncode} while starting; "
-                                   f"log tail:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the vLLM server exited with {self.proc.returncode} while starting; log tail:\n{self.log_tail()}"
+                )
             if self.healthy():
                 return self
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"the vLLM server did not answer /health within {timeout:.0f} s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"the vLLM server did not answer /health within {timeout:.0f} s; log tail:\n{self.log_tail()}"
+        )
 
     def healthy(self) -> bool:
         try:
@@ -109,8 +134,11 @@ class ApiServer:
 
     def metric_sum(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` whose labels include `labels`."""
-        return sum(value for (sample, sample_labels), value in self.metrics().items()
-                   if sample == name and set(labels.items()) <= set(sample_labels))
+        return sum(
+            value
+            for (sample, sample_labels), value in self.metrics().items()
+            if sample == name and set(labels.items()) <= set(sample_labels)
+        )
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM, then SIGKILL of the server's process group after `timeout`."""

@@ -63,16 +63,21 @@ def startup_line(config: CacheConfig, geometry: Geometry) -> str:
     slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
     num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
     loads = "in the background" if config.loads_async(geometry.device_type) else "before the forward"
-    return (f"{build_line()}: connector set up for a {geometry.device_type} engine with "
-            f"{tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "
-            f"lower-tier loads {loads}, stores {'in the background' if config.async_save else 'after the forward'}")
+    return (
+        f"{build_line()}: connector set up for a {geometry.device_type} engine with "
+        f"{tiers_line(config, num_slots, slot_bytes, geometry.tp_size)}; "
+        f"lower-tier loads {loads}, stores {'in the background' if config.async_save else 'after the forward'}"
+    )
 
 
 share_vllm_log()
 
 SUPPORTED_VLLM = ("0.32", "0.33")
-HIT_SOURCES = {Source.HOST: CacheHitSource.HOST, Source.DISK: CacheHitSource.DISK,
-               Source.REMOTE: CacheHitSource.EXTERNAL_UNSPECIFIED}
+HIT_SOURCES = {
+    Source.HOST: CacheHitSource.HOST,
+    Source.DISK: CacheHitSource.DISK,
+    Source.REMOTE: CacheHitSource.EXTERNAL_UNSPECIFIED,
+}
 """Our tiers as vLLM's prompt_tokens_cached_by_source labels (it has none for a remote store)."""
 
 
@@ -110,8 +115,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         else:
             self._worker = IdleSide()
         if geometry is None:
-            logger.warning("lmcache_ext: the model has no KV cache groups (an encoder-only or attention-free "
-                           "model): nothing to cache, the connector stays idle")
+            logger.warning(
+                "lmcache_ext: the model has no KV cache groups (an encoder-only or attention-free "
+                "model): nothing to cache, the connector stays idle"
+            )
 
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
@@ -192,8 +199,13 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return LMCacheConnectorStats(data=dict(data or {}))
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
-                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
         """The ``lmcache_ext:`` series on vLLM's /metrics (see lmcache_ext.metrics)."""
         return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 

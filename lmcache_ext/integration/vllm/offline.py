@@ -43,16 +43,12 @@ def fair_cpu_binding() -> dict[str, str]:
     }
 
 
-def run_vllm_script(
-    code: str, env_extra: dict[str, str] | None = None, timeout: float = 300.0
-) -> dict:
+def run_vllm_script(code: str, env_extra: dict[str, str] | None = None, timeout: float = 300.0) -> dict:
     """Run `code` in a fresh Python process under `offline_vllm_env()` and return the JSON it
     reports. `code` is the body of a `main()` that returns a JSON-serialisable dict."""
     script = (
         "import json\n\n"
-        "def main():\n"
-        + textwrap.indent(textwrap.dedent(code), "    ")
-        + "\n\nif __name__ == '__main__':\n"
+        "def main():\n" + textwrap.indent(textwrap.dedent(code), "    ") + "\n\nif __name__ == '__main__':\n"
         f"    print({RESULT_MARKER!r} + json.dumps(main()), flush=True)\n"
     )
     env = {**os.environ, **offline_vllm_env(), **(env_extra or {})}

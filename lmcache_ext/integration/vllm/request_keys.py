@@ -57,8 +57,10 @@ def _encode(value: Any, out: bytearray) -> None:
         for item in value:
             _encode(item, out)
     else:
-        raise UnkeyableRequest(f"an extra key of type {type(value).__name__} ({value!r:.80}): expected "
-                               "str, bytes, int, float, bool, None or tuples of them")
+        raise UnkeyableRequest(
+            f"an extra key of type {type(value).__name__} ({value!r:.80}): expected "
+            "str, bytes, int, float, bool, None or tuples of them"
+        )
 
 
 def extra_of(request: Any) -> ExtraOf:

@@ -69,7 +69,9 @@ class DiskPresence:
         self._geometry = geometry
 
     def contains(self, key: ChunkKey) -> bool:
-        return all(chunk_path(root, rank_key(key, rank, self._geometry)).exists() for rank, root in enumerate(self._roots))
+        return all(
+            chunk_path(root, rank_key(key, rank, self._geometry)).exists() for rank, root in enumerate(self._roots)
+        )
 
 
 @dataclass
@@ -133,7 +135,9 @@ class SchedulerSide:
         self._next = StepPlan()
         self._ids = itertools.count()
         self._items: dict[int, _Item] = {}
-        self._tally: dict[str, Counter] = {k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")}
+        self._tally: dict[str, Counter] = {
+            k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")
+        }
         self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
         self._async_load = config.loads_async(geometry.device_type)
 
@@ -217,13 +221,17 @@ class SchedulerSide:
             copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), blocks, lo - c * g.blocks_per_chunk)
             lower = load.source is not Source.HOST
             read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks)) if lower else None
-            items.append(LoadItem(self._new_item(_Item(load.key, False, load.source if lower else None)), load.key,
-                                  copy, read))
+            items.append(
+                LoadItem(self._new_item(_Item(load.key, False, load.source if lower else None)), load.key, copy, read)
+            )
             covered = hi
         failed = block_ids[covered:end_block]
         if failed:  # a disk file vanished since the lookup (the workers' disk tier evicts on its own)
-            logger.info("request %s: %d promised blocks are no longer cached; vLLM recomputes them",
-                        request.request_id, end_block - covered)
+            logger.info(
+                "request %s: %d promised blocks are no longer cached; vLLM recomputes them",
+                request.request_id,
+                end_block - covered,
+            )
         if state.load_async:
             self._next.async_loads.append(AsyncLoad(request.request_id, tuple(items), tuple(failed)))
         else:
@@ -413,7 +421,9 @@ class SchedulerSide:
     def _state(self, request: Any) -> _Request:
         state = self._requests.get(request.request_id)
         if state is None:
-            state = _Request(request.all_token_ids, self._namespace, extra_of(request), prompt_len=request.num_prompt_tokens)
+            state = _Request(
+                request.all_token_ids, self._namespace, extra_of(request), prompt_len=request.num_prompt_tokens
+            )
             self._requests[request.request_id] = state
         return state
 
@@ -436,8 +446,14 @@ class SchedulerSide:
         if not self._config.save_unfull_chunk or not state.keyable or c > len(state.keys) or end < c * chunk:
             return []
         try:
-            return partial_keys(state.tokens, state.namespace, start=c * chunk, prev_key=state.keys[c - 1] if c else None,
-                                end=end, extra_of=state.extra)
+            return partial_keys(
+                state.tokens,
+                state.namespace,
+                start=c * chunk,
+                prev_key=state.keys[c - 1] if c else None,
+                end=end,
+                extra_of=state.extra,
+            )
         except UnkeyableRequest:
             return []
 

@@ -44,7 +44,9 @@ class Geometry:
         config.check_block_size(spec.block_size)
         model = vllm_config.model_config
         tp_size = vllm_config.parallel_config.tensor_parallel_size
-        layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(vllm_config.cache_config, "kv_cache_layout", None)
+        layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(
+            vllm_config.cache_config, "kv_cache_layout", None
+        )
         namespace = Namespace(
             model=str(model.model),
             revision=str(model.revision or ""),

@@ -10,7 +10,7 @@ processes. Tokens are counted by TP rank 0 and the scheduler only, bytes by ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
@@ -21,6 +21,8 @@ from lmcache_ext.metrics import PromSink, empty_payload, flatten, is_empty, merg
 @dataclass
 class LMCacheConnectorStats(KVConnectorStats):
     """Counts since the last report, as a `lmcache_ext.metrics` payload."""
+
+    data: dict[str, Any] = field(default_factory=empty_payload)
 
     def __post_init__(self) -> None:
         self.data = merge(empty_payload(), self.data)  # a copy, checked
@@ -43,8 +45,13 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
     """The ``lmcache_ext:`` series, made with the metric classes vLLM hands over (its
     multi-process aware ones, or Ray's), under vLLM's per-engine labels."""
 
-    def __init__(self, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
-                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+    def __init__(
+        self,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._sink = PromSink(self._counter_cls, self._gauge_cls, self._histogram_cls, labelnames)
 

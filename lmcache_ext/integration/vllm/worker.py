@@ -98,19 +98,30 @@ class WorkerSide:
             return
         g, cfg = self._geometry, self._config
         storage = build_storage(
-            cfg, kv.chunk_bytes(g.blocks_per_chunk), namespace=g.namespace.fingerprint, rank=self._rank,
+            cfg,
+            kv.chunk_bytes(g.blocks_per_chunk),
+            namespace=g.namespace.fingerprint,
+            rank=self._rank,
             disk_root=rank_root(Path(cfg.local_disk), self._rank) if cfg.local_disk else None,
             disk_bytes=cfg.disk_bytes // g.tp_size,
         )
         self._storage = storage
-        self._executor = TransferExecutor(kv, storage.pool, storage.tiers,
-                                          read_threads=max(cfg.disk_io_threads, cfg.remote_connections),
-                                          cuda_copy_path=cfg.cuda_copy_path)
+        self._executor = TransferExecutor(
+            kv,
+            storage.pool,
+            storage.tiers,
+            read_threads=max(cfg.disk_io_threads, cfg.remote_connections),
+            cuda_copy_path=cfg.cuda_copy_path,
+        )
         if cfg.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
-        logger.info("lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s", self._rank,
-                    storage.pool.num_slots, storage.pool.slot_bytes,
-                    ", ".join(t.value for t in storage.tiers) or "none")
+        logger.info(
+            "lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s",
+            self._rank,
+            storage.pool.num_slots,
+            storage.pool.slot_bytes,
+            ", ".join(t.value for t in storage.tiers) or "none",
+        )
 
     def unregister(self) -> None:
         """vLLM is about to release the KV cache's memory: wait for every transfer that
@@ -142,8 +153,12 @@ class WorkerSide:
         errors, so vLLM recomputes those blocks (invariant 3)."""
         if plan.clear_tiers and self._storage is not None:
             for source, tier in self._storage.tiers.items():
-                logger.info("lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
-                            self._rank, tier.clear(), source.value)
+                logger.info(
+                    "lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
+                    self._rank,
+                    tier.clear(),
+                    source.value,
+                )
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
             if plan.idle and self._jobs:
@@ -169,8 +184,10 @@ class WorkerSide:
             return
         if self._layer_save is None or self._layer_save[0] is not plan:
             items = [i.copy for i in plan.stores]
-            self._layer_save = (plan, LayerwiseSave(self._executor_checked(), items, len(self._layer_index),
-                                                    self._submit_saver))
+            self._layer_save = (
+                plan,
+                LayerwiseSave(self._executor_checked(), items, len(self._layer_index), self._submit_saver),
+            )
         self._layer_save[1].layer(layer)
 
     def save(self, plan: StepPlan) -> None:
@@ -189,12 +206,17 @@ class WorkerSide:
         executor = self._executor_checked()
         items = tuple(i.copy for i in plan.stores)
         if self._layerwise:
-            save = layers[1] if layers is not None and layers[0] is plan else LayerwiseSave(
-                executor, items, len(self._layer_index), self._submit_saver)
+            save = (
+                layers[1]
+                if layers is not None and layers[0] is plan
+                else LayerwiseSave(executor, items, len(self._layer_index), self._submit_saver)
+            )
             gather = save.finish
         else:
+
             def gather() -> tuple[bool, ...]:
                 return self._run(Plan(gathers=items)).gathers
+
         if executor.device.type == "cuda":  # queued on the forward's thread, after its stream's work
             gather = _already(gather())
         if self._config.async_save:
@@ -241,14 +263,18 @@ class WorkerSide:
     def _start_layer_loads(self, items: Sequence[LoadItem]) -> None:
         """Fill slots from the lower tiers, then start the per-layer scatters of the
         items whose slot is filled; the others are reported failed at once."""
-        reads = [i for i in items if i.read is not None]
-        read_ok = self._run(Plan(reads=tuple(self._shard(i.read) for i in reads))).reads
-        unread = {i.id for i, ok in zip(reads, read_ok) if not ok}
+        reads = [(i.id, i.read) for i in items if i.read is not None]
+        read_ok = self._run(Plan(reads=tuple(self._shard(read) for _, read in reads))).reads
+        unread = {item_id for (item_id, _), ok in zip(reads, read_ok) if not ok}
         self._report_loads([i for i in items if i.id in unread], [False] * len(unread))
         loading = [i for i in items if i.id not in unread]
         if loading:
-            load = LayerwiseLoad(self._executor_checked(), [i.copy for i in loading], len(self._layer_index),
-                                 lambda fn, *args: self._layer_copier.submit(fn, *args))
+            load = LayerwiseLoad(
+                self._executor_checked(),
+                [i.copy for i in loading],
+                len(self._layer_index),
+                lambda fn, *args: self._layer_copier.submit(fn, *args),
+            )
             self._layer_load = (loading, load)
 
     def _finish_layer_loads(self) -> None:
@@ -266,8 +292,9 @@ class WorkerSide:
                 (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
                 tier = item.read.tier.value if item.read is not None else "host"
                 if ok:
-                    self._metrics.loaded(tier, self._tokens(item.copy.block_ids),
-                                         self._geometry.chunk_bytes(len(item.copy.block_ids)))
+                    self._metrics.loaded(
+                        tier, self._tokens(item.copy.block_ids), self._geometry.chunk_bytes(len(item.copy.block_ids))
+                    )
                 else:
                     self._metrics.failed(f"{tier}_read")
                     self._load_errors.update(item.copy.block_ids)
@@ -318,8 +345,10 @@ class WorkerSide:
                     item_of[(tier, shard.key)] = item
             self._saves_done.notify_all()
         start = time.perf_counter()
-        self._run(Plan(writes=tuple(writes)),
-                  on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start))
+        self._run(
+            Plan(writes=tuple(writes)),
+            on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start),
+        )
 
     def _submit_saver(self, fn: Callable[..., None], *args: object) -> Future[None]:
         return self._submit(self._saver, fn, *args)
