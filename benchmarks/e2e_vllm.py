@@ -19,13 +19,14 @@ One JSON line per figure:
   loads inside the step), and without a connector.
 - a multi-round chat (`--multi-round`, also part of the full run): users whose every
   round's prompt is the previous one plus an answer and a question; later-round TTFT
-  of ours (with and without partial chunks) against vLLM's prefix cache with a KV
-  space large enough for every user (the limit; bar: ours <= 1.1x).
+  of ours (with and without partial chunks, without the disk tier, with buffered disk
+  writes) against vLLM's prefix cache with a KV space large enough for every user
+  (the limit; bar: ours <= 1.1x).
 Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
 --layerwise measures only the warm TTFT (from host memory) with use_layerwise against
 whole-step loads, each pair in both orders of engine processes.
-Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round]
+Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round [--repeats 2]]
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def multi_round_figures(
         "ours_partial_chunks": lambda i: {
             "kv_transfer_config": connector_config(work / f"p{i}", save_unfull_chunk=True)
         },
+        "ours_partial_chunks_buffered_disk": lambda i: {
+            "kv_transfer_config": connector_config(work / f"b{i}", save_unfull_chunk=True, disk_o_direct=False)
+        },
         "ours_full_chunks_only": lambda i: {
             "kv_transfer_config": connector_config(work / f"f{i}", save_unfull_chunk=False)
         },
@@ -246,12 +250,13 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=4096)
     parser.add_argument("--layerwise", action="store_true", help="only the layerwise vs whole-step warm TTFT")
     parser.add_argument("--multi-round", action="store_true", help="run only the multi-round chat case")
+    parser.add_argument("--repeats", type=int, default=2, help="multi-round: turns each engine kind takes")
     args = parser.parse_args()
     rng = random.Random(0)
     if args.multi_round:
         with tempfile.TemporaryDirectory(prefix="lmcache_ext_e2e_") as tmp:
             model = build_tiny_llama(Path(tmp) / "model", **dataclasses.asdict(BENCH))
-            multi_round_figures(model, rng, Path(tmp))
+            multi_round_figures(model, rng, Path(tmp), repeats=args.repeats)
         return
     docs = [[rng.randrange(3, BENCH.vocab) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
     question = lambda n: [rng.randrange(3, BENCH.vocab) for _ in range(n)]  # noqa: E731

@@ -358,7 +358,7 @@ class CacheConfig:
     cross_layer_blocks: bool | None = field(default=None, metadata={"parse": _parse_optional_bool})
     cuda_copy_path: str = field(default="kernel", metadata={"parse": _choice_parser(CUDA_COPY_PATHS)})
     cache_policy: str = field(default="LRU", metadata={"parse": _choice_parser(CACHE_POLICIES)})
-    disk_o_direct: bool = field(default=False, metadata={"parse": _parse_bool})
+    disk_o_direct: bool = field(default=True, metadata={"parse": _parse_bool})
     disk_io_threads: int = field(default=2, metadata={"parse": _int_parser(1, "")})
     cpu_copy_threads: int = field(
         default=0, metadata={"parse": _int_parser(0, " (0 = the default)", MAX_CPU_COPY_THREADS)}

