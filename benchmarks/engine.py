@@ -5,7 +5,8 @@ One JSON line per figure:
 - host store / retrieve GB/s vs the kernel alone (gather / scatter of the same chunks
   into the same slots);
 - disk store (store + flush) / retrieve GB/s vs a plain sequential file write / read
-  of the same bytes in the same directory, with the page cache dropped before reads;
+  of the same bytes in the same directory, with O_DIRECT where the tier uses it (its
+  default), else with the page cache dropped before reads;
 - lookup microseconds for 8k and 128k-token prompts that hit every chunk;
 - what a cache reset costs on a full disk tier: the reset call itself, and the
   background deletion of every chunk file until `flush` returns, vs unlinking as many
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import random
 import statistics
@@ -114,7 +116,8 @@ def disk_tier(root: Path, reps: int) -> None:
     layers = make_layers("LBNHC", LAYERS, 2 * blocks_per_prompt, HEADS, BLOCK, WIDTH, torch.float16)
     nbytes = PROMPT_CHUNKS * ops.PagedLayers.from_tensors(layers).chunk_bytes(CHUNK // BLOCK)
     src, dst = list(range(blocks_per_prompt)), list(range(blocks_per_prompt, 2 * blocks_per_prompt))
-    payload = memoryview(torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy())
+    payload = memoryview(mmap.mmap(-1, nbytes))  # page-aligned, as O_DIRECT needs
+    payload[:] = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes()
     plain, kv_dir = root / "plain.bin", root / "kv"
 
     def timed(fn: Callable[[], object]) -> float:
@@ -123,14 +126,6 @@ def disk_tier(root: Path, reps: int) -> None:
         fn()
         return time.perf_counter() - start
 
-    def plain_write() -> None:
-        with open(plain, "wb") as f:
-            f.write(payload)
-
-    def plain_read() -> None:
-        with open(plain, "rb") as f:
-            f.readinto(payload)
-
     # host tier of two prompts: every prompt read back must come from disk
     cfg = CacheConfig(
         chunk_size=CHUNK,
@@ -138,6 +133,26 @@ def disk_tier(root: Path, reps: int) -> None:
         local_disk=str(kv_dir),
         max_local_disk_size=(reps + 4) * 2 * nbytes / GB,
     )
+    direct = os.O_DIRECT if cfg.disk_o_direct else 0
+
+    def plain_io(move: Callable[[int, list[memoryview], int], int], flags: int) -> None:
+        fd = os.open(plain, flags | direct, 0o600)
+        try:
+            done = 0
+            while done < nbytes:
+                moved = move(fd, [payload[done:]], done)
+                if not moved:
+                    raise OSError(f"{plain}: moved {done} of {nbytes} bytes")
+                done += moved
+        finally:
+            os.close(fd)
+
+    def plain_write() -> None:
+        plain_io(os.pwritev, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+
+    def plain_read() -> None:
+        plain_io(os.preadv, os.O_RDONLY)
+
     prompts = [prompt(PROMPT_CHUNKS * CHUNK, seed=100 + i) for i in range(reps)]
     writes: dict[str, list[float]] = {"ours": [], "plain": []}
     with CacheEngine(cfg, layers, BLOCK) as engine:
@@ -166,6 +181,7 @@ def disk_tier(root: Path, reps: int) -> None:
         emit(
             {
                 "tier": "disk",
+                "o_direct": cfg.disk_o_direct,
                 "op": op,
                 "bytes": nbytes,
                 "ours_gbps": round(nbytes / t_ours / 1e9, 2),
