@@ -15,6 +15,7 @@ import pytest
 import torch
 import xxhash
 
+from lmcache_ext.testing.filesystems import direct_io_supported
 from lmcache_ext.tiers import DiskTier, disk
 
 GiB = 1 << 30
@@ -48,24 +49,6 @@ def slot(n: int, seed: int | None = None, aligned: bool = True) -> torch.Tensor:
 def chunk_files(root: Path) -> list[Path]:
     """Every file below the fan-out directories, temp files included."""
     return sorted(p for p in root.glob("*/*") if p.is_file())
-
-
-def direct_io_supported(directory: Path) -> bool:
-    """Whether `directory`'s filesystem takes an aligned O_DIRECT write."""
-    probe = directory / "probe"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-        try:
-            os.pwritev(fd, [mmap.mmap(-1, 4096)], 0)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
-    return True
 
 
 @pytest.fixture
@@ -106,6 +89,19 @@ def test_header_layout_is_fixed():
     assert disk.HEADER.format == "<8sHH16s16sQQQ"
     assert disk.HEADER.size == HEADER_SUM_AT + 8
     assert disk.HEADER_SIZE == 4096
+
+
+@pytest.mark.parametrize("o_direct", [False, True], ids=["buffered", "o_direct"])
+def test_a_read_asks_for_header_and_payload_in_one_request(make_tier, monkeypatch, o_direct):
+    tier = make_tier(o_direct=o_direct)
+    n = 3 * 4096 + 100  # a last partial block: through the bounce page with O_DIRECT
+    payload = slot(n, seed=5)
+    store(tier, key(5), payload)
+    offsets, real = [], os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: offsets.append(at) or real(fd, bufs, at))
+    out = read_back(tier, key(5), n)
+    assert out is not None and torch.equal(out, payload)
+    assert offsets == [0]
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])

@@ -18,6 +18,7 @@ from lmcache_ext import ops
 from lmcache_ext.config import GB, STAGING_SLOTS, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.testing.filesystems import direct_io_supported
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 LAYERS, BLOCKS, BLOCK = 4, 96, 16
@@ -121,6 +122,25 @@ def test_host_eviction_falls_back_to_disk_and_reloads_exact_bytes(tmp_path):
         # promoted back into host memory: the next load comes from there
         assert engine.retrieve(prompts[0], list(range(72, 80))) == 2 * CHUNK
         assert engine.stats()["loaded_tokens_host"] == 2 * CHUNK
+
+
+def test_disk_files_bypass_the_page_cache_by_default(tmp_path):
+    """O_DIRECT is the default; where the filesystem refuses it every file goes through
+    the page cache instead, and the bytes are the same either way."""
+    direct = direct_io_supported(tmp_path / "kv")
+    cache = new_cache(4)
+    prompts = [prompt(2 * CHUNK, seed=30 + i) for i in range(2)]
+    with CacheEngine(config(tmp_path, host_chunks=2), cache, BLOCK) as engine:
+        for i, p in enumerate(prompts):
+            engine.store(p, list(range(8 * i, 8 * i + 8)))
+            engine.flush()
+        expected = blocks_of(cache, list(range(8)))
+        assert engine.retrieve(prompts[0], list(range(64, 72))) == 2 * CHUNK  # evicted from host: from disk
+        for layer, kv in enumerate(cache):
+            assert torch.equal(page_view(kv)[64:72], expected[layer])
+        stats = engine.stats()
+    assert stats["disk_writes_ok"] == 4 and stats["loaded_tokens_disk"] == 2 * CHUNK
+    assert (stats["disk_direct_writes"], stats["disk_direct_reads"]) == (4 * direct, 2 * direct)
 
 
 def test_a_restarted_engine_finds_the_disk_cache(tmp_path):
