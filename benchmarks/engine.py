@@ -36,6 +36,7 @@ from lmcache_ext import ops
 from lmcache_ext.config import GB, CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.testing.kv_layouts import make_layers
+from lmcache_ext.tiers.disk import Mover, move_all
 
 LAYERS, BLOCK, CHUNK = 32, 16, 256
 HEADS, WIDTH = 8, 256  # 64 KiB pages (fp16): a 256-token chunk is 32 MiB
@@ -135,15 +136,11 @@ def disk_tier(root: Path, reps: int) -> None:
     )
     direct = os.O_DIRECT if cfg.disk_o_direct else 0
 
-    def plain_io(move: Callable[[int, list[memoryview], int], int], flags: int) -> None:
+    def plain_io(move: Mover, flags: int) -> None:
         fd = os.open(plain, flags | direct, 0o600)
         try:
-            done = 0
-            while done < nbytes:
-                moved = move(fd, [payload[done:]], done)
-                if not moved:
-                    raise OSError(f"{plain}: moved {done} of {nbytes} bytes")
-                done += moved
+            if (done := move_all(move, fd, [payload], 0)) < nbytes:
+                raise OSError(f"{plain}: moved {done} of {nbytes} bytes")
         finally:
             os.close(fd)
 

