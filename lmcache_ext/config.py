@@ -32,7 +32,7 @@ unknown key is a `ConfigError` with a did-you-mean suggestion.
 from __future__ import annotations
 
 import difflib
-import importlib.util
+import importlib
 import logging
 import math
 import os
@@ -392,7 +392,7 @@ class CacheConfig:
         """TLS files only with a TLS URL, a client certificate only with its key."""
         tls_keys = ("remote_tls_ca_file", "remote_tls_cert_file", "remote_tls_key_file")
         endpoint = parse_remote_url(self.remote_url) if self.remote_url else None
-        if endpoint is not None and importlib.util.find_spec("glide_sync") is None:
+        if endpoint is not None and not _importable("glide_sync"):
             raise ConfigError(
                 f"remote_url = {_shown('remote_url', self.remote_url)} from {source_of['remote_url']} needs the "
                 "remote tier's client, which is not installed: pip install 'lmcache_ext[remote]' "
@@ -457,6 +457,17 @@ class CacheConfig:
 
     def __repr__(self) -> str:
         return "CacheConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` imports: a package that is found but fails to import (a broken or
+    hidden install) counts as missing, so the start-up error names it instead of a crash
+    deep in a tier."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _unwritable_reason(path: str) -> str:

@@ -109,3 +109,11 @@ def build_tiny_llama(
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m lmcache_ext.tiny_llama DIR  (writes the demo's random-weight Llama into DIR)")
+    print(build_tiny_llama(Path(sys.argv[1])))

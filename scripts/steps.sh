@@ -25,3 +25,10 @@ build_package() {
   fi
   rm -f "$log"
 }
+
+# copy_tree DEST: this checkout's files (tracked, and untracked ones git does not ignore) into
+# DEST, without its build outputs, so a run there starts as a fresh clone would.
+copy_tree() {
+  mkdir -p "$1"
+  git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$1"
+}

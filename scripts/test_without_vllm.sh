@@ -26,7 +26,7 @@ EOF
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK"
+copy_tree "$WORK"
 cd "$WORK"
 export PATH="$VENV/bin:$PATH" PYTHON="$PY"
 step "benchmarks/gpu_check.sh --dry-run (its checks, a CUDA build for one arch, the GPU tests' collection)"

