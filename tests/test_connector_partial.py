@@ -5,11 +5,25 @@ partials are evicted like any chunk, and TP ranks each store and load their shar
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
-from connector_rig import BLOCK, CHUNK, Rig, cached_step, geometry, hit, loads_of, prompt, request, same_pages
+from connector_rig import (
+    BLOCK,
+    CHUNK,
+    Rig,
+    cached_step,
+    geometry,
+    hit,
+    loads_of,
+    prompt,
+    request,
+    same_pages,
+    step_output,
+)
 from lmcache_ext.integration.vllm.shards import rank_key, rank_root
 from lmcache_ext.keys import chunk_keys, partial_keys
+from lmcache_ext.testing.kv_layouts import page_view
 
 
 def chat(rounds: int, first: int, grow: int, seed: int) -> list[list[int]]:
@@ -115,12 +129,24 @@ def test_with_save_decode_cache_the_generated_blocks_are_stored_when_the_request
         rig.run(rig.scheduler.build_plan(cached_step("a", computed, None, 1)))
         computed += 1
     tokens.append(3)  # the last sampled token: no KV computed for it
-    assert rig.scheduler.finished("a") is True  # its blocks stay until the partial is gathered
-    plan = rig.run(rig.scheduler.build_plan(cached_step("b", 0, None, 0)), finished={"a"})
-    assert [i.copy.block_ids for i in plan.stores] == [(4, 5, 6)]  # 3 blocks past the full chunk
-    assert rig.sent == {"a"}
+    assert rig.scheduler.finished("a") is False  # vLLM frees its blocks now ...
+    plan = rig.scheduler.build_plan(cached_step("b", 0, None, 0))
+    assert plan.released == ["a"] and [i.copy.block_ids for i in plan.stores] == [(4, 5, 6)]  # 3 past the chunk
+    original = [page_view(t)[[0, 1, 2, 3, 4, 5, 6]].clone() for t in rig.caches[0]]
+    w = rig.workers[0]
+    w.handle_preemptions(plan)  # ... and the next step gathers the partial before anything can reuse them
+    for t in rig.caches[0]:
+        page_view(t)[[4, 5, 6]] = 0  # the reuse: this step's forward writes another request's KV there
+    w.load(plan)
+    w.save(plan)
+    w.flush()
+    rig.scheduler.apply_report(w.take_report())
+    assert w.get_finished({"a"}) == (None, None)
     grown = request("c", tokens + prompt(30, seed=8))
     assert hit(rig.scheduler, grown) == CHUNK + 3 * BLOCK
+    rig.scheduler.plan_load(grown, list(range(20, 28)), CHUNK + 3 * BLOCK)
+    rig.run(rig.scheduler.build_plan(step_output()))
+    assert all(torch.equal(page_view(t)[list(range(20, 27))], o) for t, o in zip(rig.caches[0], original))
 
 
 def test_a_partial_on_disk_is_hit_after_a_restart_by_every_tp_rank(tmp_path):

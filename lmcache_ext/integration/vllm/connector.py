@@ -4,14 +4,17 @@ vLLM makes one instance per role: in the scheduler process it is the
 `SchedulerSide` (hits, directory, plans), in each worker the `WorkerSide`
 (copies and tier I/O). Host hits load in `start_load_kv` before the forward;
 lower-tier hits load in the background (`load_kv_async`, reported through
-`get_finished`); stores gather in the background after `wait_for_save`, holding a
-finished request's blocks until they are done. A hit promises only chunks that can be loaded (invariant 9), so under
-vLLM's default `kv_load_failure_policy: "fail"` no request fails for want of a
-host slot; a chunk that fails its checks on load (a corrupt file) is reported
-through `get_block_ids_with_load_errors`, which only `"recompute"` turns into
-recomputation. `reset_cache` (vLLM's `reset_prefix_cache(reset_connector=True)`)
-drops everything stored before it; sleep mode unregisters and restores the KV
-cache's views. A model without KV cache groups leaves the connector idle.
+`get_finished`); stores gather in the background after `wait_for_save`, and a
+finished request's blocks are freed at once (a later step that may reuse them first
+waits for the gathers that read them, in `handle_preemptions`), so vLLM's
+`reset_prefix_cache` right after `generate` succeeds as it does without us. A hit
+promises only chunks that can be loaded (invariant 9), so under vLLM's default
+`kv_load_failure_policy: "fail"` no request fails for want of a host slot; a chunk
+that fails its checks on load (a corrupt file) is reported through
+`get_block_ids_with_load_errors`, which only `"recompute"` turns into recomputation.
+`reset_cache` (vLLM's `reset_prefix_cache(reset_connector=True)`) drops everything
+stored before it; sleep mode unregisters and restores the KV cache's views. A model
+without KV cache groups leaves the connector idle.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         self._worker_side().restore()
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
-        """Before vLLM reuses preempted requests' blocks: let the gathers reading them end."""
+        """First in every step, before vLLM writes any block: the gathers that read blocks
+        vLLM may now reuse (of preempted and finished requests) end here."""
         if isinstance(kv_connector_metadata, StepPlan):
             self._worker_side().handle_preemptions(kv_connector_metadata)
 
@@ -254,7 +258,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         return self._scheduler_side().reset()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """True keeps the request's blocks until the workers report its stores done."""
+        """Never keeps the request's blocks (False): see `SchedulerSide.finished`."""
         self._asked.pop(request.request_id, None)
         return self._scheduler_side().finished(request.request_id), None
 

@@ -58,9 +58,11 @@ class StepPlan(KVConnectorMetadata):
 
     loads: list[LoadItem] = field(default_factory=list)  # host hits, before this step's forward
     async_loads: list[AsyncLoad] = field(default_factory=list)  # lower-tier hits, in the background
-    stores: list[StoreItem] = field(default_factory=list)  # after the forward
+    stores: list[StoreItem] = field(default_factory=list)  # after the forward (a released request's: before it)
     failed_blocks: list[int] = field(default_factory=list)  # promised to a synchronous load but not loadable
-    preempted: list[str] = field(default_factory=list)  # requests whose blocks vLLM reuses from this step on
+    # Requests whose blocks vLLM may reuse from this step on (preempted, or finished while
+    # a store still read them): their gathers end before anything in the step writes a block.
+    released: list[str] = field(default_factory=list)
     clear_tiers: bool = False  # a cache reset: clear the lower tiers (delete disk files) before anything else
     idle: bool = False  # nothing is scheduled: the step only waits for transfers
 

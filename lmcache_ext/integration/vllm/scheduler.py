@@ -17,10 +17,13 @@ cache epoch (lmcache_ext.epoch).
 Transfers outlive steps. With `async_load` (by default on CUDA engines, not on CPU
 ones) a hit that needs a lower tier is loaded in the background: vLLM parks the
 request (`load_kv_async`) until the workers report it through `get_finished`. A store is
-gathered in the background after the step's forward; a request that ever had a
-store is held at `request_finished` (its blocks are not freed) until the workers
-report its stores done. Every planned item has an id, and the scheduler acts on an
-item once every rank has reported it (invariant 8). A chunk being filled for one load is never
+gathered in the background after the step's forward. A finished request never keeps
+its blocks (`request_finished` is False): vLLM frees them at once, so its prefix cache
+resets cleanly right after `generate`, and the next plan lists the request among the
+`released` ones whose gathers were still out; each worker ends those gathers (and
+gathers a finished request's last partial chunk) in `handle_preemptions`, which vLLM
+calls before anything in that step can write a block. Every planned item has an id,
+and the scheduler acts on an item once every rank has reported it (invariant 8). A chunk being filled for one load is never
 promised to another: a lookup that reaches it answers None and asks again.
 
 Partial chunks (save_unfull_chunk): a prompt's last partial chunk is stored once the
@@ -106,6 +109,7 @@ class _Item:
     store: bool
     promotes: Source | None = None  # a load that fills its slot from this tier first
     writes_left: int = 0  # a store: tier writes (all ranks) still to report
+    req_id: str = ""  # a store: the request whose blocks it reads
 
 
 class SchedulerSide:
@@ -142,7 +146,7 @@ class SchedulerSide:
         self._tally: dict[str, Counter] = {
             k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")
         }
-        self._had_stores: set[str] = set()  # requests to hold at request_finished (kept across a reset)
+        self._gathering: Counter[str] = Counter()  # per request, stores some rank has not reported yet
         self._async_load = config.loads_async(geometry.device_type)
 
     # -- hits --
@@ -248,8 +252,9 @@ class SchedulerSide:
         """This step's plan: the loads planned since the last one, and stores of every
         chunk whose tokens are all computed by the end of this step."""
         plan, self._next = self._next, StepPlan()
-        plan.preempted = sorted(scheduler_output.preempted_req_ids or ())
-        for req_id in plan.preempted:  # vLLM reuses their blocks: nothing is stored from them until resumed
+        preempted = sorted(scheduler_output.preempted_req_ids or ())
+        plan.released += preempted
+        for req_id in preempted:  # vLLM reuses their blocks: nothing is stored from them until resumed
             if (state := self._requests.get(req_id)) is not None:
                 state.block_ids, state.computed = [], 0
         plan.idle = not scheduler_output.total_num_scheduled_tokens
@@ -317,9 +322,9 @@ class SchedulerSide:
 
     def _store(self, plan: StepPlan, req_id: str, key: ChunkKey, slot: int, block_ids: list[int]) -> None:
         writes = tuple(self._write_tiers)
-        item = self._new_item(_Item(key, True, writes_left=self._geometry.tp_size * len(writes)))
+        item = self._new_item(_Item(key, True, writes_left=self._geometry.tp_size * len(writes), req_id=req_id))
         plan.stores.append(StoreItem(item, req_id, key, SlotCopy(slot, tuple(block_ids)), writes))
-        self._had_stores.add(req_id)
+        self._gathering[req_id] += 1
 
     # -- results --
 
@@ -347,6 +352,9 @@ class SchedulerSide:
         item = self._items[item_id]
         if item.store:
             self._directory.commit(item.key, ok)
+            self._gathering[item.req_id] -= 1
+            if not self._gathering[item.req_id]:
+                del self._gathering[item.req_id]
             if item.writes_left == 0:  # else the last tier write releases the slot
                 self._release(item_id)
             return
@@ -392,15 +400,14 @@ class SchedulerSide:
     def finished(self, request_id: str) -> bool:
         """The request is done (or aborted): forget it. With save_decode_cache and
         save_unfull_chunk, the full blocks of its last partial chunk go into the next
-        step's plan first. True when vLLM must keep its blocks until the workers report
-        its stores done: exactly when it ever had a store, which every worker also
-        knows from the plans (the next one included), so both sides agree."""
+        step's plan first. Always False: vLLM frees the blocks now, and when a store
+        still reads them the next plan lists the request as `released`, so every worker
+        ends that store in `handle_preemptions`, before the blocks can be written again."""
         state = self._requests.pop(request_id, None)
         if state is not None and self._config.save_unfull_chunk and self._config.save_decode_cache:
             self._store_partial(self._next, request_id, state, min(state.computed, len(state.tokens)))
-        if request_id in self._had_stores:
-            self._had_stores.discard(request_id)
-            return True
+        if self._gathering.get(request_id):
+            self._next.released.append(request_id)
         return False
 
     def close(self) -> None:

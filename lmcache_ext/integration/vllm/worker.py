@@ -7,12 +7,14 @@ TP shard and reports per item id what happened.
   failed blocks joined the load errors.
 - Stores run on the saver thread after the step (async_save; on CUDA the gathers are
   queued on the copy stream in `wait_for_save`, ordered after the forward, and only
-  the tier writes wait on the saver thread). A request that had a store is reported
-  through `get_finished` (finished_sending) once its gathers are done: until then
-  vLLM keeps its blocks. Why a pending gather reads the right bytes: it reads blocks
-  of computed tokens, which vLLM never rewrites while the request runs; a finished
-  request's blocks are held until the gather is done; a preempted request's blocks
-  are reused only after `handle_preemptions`, which waits for its gathers.
+  the tier writes wait on the saver thread). vLLM never keeps a request's blocks for
+  them (nothing is reported as finished_sending). Why a pending gather reads the right
+  bytes: it reads blocks of computed tokens, which vLLM never rewrites while the
+  request runs; once the request finished or was preempted, its blocks are written
+  again only in a later step, whose plan names it `released`, and `handle_preemptions`
+  (the first hook of every step, before vLLM zeroes, copies or computes into a block)
+  waits for its gathers and gathers its stores planned at the finish. On CUDA the
+  current stream also waits (on the GPU) for every gather it queued.
 - A step with nothing scheduled gives the background transfers up to IDLE_WAIT_S
   of its time: in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM runs such steps
   back to back while a request waits for its load, and that busy loop would keep the
@@ -77,8 +79,6 @@ class WorkerSide:
         self._job_ended = threading.Condition(self._lock)
         self._saves_done = threading.Condition(self._lock)
         self._saving: Counter[str] = Counter()  # gathers still running, per request
-        self._had_stores: set[str] = set()  # requests with a store in some plan: held when they finish
-        self._finishing: set[str] = set()  # finished requests waiting for their gathers
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
         self._layerwise = False
         self._layer_index: dict[str, int] = {}  # vLLM's layer name -> layer in a chunk
@@ -180,10 +180,11 @@ class WorkerSide:
         """Layerwise: the forward has written `layer_name`; gather its pages of this
         step's stores."""
         layer = self._layer_index.get(layer_name)
-        if not (self._layerwise and plan.stores) or layer is None:
+        stores = _after_forward(plan)
+        if not (self._layerwise and stores) or layer is None:
             return
         if self._layer_save is None or self._layer_save[0] is not plan:
-            items = [i.copy for i in plan.stores]
+            items = [i.copy for i in stores]
             self._layer_save = (
                 plan,
                 LayerwiseSave(self._executor_checked(), items, len(self._layer_index), self._submit_saver),
@@ -197,14 +198,12 @@ class WorkerSide:
         else before this returns."""
         self._finish_layer_loads()
         layers, self._layer_save = self._layer_save, None
-        if not plan.stores:
+        stores = _after_forward(plan)
+        if not stores:
             return
-        with self._lock:
-            for item in plan.stores:
-                self._saving[item.req_id] += 1
-                self._had_stores.add(item.req_id)
+        self._count_gathers(stores)
         executor = self._executor_checked()
-        items = tuple(i.copy for i in plan.stores)
+        items = tuple(i.copy for i in stores)
         if self._layerwise:
             save = (
                 layers[1]
@@ -220,28 +219,31 @@ class WorkerSide:
         if executor.device.type == "cuda":  # queued on the forward's thread, after its stream's work
             gather = _already(gather())
         if self._config.async_save:
-            self._submit(self._saver, self._store, plan.stores, gather)
+            self._submit(self._saver, self._store, stores, gather)
         else:
-            self._store(plan.stores, gather)
+            self._store(stores, gather)
 
     def handle_preemptions(self, plan: StepPlan) -> None:
-        """vLLM reuses the preempted requests' blocks from this step on: wait for the
-        gathers that still read them."""
+        """vLLM may reuse the released requests' blocks from this step on (they were
+        preempted, or finished with a store still reading them): gather their stores
+        planned at the finish, then wait for every gather that still reads them. vLLM
+        calls this first in each step, before it zeroes, copies or computes into a block."""
+        released = set(plan.released)
+        if not released:
+            return
+        stores = [item for item in plan.stores if item.req_id in released]
+        if stores:
+            self._count_gathers(stores)
+            self._store(stores, _already(self._run(Plan(gathers=tuple(i.copy for i in stores))).gathers))
         with self._lock:
-            self._saves_done.wait_for(lambda: all(self._saving[r] == 0 for r in plan.preempted))
+            self._saves_done.wait_for(lambda: not any(self._saving[r] for r in released))
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """(requests whose stores are done, of those vLLM holds; requests whose
-        background loads ended). Each is reported exactly once."""
+        """(None: vLLM never keeps a request's blocks for our stores; requests whose
+        background loads ended, each reported exactly once)."""
         with self._lock:
-            self._finishing |= finished_req_ids & self._had_stores
-            self._had_stores -= finished_req_ids
-            sending = {r for r in self._finishing if self._saving[r] == 0}
-            self._finishing -= sending
-            for r in sending:
-                self._saving.pop(r, None)
             recving, self._loaded = self._loaded, set()
-        return sending or None, recving or None
+        return None, recving or None
 
     def drain(self) -> None:
         """Wait until every background load and gather has ended (tier writes go on)."""
@@ -335,6 +337,8 @@ class WorkerSide:
                 else:
                     self._metrics.failed("store")
                 self._saving[item.req_id] -= 1
+                if not self._saving[item.req_id]:
+                    del self._saving[item.req_id]
                 if not ok:
                     if item.writes:  # a zero count would name an item the scheduler has released
                         self._report.written[item.id] += len(item.writes)
@@ -349,6 +353,12 @@ class WorkerSide:
             Plan(writes=tuple(writes)),
             on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start),
         )
+
+    def _count_gathers(self, stores: Sequence[StoreItem]) -> None:
+        """The gathers of `stores` are about to start: `handle_preemptions` waits for them."""
+        with self._lock:
+            for item in stores:
+                self._saving[item.req_id] += 1
 
     def _submit_saver(self, fn: Callable[..., None], *args: object) -> Future[None]:
         return self._submit(self._saver, fn, *args)
@@ -431,6 +441,13 @@ class WorkerSide:
 
     def _chunk_bytes(self, item: StoreItem) -> int:
         return self._geometry.chunk_bytes(len(item.copy.block_ids))
+
+
+def _after_forward(plan: StepPlan) -> list[StoreItem]:
+    """The plan's stores gathered after the forward: all but those of released requests,
+    which `handle_preemptions` gathered before it."""
+    released = set(plan.released)
+    return [item for item in plan.stores if item.req_id not in released]
 
 
 def _already(gathered: tuple[bool, ...]) -> Callable[[], tuple[bool, ...]]:
