@@ -23,8 +23,9 @@ resets cleanly right after `generate`, and the next plan lists the request among
 `released` ones whose gathers were still out; each worker ends those gathers (and
 gathers a finished request's last partial chunk) in `handle_preemptions`, which vLLM
 calls before anything in that step can write a block. Every planned item has an id,
-and the scheduler acts on an item once every rank has reported it (invariant 8). A chunk being filled for one load is never
-promised to another: a lookup that reaches it answers None and asks again.
+and the scheduler acts on an item once every rank has reported it (invariant 8). A
+chunk being filled for one load is never promised to another: a lookup that reaches it
+answers None and asks again.
 
 Partial chunks (save_unfull_chunk): a prompt's last partial chunk is stored once the
 prompt is computed, and a lookup hits, where the full chunks end, the longest stored
