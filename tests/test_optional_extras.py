@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lmcache_ext
 from lmcache_ext.testing.hidden_modules import OPTIONAL_EXTRAS, hiding_env
 
 NEEDS_ENGINE = {"vllm", "transformers", "tokenizers"}  # what the vLLM integration and the tiny model need
@@ -47,7 +48,10 @@ print(json.dumps({"failed": failed, "hidden": hidden, "remote_error": remote_err
 
 
 def run_hidden(tmp_path: Path) -> dict:
-    env = {**os.environ, **hiding_env(tmp_path / "hidden")}
+    hidden = hiding_env(tmp_path / "hidden")
+    # The lmcache_ext this process tests, installed or not (the venv without vLLM runs it from a copy of the tree).
+    tree = str(Path(lmcache_ext.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([hidden["PYTHONPATH"], tree])}
     proc = subprocess.run(
         [sys.executable, "-c", IMPORT_ALL % (OPTIONAL_EXTRAS,)],
         env=env,
