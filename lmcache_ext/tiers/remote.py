@@ -1,12 +1,11 @@
 """The remote tier: chunk records in Redis or Valkey — one node, a cluster, TLS, a unix
 socket — shared by every vLLM instance that points at the same server.
 
-Client: valkey-glide's synchronous client (a Rust core). Measured here against
-redis-py with hiredis on a local server (``benchmarks/remote.py --clients``), it
-SETs 2–4× and GETs 1.1–2× faster on 1–16 MiB values, and it can GET straight into
-a caller's buffer, so a load lands in the host slot without a copy. It speaks
-TLS (with client certificates), ACL users, unix sockets and cluster topology
-discovery, and reconnects by itself after a server restart.
+Client: valkey-glide's synchronous client (a Rust core). What decides it against
+redis-py with hiredis (``benchmarks/remote.py --clients``) is that it can GET
+straight into a caller's buffer, so a load lands in the host slot without a copy.
+It speaks TLS (with client certificates), ACL users, unix sockets and cluster
+topology discovery, and reconnects by itself after a server restart.
 
 Layout. A chunk shard of key ``k`` on TP rank ``r`` is a *manifest* at
 ``<prefix><namespace hex>:<r>:{<k hex>}`` — a record header (``tiers.record``) with

@@ -1,7 +1,7 @@
 """Running vLLM fully offline on this machine's CPU, each engine in a fresh process:
 nothing leaves the machine, no torch.compile, a small KV pool, and (unless
-overridden) scheduler and worker in one process, which starts in seconds instead
-of ~17 s. The demo, the end-to-end tests and the benchmark use it."""
+overridden) scheduler and worker in one process, which starts far sooner than an
+engine core in a process of its own. The demo, the end-to-end tests and the benchmark use it."""
 
 from __future__ import annotations
 
