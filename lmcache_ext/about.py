@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from lmcache_ext import _C
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.remote_url import mask_password
 
 
 def format_bytes(n: int) -> str:
@@ -46,16 +45,15 @@ def devices() -> list[str]:
 
 def tiers_line(config: CacheConfig, num_slots: int, slot_bytes: int, ranks: int = 1) -> str:
     """The tiers a cache holds and their sizes: host slots (each `slot_bytes`, per rank
-    of `ranks`), the disk directory and its cap, the remote store (password masked)."""
+    of `ranks`), then each lower tier as it describes itself (the disk directory and its
+    cap, the remote store with its password masked)."""
     host = (
         f"host {format_bytes(num_slots * slot_bytes * ranks)} ({num_slots} slots of {format_bytes(slot_bytes)}"
         f"{f' x {ranks} ranks' if ranks > 1 else ''})"
     )
     if not config.local_cpu:
         host = f"host off ({num_slots} staging slots)"
-    parts = [host]
-    if config.local_disk:
-        parts.append(f"disk {config.local_disk} ({format_bytes(config.disk_bytes)})")
-    if config.remote_url:
-        parts.append(f"remote {mask_password(config.remote_url)}")
+    from lmcache_ext.tiers import configured_tiers  # the tiers' modules format their own parts
+
+    parts = [host, *(kind.describe(config) for kind in configured_tiers(config))]
     return ", ".join(parts) + f"; chunks of {config.chunk_size} tokens"

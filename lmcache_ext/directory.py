@@ -1,5 +1,5 @@
-"""Scheduler side: where each chunk lives, which host slot holds it, what is pinned,
-what to evict. Pure bookkeeping — it never touches a byte.
+"""The planner's host bookkeeping: where each chunk lives, which host slot holds it,
+what is pinned, what to evict. Pure bookkeeping — it never touches a byte.
 
 A host entry becomes visible to lookups only once its bytes are complete
 (``commit``), and a pinned entry (a transfer is reading or writing its slot) is
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from lmcache_ext.plans import Source
+from lmcache_ext.plans import Source, TierName
 
 Key = bytes
 
@@ -37,8 +37,8 @@ class SlotAllocator(Protocol):
     def num_free(self) -> int: ...
 
 
-class LowerTier(Protocol):
-    """What the directory asks of a tier below host memory."""
+class Holdings(Protocol):
+    """What the directory asks of a tier below host memory (a `tiers.TierHoldings`)."""
 
     def contains(self, key: Key) -> bool: ...
 
@@ -52,11 +52,11 @@ class Reserve(enum.Enum):
 
 @dataclass(frozen=True)
 class PlannedLoad:
-    """A chunk to load: its slot, and whether the slot must first be filled from disk."""
+    """A chunk to load: its slot, and the tier it is first read from (unless host)."""
 
     key: Key
     slot: int
-    source: Source
+    source: TierName
 
 
 @dataclass
@@ -76,7 +76,7 @@ class CacheDirectory:
     def __init__(
         self,
         slots: SlotAllocator,
-        lower_tiers: Sequence[tuple[Source, LowerTier]] = (),
+        lower_tiers: Sequence[tuple[TierName, Holdings]] = (),
         on_evict: Callable[[Key], None] | None = None,
     ) -> None:
         """`on_evict(key)` runs under the directory's lock: it must not call back into it."""
@@ -88,13 +88,13 @@ class CacheDirectory:
 
     # -- queries (no side effects: vLLM may ask the same thing many times) --
 
-    def lookup(self, keys: Sequence[Key]) -> list[Source]:
+    def lookup(self, keys: Sequence[Key]) -> list[TierName]:
         """The tier of each leading key that `reserve_loads(keys)` would pin now; stops at
         the first miss, at a chunk being filled, or where no slot could be had."""
         with self._lock:
             return [source for _, source in self._loadable(keys)]
 
-    def lookup_partial(self, keys: Sequence[Key], partials: Sequence[Key]) -> tuple[int, Source] | None:
+    def lookup_partial(self, keys: Sequence[Key], partials: Sequence[Key]) -> tuple[int, TierName] | None:
         """The longest of `partials` (partial chunks that follow `keys`, shortest first)
         that one load of every key of `keys` and that partial could pin now: its index
         and tier; None when there is none. `keys` must be loadable (`lookup` says so)."""
@@ -117,12 +117,12 @@ class CacheDirectory:
             entry = self._host.get(key)
             return entry is not None and not entry.ready and not entry.retired
 
-    def _loadable(self, keys: Sequence[Key]) -> list[tuple[Key, Source]]:
+    def _loadable(self, keys: Sequence[Key]) -> list[tuple[Key, TierName]]:
         """The leading keys a load can pin, with their tier. Host entries are pinned
         before slots are taken, so a lower-tier key counts while the free slots plus
         the unpinned ready entries outside this load outnumber the lower-tier keys
         before it."""
-        found: list[tuple[Key, Source]] = []
+        found: list[tuple[Key, TierName]] = []
         for key in keys:
             entry = self._host.get(key)
             if entry is not None:
@@ -134,8 +134,8 @@ class CacheDirectory:
             if source is None:
                 break
             found.append((key, source))
-        lower = [i for i, (_, source) in enumerate(found) if source is not Source.HOST]
-        spare = self._spare_slots(len(lower), {key for key, source in found if source is Source.HOST})
+        lower = [i for i, (_, source) in enumerate(found) if source != Source.HOST]
+        spare = self._spare_slots(len(lower), {key for key, source in found if source == Source.HOST})
         return found if spare >= len(lower) else found[: lower[spare]]
 
     def _spare_slots(self, wanted: int, used: set[Key]) -> int:
@@ -150,7 +150,7 @@ class CacheDirectory:
                     break
         return spare
 
-    def _lower_source(self, key: Key) -> Source | None:
+    def _lower_source(self, key: Key) -> TierName | None:
         return next((source for source, tier in self._lower if tier.contains(key)), None)
 
     def pinned_slots(self) -> int:
@@ -175,6 +175,19 @@ class CacheDirectory:
             self._host[key] = _HostEntry(slot)
             return slot
 
+    def reserve_fill(self, key: Key, keep: Sequence[Key] = ()) -> int | None:
+        """A pinned slot to fill `key` into from a tier that lookups do not see (a fetch
+        from the remote store), taken without evicting `keep`; None when there is none.
+        The entry turns visible at `commit`, like a store's."""
+        with self._lock:
+            if key in self._host:
+                return None
+            slot = self._take_slot(set(keep))
+            if slot is None:
+                return None
+            self._host[key] = _HostEntry(slot)
+            return slot
+
     # -- loads --
 
     def reserve_loads(self, keys: Sequence[Key]) -> list[PlannedLoad]:
@@ -184,12 +197,12 @@ class CacheDirectory:
         with self._lock:
             loadable = self._loadable(keys)
             for key, source in loadable:  # pin host hits first: no slot taken below evicts them
-                if source is Source.HOST:
+                if source == Source.HOST:
                     self._host[key].pins += 1
                     self._host.move_to_end(key)
             plans = []
             for key, source in loadable:
-                if source is not Source.HOST:
+                if source != Source.HOST:
                     slot = self._take_slot()
                     assert slot is not None, "_loadable counted a slot that _take_slot could not find"
                     self._host[key] = _HostEntry(slot)
@@ -249,12 +262,12 @@ class CacheDirectory:
 
     # -- slots --
 
-    def _take_slot(self) -> int | None:
+    def _take_slot(self, keep: set[Key] | frozenset[Key] = frozenset()) -> int | None:
         slot = self._slots.alloc()
         if slot is not None:
             return slot
         for key, entry in self._host.items():  # oldest first
-            if entry.ready and entry.pins == 0:
+            if entry.ready and entry.pins == 0 and key not in keep:
                 del self._host[key]
                 if self._on_evict is not None:
                     self._on_evict(key)

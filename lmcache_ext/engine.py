@@ -1,45 +1,37 @@
-"""CacheEngine: the directory (scheduler side) and the executor (worker side) in one
-process, for callers outside vLLM, tests and benchmarks.
+"""CacheEngine: the planner (lmcache_ext.planner) and an executor in one process, for
+callers outside vLLM, tests and benchmarks.
 
 Tokens are cut into chunks of ``chunk_size`` tokens; block ``i`` of a request's
 block list holds its tokens ``[i*block_size, (i+1)*block_size)``. A chunk is
 stored as its blocks' pages, ``[layer][block][page]``, in one host slot, and
-written through to the disk and remote tiers in the background when they are
-configured; its host slot stays pinned until every tier's write has ended.
+written through to the lower tiers in the background when they are configured;
+its host slot stays pinned until every tier's write has ended. Each call is one
+step of the planner's plans, run here at once; a lookup that the planner answers
+"ask again" (remote chunks being fetched into host slots) runs the fetches first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import torch
 
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, Source
-from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.keys import ChunkKey, Namespace, chunk_keys, partial_keys
+from lmcache_ext.geometry import Geometry
+from lmcache_ext.keys import Namespace
 from lmcache_ext.metrics import EngineStats
-from lmcache_ext.plans import Plan, SlotCopy, TierTransfer
-from lmcache_ext.tiers import build_storage
-
-if TYPE_CHECKING:
-    from lmcache_ext.tiers.remote import RemotePresence
+from lmcache_ext.planner import CachedRequest, ChunkPlanner, Hit
+from lmcache_ext.plans import LoadItem, Plan, SlotCopy, Source, StepPlan, TierTransfer, WorkerReport
+from lmcache_ext.tiers import build_storage, open_holdings
 
 KVCaches: TypeAlias = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 Tokens: TypeAlias = Sequence[int] | torch.Tensor
-
-
-class _Chunk(NamedTuple):
-    key: ChunkKey
-    index: int  # type: ignore[assignment]  # (shadows tuple.index) position in the request: its blocks start at index * blocks_per_chunk
-    blocks: int  # full blocks it holds (fewer than a chunk only for a partial chunk)
 
 
 class CacheEngine:
@@ -56,49 +48,41 @@ class CacheEngine:
         tp_size: int = 1,
         tp_rank: int = 0,
     ) -> None:
+        """One rank (`tp_rank` of `tp_size`) of a model's cache: its keys name that rank,
+        and its disk files live in that rank's directory."""
         config.check_block_size(block_size)
         self._config = config
         self._kv = ops.PagedLayers.from_tensors(kv_caches)
         self._block_size = block_size
-        self._blocks_per_chunk = config.chunk_size // block_size
-        first = self._kv.tensors[0]
-        self._namespace = Namespace(
+        geometry = Geometry.of_cache(
             model=model,
             revision=revision,
-            dtype=str(first.dtype).removeprefix("torch."),
+            dtype=str(self._kv.tensors[0].dtype),
             layout=self._kv.layout,
             block_size=block_size,
             page_bytes=self._kv.page_bytes,
             num_layers=self._kv.num_layers,
+            chunk_size=config.chunk_size,
             tp_size=tp_size,
             tp_rank=tp_rank,
-            chunk_size=config.chunk_size,
-            cache_namespace=config.cache_namespace,
-            epoch=read_epoch(config.local_disk),
+            ranks=1,
+            device_type=self._kv.device.type,
         )
-        slot_bytes = self._kv.chunk_bytes(self._blocks_per_chunk)
-        self._storage = build_storage(
-            config,
-            slot_bytes,
-            namespace=dataclasses.replace(self._namespace, epoch="").fingerprint,
-            rank=tp_rank,
-            disk_root=config.local_disk,
-            disk_bytes=config.disk_bytes,
-        )
+        self._geometry = geometry
+        self._storage = build_storage(config, geometry, tp_rank)
         self._pool = self._storage.pool
         self._stats = EngineStats()
-        self._directory = CacheDirectory(
-            self._pool, list(self._storage.presence.items()), on_evict=lambda key: self._stats.evicted("host")
+        self._planner = ChunkPlanner(
+            config, geometry, self._pool, open_holdings(config, geometry, ranks=[tp_rank]), metrics=self._stats
         )
         self._executor = TransferExecutor(
             self._kv,
             self._pool,
             self._storage.tiers,
-            read_threads=max(config.disk_io_threads, config.remote_connections),
+            read_threads=self._storage.read_threads,
             cuda_copy_path=config.cuda_copy_path,
         )
-        self._writes_left: dict[ChunkKey, int] = {}  # tier writes still running per stored chunk
-        self._writes_lock = threading.Lock()
+        self._lock = threading.RLock()  # the planner's state: callers' threads and tier write callbacks
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="lmcache-engine")
         if config.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=config.cpu_copy_threads)
@@ -112,12 +96,12 @@ class CacheEngine:
         with save_unfull_chunk the longest stored partial chunk that `tokens` extend
         (whole blocks)."""
         self._check_open()
-        chunks, found = self._hit(tokens)
-        by_tier: dict[str, int] = {}
-        for chunk, source in zip(chunks, found):
-            by_tier[source.value] = by_tier.get(source.value, 0) + chunk.blocks * self._block_size
-        self._stats.lookup(len(tokens), by_tier)
-        return self._tokens_of(chunks)
+        with self._lock:
+            req = self._planner.request("lookup", tokens, len(tokens))
+            hit = self._hit(req)
+            self._planner.finished(req)
+        self._stats.lookup(len(tokens), hit.by_source(hit.tokens))
+        return hit.tokens
 
     def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
         """Store the chunks of `tokens` held in `block_ids`; returns how many leading
@@ -125,49 +109,51 @@ class CacheEngine:
         unless save_unfull_chunk. Lower tiers are written in the background."""
         self._check_open()
         with self._stats.timer("store"):
-            chunks = self._chunks(tokens)
-            blocks = self._block_list(block_ids, chunks, "store")
-            cached, fills = [], []
-            for chunk in chunks:
-                slot = self._directory.reserve_store(chunk.key)
-                if slot is Reserve.NO_SLOT:
-                    self._stats.failed("no_free_slot")
-                    break
-                cached.append(chunk)
-                if slot is not Reserve.PRESENT:
-                    fills.append((chunk, slot))
-            try:
-                result = self._executor.run(
-                    Plan(gathers=tuple(SlotCopy(s, self._blocks_of(c, blocks)) for c, s in fills))
-                )
+            with self._lock:
+                req = self._planner.request("store", tokens, len(tokens))
+                blocks = self._block_list(block_ids, self._storable_blocks(len(tokens)), "store")
+                plan = self._planner.take_plan()
+                room = self._planner.plan_stores(req, blocks, len(tokens), plan)
+                self._housekeep(plan)  # the records evicted to make room go before the writes
+            if not room:
+                self._stats.failed("no_free_slot")
+            try:  # outside the lock: the slots are pinned, and lookups go on meanwhile
+                gathered = self._executor.run(Plan(gathers=tuple(item.copy for item in plan.stores))).gathers
             except BaseException:
-                for chunk, _ in fills:
-                    self._directory.release(chunk.key)  # never committed: dropped with its pin
+                gathered = tuple(False for _ in plan.stores)
                 raise
-            writes = []
-            for (chunk, slot), ok in zip(fills, result.gathers):
-                self._directory.commit(chunk.key, ok)
-                if not ok:
-                    self._directory.release(chunk.key)
-                    continue
-                self._directory.discard(self._replaced(tokens, chunk, chunks))
-                self._stats.stored("host", chunk.blocks * self._block_size, self._payload_bytes(chunk))
-                if not self._storage.tiers:
-                    self._directory.release(chunk.key)
-                    continue
-                with self._writes_lock:
-                    self._writes_left[chunk.key] = len(self._storage.tiers)
-                writes += [
-                    TierTransfer(tier, chunk.key, slot, self._payload_bytes(chunk)) for tier in self._storage.tiers
-                ]
-            self._executor.run(Plan(writes=tuple(writes)), on_write_done=self._write_done)
+            finally:
+                self._stored(plan, gathered)
             self._stats.usage(
-                "host",
+                Source.HOST,
                 (self._pool.num_slots - self._pool.num_free) * self._pool.slot_bytes,
                 self._pool.num_slots * self._pool.slot_bytes,
             )
             self._storage.record(self._stats)  # here, not in a write's callback: a tier may hold its lock there
-            return self._tokens_of(cached)
+            chunk = self._config.chunk_size
+            cached = req.stored * chunk
+            if room and self._config.save_unfull_chunk and cached == len(tokens) // chunk * chunk:
+                cached = len(tokens) // self._block_size * self._block_size
+            return cached
+
+    def _stored(self, plan: StepPlan, gathered: Sequence[bool]) -> None:
+        """Report the plan's gathers, then write each filled slot to its tiers (a failed
+        gather reports its writes as done)."""
+        report, writes, store_of = WorkerReport(), [], {}
+        for item, ok in zip(plan.stores, gathered):
+            (report.stored if ok else report.store_failed)[item.id] += 1
+            if not ok:
+                report.written[item.id] += len(item.writes)
+                continue
+            self._stats.stored(Source.HOST, self._tokens(item.copy), self._kv.chunk_bytes(len(item.copy.block_ids)))
+            for tier in item.writes:
+                writes.append(
+                    TierTransfer(tier, item.key, item.copy.slot, self._kv.chunk_bytes(len(item.copy.block_ids)))
+                )
+                store_of[(tier, item.key)] = item.id
+        with self._lock:
+            self._planner.apply_report(report)
+        self._executor.run(Plan(writes=tuple(writes)), on_write_done=lambda w, ok: self._written(w, store_of, ok))
 
     def store_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
         """`store` on the engine's transfer thread: returns at once, with a future of what
@@ -187,38 +173,38 @@ class CacheEngine:
         length in tokens. Stops at the first miss or at a chunk that fails its checks."""
         self._check_open()
         with self._stats.timer("load"):
-            chunks, _ = self._hit(tokens)  # asks the remote tier, whose answer reserve_loads uses
-            blocks = self._block_list(block_ids, chunks, "retrieve")
-            planned = self._directory.reserve_loads([c.key for c in chunks])
-            try:
-                loaded = self._load(chunks, planned, blocks)
+            with self._lock:
+                req = self._planner.request("retrieve", tokens, len(tokens))
+                hit = self._hit(req)
+                blocks = self._block_list(block_ids, hit.tokens // self._block_size, "retrieve")
+                self._planner.plan_load(req, hit, blocks, hit.tokens)
+                self._planner.finished(req)
+                plan = self._planner.take_plan()
+                self._housekeep(plan)
+            items = plan.loads + [item for job in plan.async_loads for item in job.items]
+            good: list[LoadItem] = []
+            read_ok: dict[bytes, bool] = {}
+            try:  # outside the lock: the slots are pinned
+                reads = [item.read for item in items if item.read is not None]
+                read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
+                good = list(itertools.takewhile(lambda item: read_ok.get(item.key, True), items))
+                self._executor.run(Plan(scatters=tuple(item.copy for item in good)))  # none past a failed chunk
             finally:
-                for plan in planned:
-                    self._directory.release(plan.key)
-            for chunk, plan in loaded:
-                self._stats.loaded(plan.source.value, chunk.blocks * self._block_size, self._payload_bytes(chunk))
-            return self._tokens_of([c for c, _ in loaded])
+                self._loaded(items, good, read_ok)
+            return sum(self._tokens(item.copy) for item in good)
 
-    def _load(
-        self, chunks: list[_Chunk], planned: list[PlannedLoad], blocks: list[int]
-    ) -> list[tuple[_Chunk, PlannedLoad]]:
-        """Fill the planned slots that come from a lower tier, then scatter the leading
-        chunks whose bytes are good into their blocks; returns those chunks."""
-        reads = [
-            TierTransfer(p.source, p.key, p.slot, self._payload_bytes(c))
-            for c, p in zip(chunks, planned)
-            if p.source is not Source.HOST
-        ]
-        read_ok = dict(zip((r.key for r in reads), self._executor.run(Plan(reads=tuple(reads))).reads))
-        for read in reads:
-            ok = read_ok[read.key]
-            self._directory.commit(read.key, ok)
-            if not ok:
-                self._stats.failed(f"{read.tier.value}_read")
-                self._forget_remote(read)
-        loaded = list(itertools.takewhile(lambda cp: read_ok.get(cp[1].key, True), zip(chunks, planned)))
-        self._executor.run(Plan(scatters=tuple(SlotCopy(p.slot, self._blocks_of(c, blocks)) for c, p in loaded)))
-        return loaded
+    def _loaded(self, items: Sequence[LoadItem], good: Sequence[LoadItem], read_ok: dict[bytes, bool]) -> None:
+        """Report the loads: `good` (the leading items) are in their blocks, the rest not."""
+        report = WorkerReport()
+        for i, item in enumerate(items):
+            (report.loaded if i < len(good) else report.load_failed)[item.id] += 1
+            tier = item.origin
+            if i < len(good):
+                self._stats.loaded(tier, self._tokens(item.copy), self._kv.chunk_bytes(len(item.copy.block_ids)))
+            elif not read_ok.get(item.key, True):
+                self._stats.failed(f"{tier}_read")
+        with self._lock:
+            self._planner.apply_report(report)
 
     def reset(self) -> bool:
         """Drop everything cached before this call, e.g. after the model's weights changed
@@ -228,27 +214,26 @@ class CacheEngine:
         background. False, with nothing changed, when the new epoch cannot be written
         to the disk tier's directory."""
         self._check_open()
-        epoch = next_epoch(self._config.local_disk)
-        if epoch is None:
-            return False
-        self._namespace = self._namespace.with_epoch(epoch)
-        self._directory.clear()
-        for tier in self._storage.tiers.values():
-            tier.clear()
-        return True
+        with self._lock:
+            if not self._planner.reset():
+                return False
+            self._housekeep(self._planner.take_plan())
+            return True
 
     def stats(self) -> dict[str, Any]:
         """Counters of this engine plus the current state of its tiers."""
         self._storage.record(self._stats)
-        out: dict[str, Any] = self._stats.snapshot()
-        out.update(
-            host_slots=self._pool.num_slots,
-            host_slots_free=self._pool.num_free,
-            host_chunks=self._directory.host_chunks(),
-            pinned_slots=self._directory.pinned_slots(),
-        )
-        for source, tier in self._storage.tiers.items():
-            out.update({f"{source.value}_{k}": v for k, v in tier.stats().items()})
+        with self._lock:
+            self._planner.take_metrics()
+            out: dict[str, Any] = self._stats.snapshot()
+            out.update(
+                host_slots=self._pool.num_slots,
+                host_slots_free=self._pool.num_free,
+                host_chunks=self._planner.host_chunks(),
+                pinned_slots=self._planner.pinned_slots(),
+            )
+        for name, tier in self._storage.tiers.items():
+            out.update({f"{name}_{k}": v for k, v in tier.stats().items()})
         return out
 
     def flush(self) -> None:
@@ -263,6 +248,7 @@ class CacheEngine:
             self._transfers.shutdown(wait=True)  # queued stores and retrieves end first
             self._closed = True
         self._storage.close()
+        self._planner.close()
         self._executor.close()
 
     def __enter__(self) -> CacheEngine:
@@ -273,7 +259,7 @@ class CacheEngine:
 
     @property
     def namespace(self) -> Namespace:
-        return self._namespace
+        return self._planner.namespace
 
     # -- helpers --
 
@@ -281,28 +267,48 @@ class CacheEngine:
         if self._closed:
             raise RuntimeError("the cache engine is closed")
 
-    def _keys(self, tokens: Tokens) -> tuple[list[ChunkKey], int]:
-        """The keys of the chunks of `tokens` this engine stores — full chunks, then with
-        save_unfull_chunk the block-aligned remainder — and the blocks of that
-        remainder (0 when there is none)."""
-        if not self._config.save_unfull_chunk:
-            return chunk_keys(tokens, self._namespace), 0
-        usable = len(tokens) - len(tokens) % self._block_size
-        tail_blocks = usable % self._config.chunk_size // self._block_size
-        return chunk_keys(tokens[:usable], self._namespace, include_partial=True), tail_blocks
+    def _hit(self, req: CachedRequest) -> Hit:
+        """The planner's hit for the whole of `req`'s tokens, after running the fetches it
+        asks for (remote chunks into host slots) until it answers."""
+        while (hit := self._planner.find_hit(req, 0, len(req.tokens), wait=True)) is None:
+            self._housekeep(self._planner.take_plan())
+        return hit
 
-    def _chunks(self, tokens: Tokens) -> list[_Chunk]:
-        keys, tail_blocks = self._keys(tokens)
-        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys)]
-        if tail_blocks:
-            chunks[-1] = chunks[-1]._replace(blocks=tail_blocks)
-        return chunks
+    def _housekeep(self, plan: StepPlan) -> None:
+        """What a plan asks before its loads and stores: the records the planner evicts,
+        a reset's clearing of the lower tiers, and the fetches into host slots, reported."""
+        self._planner.add_evictions(plan)
+        for name, keys in plan.evictions.items():
+            for key in keys:
+                self._storage.tiers[name].remove(key)
+        plan.evictions.clear()
+        if plan.clear_tiers:
+            for tier in self._storage.tiers.values():
+                tier.clear()
+        if plan.fetches:
+            fetched = self._executor.run(Plan(reads=tuple(f.read for f in plan.fetches))).reads
+            report = WorkerReport()
+            for fetch, ok in zip(plan.fetches, fetched):
+                (report.loaded if ok else report.load_failed)[fetch.id] += 1
+                if not ok:
+                    self._stats.failed(f"{fetch.read.tier}_read")
+            self._planner.apply_report(report)
 
-    def _block_list(self, block_ids: Sequence[int] | torch.Tensor, chunks: list[_Chunk], what: str) -> list[int]:
-        """The blocks that hold `chunks`, checked: enough of them, in range, and no
-        repeats (a repeat would make two chunks write the same block)."""
+    def _tokens(self, copy: SlotCopy) -> int:
+        return len(copy.block_ids) * self._block_size
+
+    def _storable_blocks(self, num_tokens: int) -> int:
+        """Blocks that hold the chunks a store of `num_tokens` tokens takes: full chunks,
+        then with save_unfull_chunk the full blocks after them."""
+        chunk = self._config.chunk_size
+        if self._config.save_unfull_chunk:
+            return num_tokens // self._block_size
+        return num_tokens // chunk * (chunk // self._block_size)
+
+    def _block_list(self, block_ids: Sequence[int] | torch.Tensor, need: int, what: str) -> list[int]:
+        """The `need` blocks that hold the chunks, checked: enough of them, in range, and
+        no repeats (a repeat would make two chunks write the same block)."""
         ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
-        need = sum(c.blocks for c in chunks)
         if len(ids) < need:
             raise ValueError(
                 f"{what}: len(block_ids) = {len(ids)} is too short: the tokens fill {need} blocks "
@@ -316,76 +322,14 @@ class CacheEngine:
             seen[b] = i
         return ids
 
-    def _blocks_of(self, chunk: _Chunk, blocks: list[int]) -> tuple[int, ...]:
-        start = chunk.index * self._blocks_per_chunk
-        return tuple(blocks[start : start + chunk.blocks])
-
-    def _tokens_of(self, chunks: Sequence[_Chunk]) -> int:
-        return sum(c.blocks for c in chunks) * self._block_size
-
-    def _payload_bytes(self, chunk: _Chunk) -> int:
-        return self._kv.chunk_bytes(chunk.blocks)
-
-    def _lookup(self, keys: list[ChunkKey]) -> list[Source]:
-        """The directory's lookup; with a remote tier, the keys past what host and disk
-        hold are first probed there (one round trip: a CacheEngine may wait on it)."""
-        found = self._directory.lookup(keys)
-        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
-        if remote is None or len(found) == len(keys):
-            return found
-        remote.probe(keys[len(found) :])
-        return self._directory.lookup(keys)
-
-    def _hit(self, tokens: Tokens) -> tuple[list[_Chunk], list[Source]]:
-        """The cached chunks a load of `tokens` takes, and their tiers: the leading full
-        chunks, then with save_unfull_chunk the longest partial chunk that follows them."""
-        keys = chunk_keys(tokens, self._namespace)
-        found = self._lookup(keys)
-        chunks = [_Chunk(key, i, self._blocks_per_chunk) for i, key in enumerate(keys[: len(found)])]
-        if not self._config.save_unfull_chunk:
-            return chunks, found
-        f = len(found)
-        partials = partial_keys(
-            tokens, self._namespace, start=f * self._config.chunk_size, prev_key=keys[f - 1] if f else None
-        )
-        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
-        if remote is not None and partials:
-            remote.probe(partials)
-        partial = self._directory.lookup_partial(keys[:f], partials)
-        if partial is not None:
-            chunks.append(_Chunk(partials[partial[0]], f, partial[0] + 1))
-            found = [*found, partial[1]]
-        return chunks, found
-
-    def _replaced(self, tokens: Tokens, chunk: _Chunk, chunks: list[_Chunk]) -> list[ChunkKey]:
-        """The shorter partial chunks that a stored `chunk` (full or partial) extends."""
-        if not self._config.save_unfull_chunk or chunk.blocks == 1:
-            return []
-        start = chunk.index * self._config.chunk_size
-        return partial_keys(
-            tokens,
-            self._namespace,
-            start=start,
-            end=start + (chunk.blocks - 1) * self._block_size,
-            prev_key=chunks[chunk.index - 1].key if chunk.index else None,
-        )
-
-    def _forget_remote(self, read: TierTransfer) -> None:
-        remote = cast("RemotePresence | None", self._storage.presence.get(Source.REMOTE))
-        if read.tier is Source.REMOTE and remote is not None:
-            remote.forget(read.key)
-
-    def _write_done(self, write: TierTransfer, ok: bool) -> None:
+    def _written(self, write: TierTransfer, store_of: dict[tuple[str, bytes], int], ok: bool) -> None:
+        """A tier write ended (on that tier's thread): count it, and report it to the
+        planner, which releases the slot after the chunk's last write."""
         if ok:
-            self._stats.stored(
-                write.tier.value, write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes
-            )
+            self._stats.stored(write.tier, write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes)
         else:
-            self._stats.failed(f"{write.tier.value}_write")
-        with self._writes_lock:
-            self._writes_left[write.key] -= 1
-            last = self._writes_left[write.key] == 0
-            if last:
-                del self._writes_left[write.key]
-        if last:
-            self._directory.release(write.key)
+            self._stats.failed(f"{write.tier}_write")
+        report = WorkerReport()
+        report.written[store_of[(write.tier, write.key)]] += 1
+        with self._lock:
+            self._planner.apply_report(report)

@@ -33,8 +33,8 @@ import torch
 
 from lmcache_ext import ops
 from lmcache_ext.copy_stream import CopyStream
-from lmcache_ext.plans import Plan, PlanResult, SlotCopy, Source, TierTransfer
-from lmcache_ext.tiers import LowerTier
+from lmcache_ext.plans import Plan, PlanResult, SlotCopy, TierName, TierTransfer
+from lmcache_ext.tiers import TierIO
 
 WriteDone = Callable[[TierTransfer, bool], None]
 
@@ -53,7 +53,7 @@ class TransferExecutor:
         self,
         kv: ops.PagedLayers,
         slots: SlotMemory,
-        tiers: Mapping[Source, LowerTier],
+        tiers: Mapping[TierName, TierIO],
         read_threads: int = 2,
         cuda_copy_path: str = "kernel",
     ) -> None:
@@ -142,7 +142,7 @@ class TransferExecutor:
     def _read(self, reads: Sequence[TierTransfer]) -> list[bool]:
         if not reads:
             return []
-        missing = {r.tier.value for r in reads if r.tier not in self._tiers}
+        missing = {r.tier for r in reads if r.tier not in self._tiers}
         if missing or self._readers is None:
             raise ValueError(f"the plan reads chunks from {sorted(missing)} but this worker has no such tier")
         for r in reads:

@@ -67,6 +67,11 @@ ExtraOf = Callable[[int, int], bytes | None]
 """``extra_of(begin, end)``: what besides its tokens tells the chunk ``[begin, end)`` apart, or None."""
 
 
+class UnkeyableRequest(ValueError):
+    """A request carries an extra key that cannot be encoded deterministically: it is
+    neither looked up nor stored."""
+
+
 def _check_str(name: str, value: object, *, allow_empty: bool) -> None:
     if not isinstance(value, str) or not (allow_empty or value):
         raise ValueError(f"Namespace.{name} = {value!r}: expected a {'' if allow_empty else 'non-empty '}str")

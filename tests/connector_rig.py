@@ -16,9 +16,9 @@ from lmcache_ext.testing.kv_layouts import make_layers, page_view
 # Every module that imports the rig is skipped, with this reason, where vLLM is absent.
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 from lmcache_ext.config import CacheConfig
+from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.metadata import LoadItem, StepPlan
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import Geometry
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import Namespace
 from lmcache_ext.plans import TierTransfer
@@ -104,11 +104,13 @@ class Rig:
         return plan
 
     def matched(self, req: SimpleNamespace, local: int = 0, timeout: float = 5.0) -> int:
-        """The scheduler's hit for `req`, asking again (as vLLM does each step) while a
-        remote probe is out; whether it loads in the background goes to `req.load_async`."""
+        """The scheduler's hit for `req`, asking again while it answers None, after a step
+        with nothing scheduled (as vLLM does: its plan carries the fetches the lookup
+        asked for); whether it loads in the background goes to `req.load_async`."""
         deadline = time.monotonic() + timeout
         while (hit := self.scheduler.num_new_matched_tokens(req, local))[0] is None:
-            assert time.monotonic() < deadline, "the remote probe never answered"
+            assert time.monotonic() < deadline, "the hit query never answered"
+            self.run(self.scheduler.build_plan(step_output()))
             time.sleep(0.01)
         req.load_async = hit[1]
         return hit[0]

@@ -4,6 +4,8 @@ stale KV, sleep-mode hooks, and a model without a KV cache."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,12 +39,16 @@ from connector_rig import (
 )
 from lmcache_ext.config import STAGING_SLOTS
 from lmcache_ext.epoch import EPOCH_FILE
+from lmcache_ext.geometry import rank_root
 from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic
 from lmcache_ext.integration.vllm.metadata import StepPlan
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, encode_extra_keys
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import Geometry, rank_root
+from lmcache_ext.integration.vllm.shards import geometry_from_vllm
+from lmcache_ext.keys import chunk_keys
+from lmcache_ext.plans import Source
 from lmcache_ext.testing.kv_layouts import page_view
+from lmcache_ext.tiers.disk import DiskTier
 
 EMBED_DIM = 8
 
@@ -332,7 +338,7 @@ def fake_vllm(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
 def test_a_model_without_kv_cache_groups_leaves_the_connector_idle(role, caplog):
     vllm_config, kv_cache_config = fake_vllm(groups=0)
-    assert Geometry.from_vllm(vllm_config, kv_cache_config, config()) is None
+    assert geometry_from_vllm(vllm_config, kv_cache_config, config()) is None
     with caplog.at_level("WARNING", logger="lmcache_ext.integration.vllm.connector"):
         connector = LMCacheConnectorV1Dynamic(vllm_config, role, kv_cache_config)
     assert "no KV cache groups" in caplog.text and "nothing to cache" in caplog.text
@@ -358,3 +364,65 @@ def test_the_connector_says_it_supports_sleep_mode_and_resets_through_its_schedu
     vllm_config, kv_cache_config = fake_vllm(groups=1)
     connector = LMCacheConnectorV1Dynamic(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
     assert connector.reset_cache() is True
+
+
+# -- a promised hit never fails --
+
+
+def test_a_promised_disk_hit_is_never_evicted_before_it_is_read(tmp_path, monkeypatch):
+    """The disk holds two chunks, X the older. A request is promised X (its load runs in
+    the background), and in the same step another request's store needs room on the
+    full disk; its write lands before X is read. The planner evicts the other chunk,
+    not the promised one: the load succeeds (under vLLM's `fail` policy a load error
+    would fail the request) and the blocks hold X's bytes. With the disk tier evicting
+    on its own, X was deleted before its read."""
+    file_bytes = 4096 + LAYERS * (CHUNK // BLOCK) * PAGE
+    roomy_for_two = dict(max_local_disk_size=2 * file_bytes / 2**30)
+    x, y, z = (prompt(CHUNK + 1, seed=s) for s in (70, 71, 72))
+    writer = Rig(tmp_path, **roomy_for_two)
+    for i, tokens in enumerate((x, y)):
+        writer.step([(request(f"store{i}", tokens), list(range(5 * i, 5 * i + 5)), 0)])
+        time.sleep(0.01)  # distinct mtimes: X is the least recently used
+    for w in writer.workers:
+        w.close()
+    written, real_write, real_read = threading.Event(), DiskTier.submit_write, DiskTier.read_into
+
+    def write(tier, key, payload, on_done=None):
+        def done(ok):
+            if on_done is not None:
+                on_done(ok)
+            written.set()
+
+        return real_write(tier, key, payload, done)
+
+    def read_after_the_write(tier, key, out):
+        assert written.wait(10)
+        tier.flush()
+        return real_read(tier, key, out)
+
+    monkeypatch.setattr(DiskTier, "submit_write", write)
+    monkeypatch.setattr(DiskTier, "read_into", read_after_the_write)
+    rig = Rig(tmp_path, seed=70, **roomy_for_two)
+    promised = request("promised", x)
+    assert rig.matched(promised) == CHUNK and promised.load_async  # from disk, in the background
+    plan = rig.step([(promised, list(range(20, 25)), 0), (request("other", z), list(range(30, 35)), 0)])
+    key_x, key_y = (chunk_keys(t, geometry().namespace)[0] for t in (x, y))
+    assert plan.evictions == {Source.DISK: [key_y]} and rig.recved == {"promised"}
+    assert rig.workers[0].take_load_errors() == set()
+    assert same_pages(rig.caches[0], list(range(20, 24)), writer.caches[0], list(range(4)))
+    assert (rank_root(tmp_path / "kv", 0) / key_x.hex()[:2] / key_x.hex()).exists()
+
+
+def test_a_disk_file_gone_when_vllm_asks_is_not_promised(tmp_path):
+    """A write that evicts X is planned before the lookup: the lookup does not promise X."""
+    file_bytes = 4096 + LAYERS * (CHUNK // BLOCK) * PAGE
+    roomy_for_one = dict(max_local_disk_size=file_bytes / 2**30)
+    x, z = prompt(CHUNK + 1, seed=80), prompt(CHUNK + 1, seed=81)
+    disk = Rig(tmp_path, **roomy_for_one)
+    disk.step([(request("store", x), list(range(5)), 0)])
+    for w in disk.workers:
+        w.close()
+    rig = Rig(tmp_path, seed=80, **roomy_for_one)
+    plan = first_step(rig.scheduler, request("other", z), list(range(30, 35)), CHUNK + 1)
+    assert list(plan.evictions) == [Source.DISK]  # X makes room for Z's chunk; no worker has deleted it yet
+    assert hit(rig.scheduler, request("late", x)) == 0

@@ -1,6 +1,8 @@
 """The connector's halves with a remote tier on a real server: a lookup answers None while
-its probe is out, then hits what another instance stored, and loads it byte for byte;
-under TP every rank's shard must be there; a failed remote load is not promised again."""
+its probe is out and while the chunks are fetched into host slots, then promises host
+hits of what another instance stored, and loads them byte for byte; under TP every
+rank's shard must be there; a record deleted between the probe and the fetch is a
+miss, never a failed load, and is not promised later."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ pytest.importorskip(
     reason="valkey-glide-sync is not installed: the connector's remote tier needs it (lmcache_ext[remote])",
 )
 
-from connector_rig import CHUNK, Rig, hit, prompt, reads_of, request, same_pages
+import time
+
+from connector_rig import CHUNK, Rig, hit, loads_of, prompt, reads_of, request, same_pages
 from lmcache_ext.plans import Source
 
 
@@ -33,14 +37,15 @@ def test_a_lookup_waits_for_the_probe_then_loads_what_another_instance_stored(re
     assert hit(reader.scheduler, b) is None
     assert hit(reader.scheduler, b) is None  # still out: vLLM keeps it waiting
     assert reader.matched(b) == 2 * CHUNK
-    assert reader.scheduler.hit_sources(b, 2 * CHUNK) == {Source.REMOTE: 2 * CHUNK}
+    assert reader.scheduler.hit_sources(b, 2 * CHUNK) == {Source.REMOTE: 2 * CHUNK}  # fetched for it
     plan = reader.step([(b, list(range(20, 29)), 0)])
-    assert [r.tier for r in reads_of(plan)] == [Source.REMOTE] * 2 and reader.recved == {"b"}
+    assert reads_of(plan) == [] and len(plan.loads) == 2 and not plan.async_loads  # host hits: fetched already
     assert reader.workers[0].take_load_errors() == set()
     assert same_pages(reader.caches[0], list(range(20, 28)), writer.caches[0], list(range(8)))
-    c = request("c", tokens)  # promoted: a host hit, answered at once
+    c = request("c", tokens)
     assert reader.scheduler.num_new_matched_tokens(c, 0) == (2 * CHUNK, False)
     assert reader.scheduler.hit_sources(c, 2 * CHUNK) == {Source.HOST: 2 * CHUNK}
+    assert reader.scheduler.stats()["pinned_slots"] == 0
 
 
 def test_a_miss_everywhere_is_answered_after_one_probe(redis):
@@ -66,17 +71,30 @@ def test_under_tp_every_rank_shard_must_be_in_the_store(redis):
     assert other.matched(request("b", tokens)) == 0
 
 
-def test_a_remote_load_that_fails_is_recomputed_and_not_promised_again(redis):
+def test_a_record_deleted_between_the_probe_and_the_fetch_is_a_miss_not_a_failed_load(redis):
     tokens = prompt(CHUNK + 1, seed=4)
     stored_remotely(redis.url, tokens)
     reader = Rig(seed=40, remote_url=redis.url)
     a = request("a", tokens)
+    reader.scheduler.on_new_request(a)
+    while reader.scheduler.num_new_matched_tokens(a, 0)[0] is None and not reader.scheduler._planner.next_plan.fetches:
+        time.sleep(0.01)  # the probe answers: the chunk is there, and its fetch is planned
+    for key in redis.cli("KEYS", "*").split():
+        redis.cli("DEL", key)  # gone between the probe and the read
+    assert reader.matched(a) == 0  # the fetch missed: nothing was promised
+    plan = reader.step([(a, list(range(40, 45)), 0)])
+    assert loads_of(plan) == [] and reader.workers[0].take_load_errors() == set()
+    assert reader.scheduler.stats()["pinned_slots"] == 0
+
+
+def test_a_record_deleted_after_the_fetch_costs_nothing(redis):
+    tokens = prompt(CHUNK + 1, seed=5)
+    writer = stored_remotely(redis.url, tokens)
+    reader = Rig(seed=50, remote_url=redis.url)
+    a = request("a", tokens)
     assert reader.matched(a) == CHUNK
     for key in redis.cli("KEYS", "*").split():
-        redis.cli("DEL", key)  # gone between the probe and the load
-    plan = reader.step([(a, list(range(40, 45)), 0)])
-    assert len(reads_of(plan)) == 1 and reader.recved == {"a"}
-    assert reader.workers[0].take_load_errors() == {40, 41, 42, 43}
-    b = request("b", tokens)
-    assert reader.matched(b) == 0  # the old answer is not reused (after a probe of its partial chunks)
-    assert reader.scheduler.stats()["pinned_slots"] == 0
+        redis.cli("DEL", key)  # after the promise: the chunk is in a host slot already
+    reader.step([(a, list(range(40, 45)), 0)])
+    assert reader.workers[0].take_load_errors() == set()
+    assert same_pages(reader.caches[0], list(range(40, 44)), writer.caches[0], list(range(4)))

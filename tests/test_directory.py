@@ -108,7 +108,7 @@ def test_a_chunk_being_filled_is_loadable_by_no_other_load_until_committed():
     disk = FakeDisk([k(1)])
     d = CacheDirectory(slots(2), [(Source.DISK, disk)])
     (first,) = d.reserve_loads([k(1)])
-    assert first.source is Source.DISK
+    assert first.source == Source.DISK
     assert d.reserve_loads([k(1)]) == [] and d.lookup([k(1)]) == [] and d.filling(k(1))
     d.commit(k(1), True)
     (second,) = d.reserve_loads([k(1)])
@@ -228,7 +228,7 @@ def test_a_lookup_counts_only_lower_tier_keys_that_can_get_a_slot():
     assert [(p.key, p.source) for p in first] == [(k(1), Source.HOST)] + [(k(i), Source.DISK) for i in (10, 11, 12)]
     assert d.lookup([k(i) for i in range(13, 16)]) == []  # every slot is pinned by that load
     for p in first:
-        if p.source is Source.DISK:
+        if p.source == Source.DISK:
             d.commit(p.key, True)
         d.release(p.key)
     assert d.lookup([k(i) for i in range(13, 16)]) == [Source.DISK] * 3  # unpinned entries give way

@@ -16,7 +16,8 @@ import torch
 import xxhash
 
 from lmcache_ext.testing.filesystems import direct_io_supported
-from lmcache_ext.tiers import DiskTier, disk
+from lmcache_ext.tiers import disk
+from lmcache_ext.tiers.disk import DiskTier
 
 GiB = 1 << 30
 SIZES = [1, 4095, 4096, (1 << 20) + 3]
@@ -167,46 +168,18 @@ def test_restart_keeps_keys_bytes_and_lru_order(make_tier, root):
         assert out is not None and torch.equal(out, p)
 
 
-def test_restart_with_a_smaller_capacity_evicts_the_oldest(make_tier, root):
-    n = 10_000
-    with DiskTier(root, GiB) as first:
-        for i in range(3):
-            store(first, key(i), slot(n, seed=i))
-    second = make_tier(capacity=2 * (4096 + n))
-    assert second.keys() == [key(1), key(2)]
-    assert not second.path_of(key(0)).exists()
-    assert second.stats()["evictions"] == 1
-
-
-def test_lru_eviction_keeps_the_newest_and_frees_space(make_tier, root):
-    n = 10_000
-    size = 4096 + n
-    tier = make_tier(capacity=3 * size)
-    for i in range(4):
-        store(tier, key(i), slot(n, seed=i))
-    assert tier.keys() == [key(1), key(2), key(3)]
-    assert not tier.contains(key(0))
-    assert not tier.path_of(key(0)).exists()
-    assert len(chunk_files(root)) == 3
-    assert tier.usage_bytes == 3 * size
-    stats = tier.stats()
-    assert (stats["evictions"], stats["files"], stats["usage_bytes"]) == (1, 3, 3 * size)
-    assert read_back(tier, key(0), n) is None
-
-
-def test_touch_and_hits_change_eviction_order(make_tier):
+def test_a_write_past_the_capacity_is_refused_and_nothing_is_evicted(make_tier, root):
     n = 10_000
     tier = make_tier(capacity=3 * (4096 + n))
     for i in range(3):
         store(tier, key(i), slot(n, seed=i))
-    assert tier.touch(key(0)) is True
+    done = []
+    assert tier.submit_write(key(3), slot(n, seed=3), done.append).result(timeout=30) is False
+    assert done == [False] and tier.stats()["writes_failed"] == {"no_room": 1}
+    assert tier.keys() == [key(0), key(1), key(2)] and len(chunk_files(root)) == 3  # the planner evicts, not the tier
+    assert tier.remove(key(0)) is True
     store(tier, key(3), slot(n, seed=3))
-    assert tier.keys() == [key(2), key(0), key(3)]  # key 1 was the least recently used
-
-    assert read_back(tier, key(2), n) is not None
-    store(tier, key(4), slot(n, seed=4))
-    assert tier.keys() == [key(3), key(2), key(4)]
-    assert tier.touch(key(0)) is False
+    assert tier.keys() == [key(1), key(2), key(3)]
 
 
 def test_object_bigger_than_the_capacity_is_not_stored(make_tier, root):

@@ -73,13 +73,13 @@ def test_two_engines_share_chunks_byte_for_byte(server):
     a, b, tokens = store_then_share(server.url)
     with a, b:
         assert a.stats()["remote_writes_ok"] == 3
-        assert b.lookup(tokens) == 3 * CHUNK
-        assert b.retrieve(tokens, list(range(20, 32))) == 3 * CHUNK
+        assert b.retrieve(tokens, list(range(20, 32))) == 3 * CHUNK  # fetched into host slots, then loaded
         assert same_pages(b._kv.tensors, list(range(20, 32)), a._kv.tensors, list(range(12)))
         stats = b.stats()
         assert stats["loaded_tokens_remote"] == 3 * CHUNK and stats["remote_reads_hit"] == 3
+        assert b.lookup(tokens) == 3 * CHUNK
         assert b.retrieve(tokens, list(range(40, 52))) == 3 * CHUNK  # promoted: now a host hit
-        assert b.stats()["loaded_tokens_host"] == 3 * CHUNK
+        assert b.stats()["loaded_tokens_host"] == 3 * CHUNK and b.stats()["remote_reads_hit"] == 3
 
 
 def test_chunks_larger_than_a_value_are_split_into_parts_read_all_or_nothing(redis):
@@ -101,8 +101,8 @@ def test_chunks_larger_than_a_value_are_split_into_parts_read_all_or_nothing(red
         assert same_pages(reader._kv.tensors, list(range(20, 24)), writer._kv.tensors, list(range(4)))
         for manifest in manifests:
             redis.cli("DEL", manifest + ":1")
-        assert reader.lookup(tokens) == 2 * CHUNK  # chunk 0 is in its host tier now, chunk 1's manifest is there ...
-        assert reader.retrieve(tokens, list(range(30, 38))) == CHUNK  # ... but a missing part makes it a miss
+        assert reader.lookup(tokens) == CHUNK  # chunk 0 is in its host tier now; chunk 1's fetch misses a part
+        assert reader.retrieve(tokens, list(range(30, 38))) == CHUNK
         assert reader.stats()["remote_reads_bad"] == {"missing_part": 1}
 
 
@@ -117,7 +117,7 @@ def test_a_server_down_at_start_costs_hits_until_it_comes_up(redis, caplog):
         assert down.store(tokens, list(range(8))) == 2 * CHUNK  # the host tier still works
         down.flush()
         assert down.stats()["remote_writes_skipped"] == 2
-        assert caplog.text.count("is not answering") == 1
+        assert caplog.text.count("is not answering") == 2  # once per connection: the planner's probe, the I/O
         assert engine(url, 9).lookup(tokens) == 0
 
 
@@ -196,10 +196,9 @@ def test_an_evicting_server_turns_old_chunks_into_misses(redis):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt", "foreign"])
-def test_a_value_damaged_between_lookup_and_load_is_a_miss(redis, damage):
+def test_a_value_damaged_before_its_fetch_is_a_miss(redis, damage):
     a, b, tokens = store_then_share(redis.url)
     with a, b:
-        assert b.lookup(tokens) == 3 * CHUNK
         manifest = sorted(k for k in redis.cli("KEYS", "*").split() if k.endswith("}"))[0]
         part = manifest + ":0"
         if damage == "delete":
@@ -279,7 +278,6 @@ def test_a_cluster_shares_chunks_and_a_dead_node_costs_only_its_keys(cluster):
         a.flush()
         assert a.stats()["remote_writes_ok"] == 12
     with engine(cluster.url, 2) as b:
-        assert [b.lookup(t) for t in tokens] == [CHUNK] * 12
         victim = cluster.nodes[0]
         victim.kill()
         hits = [b.retrieve(t, list(range(40, 44))) for t in tokens]

@@ -1,28 +1,42 @@
-"""Storage below host memory: one record format (`record`), one interface (`LowerTier`),
-and the one place where a process builds its host pool and its tiers (`build_storage`),
-for `CacheEngine` and the connector's workers alike. A new tier is added here."""
+"""Storage below host memory. A tier is one module that describes itself with a
+`TierKind`: its name (as a hit source and a metrics label), whether a config asks for
+it, the read threads it needs, how a rank opens its I/O (`TierIO`), how the planner
+learns what it holds (`TierHoldings`), and its part of the start-up message.
+Everything else — `build_storage` here, the planner, the start-up line — reads those
+descriptions, so a new tier (an S3 or a GPUDirect-storage tier) is one new module
+plus its config fields, registered with `register_tier`.
+
+Built-in tiers, in lookup order: disk (lmcache_ext.tiers.disk), then remote
+(lmcache_ext.tiers.remote_kind: its client is an optional extra, imported only when a
+config asks for the remote tier). One record format (`record`) serves them all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from lmcache_ext.config import CacheConfig
+from lmcache_ext.geometry import Geometry
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder
-from lmcache_ext.plans import Source
-from lmcache_ext.tiers.disk import DiskTier
+from lmcache_ext.plans import TierName
+
+BUILT_IN = ("lmcache_ext.tiers.disk", "lmcache_ext.tiers.remote_kind")
+"""Modules whose `TIER` is registered before any other, in this (lookup) order."""
 
 
-class LowerTier(Protocol):
-    """What the executor asks of a tier below host memory."""
+class TierIO(Protocol):
+    """One rank's reads and writes of its records in a tier: what executors ask of it."""
 
     def read_into(self, key: bytes, out: Any) -> bool: ...
 
     def submit_write(self, key: bytes, payload: Any, on_done: Callable[[bool], None] | None = None) -> Future[bool]: ...
+
+    def remove(self, key: bytes) -> bool: ...
 
     def clear(self) -> int: ...
 
@@ -33,37 +47,135 @@ class LowerTier(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-class Presence(Protocol):
-    """What the directory asks of a tier below host memory: whether it holds a chunk."""
+class TierHoldings:
+    """What the planner knows of the chunks a tier holds, for every rank at once. A
+    tier that only answers `contains` needs nothing more; the others say how they
+    differ from that:
+    - a tier whose knowledge needs the network answers in the background
+      (`answered`) or, for callers that may wait, at once (`probe`);
+    - a tier whose records can vanish on their own (`fetch_first`) is never promised
+      to a load: the planner fetches its chunks into host slots first;
+    - a tier whose capacity the planner manages (`admit`) learns of each write and of
+      each planned read (`pin`), so it never deletes a chunk a load was promised."""
 
-    def contains(self, key: bytes) -> bool: ...
+    fetch_first = False
+
+    def contains(self, key: bytes) -> bool:
+        raise NotImplementedError
+
+    def answered(self, keys: Sequence[bytes]) -> bool:
+        """Whether `contains` knows about every one of `keys` now."""
+        return True
+
+    def probe(self, keys: Sequence[bytes]) -> None:
+        """Learn about `keys` before returning."""
+
+    def forget(self, key: bytes) -> None:
+        """A read found `key` missing or bad: do not count it as held any more."""
+
+    def admit(self, key: bytes, nbytes: int) -> bool:
+        """Whether to write `key` (`nbytes` of payload per rank) to this tier; a tier
+        whose capacity the planner manages makes room first (`take_evictions`)."""
+        return True
+
+    def written(self, key: bytes) -> None:
+        """Every rank's write of `key` ended (not necessarily well)."""
+
+    def pin(self, key: bytes) -> None:
+        """A load of `key` is planned: keep it until `unpin`."""
+
+    def unpin(self, key: bytes) -> None: ...
+
+    def take_evictions(self) -> list[bytes]:
+        """Keys whose records every rank deletes in the next step (a tier whose capacity
+        the planner manages); each is given once."""
+        return []
+
+    def clear(self) -> None:
+        """A cache reset: every rank clears its records in the next step."""
+
+    def close(self) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """usage_bytes, capacity_bytes and evictions, where the tier has them."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TierSetup:
+    """What a tier is opened with: the config, the cache's geometry, the fingerprint its
+    records carry (16 bytes: the cache that writes them), and the rank whose shards a
+    `TierIO` reads and writes."""
+
+    config: CacheConfig
+    geometry: Geometry
+    namespace: bytes
+    rank: int = 0
+    ranks: Sequence[int] = ()  # whose records a `TierHoldings` sees (default: every rank of the geometry)
+
+    @property
+    def holders(self) -> Sequence[int]:
+        return self.ranks or range(self.geometry.tp_size)
+
+
+@dataclass(frozen=True)
+class TierKind:
+    """One tier, as everything outside its module sees it."""
+
+    name: TierName
+    hit_source: str  # vLLM's CacheHitSource value for its hits
+    configured: Callable[[CacheConfig], bool]
+    open_io: Callable[[TierSetup], TierIO]
+    open_holdings: Callable[[TierSetup], TierHoldings]
+    describe: Callable[[CacheConfig], str]  # its part of the start-up line
+    read_threads: Callable[[CacheConfig], int] = lambda config: 1
+
+
+_kinds: list[TierKind] = []
+
+
+def register_tier(kind: TierKind) -> Callable[[], None]:
+    """Add `kind` after the tiers registered so far (lookup order); returns the call that
+    removes it again."""
+    kinds = registered_tiers()
+    if any(k.name == kind.name for k in kinds):
+        raise ValueError(f"a tier named {kind.name!r} is registered already")
+    _kinds.append(kind)
+    return lambda: _kinds.remove(kind)
+
+
+def registered_tiers() -> list[TierKind]:
+    """Every registered tier, built-in ones first (their modules are imported on the first call)."""
+    if not _kinds:
+        _kinds.extend(importlib.import_module(module).TIER for module in BUILT_IN)
+    return list(_kinds)
+
+
+def configured_tiers(config: CacheConfig) -> list[TierKind]:
+    """The tiers `config` asks for, in lookup order."""
+    return [kind for kind in registered_tiers() if kind.configured(config)]
+
+
+def tier_kind(name: TierName) -> TierKind:
+    kinds = {kind.name: kind for kind in registered_tiers()}
+    if name not in kinds:
+        raise ValueError(f"tier = {name!r} is not registered: expected one of {', '.join(kinds)}")
+    return kinds[name]
 
 
 @dataclass
 class Storage:
-    """A process's host pool and lower tiers (in lookup order: disk, then remote), and
-    how the directory of a `CacheEngine` sees those tiers."""
+    """A process's host pool and the I/O of its lower tiers, in lookup order."""
 
     pool: HostSlotPool
-    tiers: dict[Source, LowerTier]
-    presence: dict[Source, Presence] = field(default_factory=dict)
-    closers: list[Callable[[], None]] = field(default_factory=list)
-    _reported: dict[tuple[Source, str], int] = field(default_factory=dict)  # what `record` last saw
+    tiers: dict[TierName, TierIO]
+    read_threads: int = 1
+    _reported: dict[tuple[TierName, str], int] = field(default_factory=dict)  # what `record` last saw
 
     def record(self, recorder: Recorder, part: str = "") -> None:
-        """Each lower tier's usage and capacity when they changed, and its evictions since
-        the last call, into `recorder` (`part`: this process's share of a gauge)."""
-        for source, tier in self.tiers.items():
-            stats = tier.stats()
-            for name in ("usage_bytes", "capacity_bytes", "evictions"):
-                value, seen = stats.get(name), self._reported.get((source, name))
-                if value is None or value == seen:
-                    continue
-                self._reported[(source, name)] = value
-                if name == "evictions":
-                    recorder.evicted(source.value, value - (seen or 0))
-                else:
-                    recorder.gauge(name, value, source.value, part)
+        """Each lower tier's usage when it changed into `recorder` (`part`: this
+        process's share of a gauge)."""
+        record_tier_stats(recorder, {name: tier.stats() for name, tier in self.tiers.items()}, self._reported, part)
 
     def flush(self) -> None:
         for tier in self.tiers.values():
@@ -73,43 +185,54 @@ class Storage:
         """Finish pending writes, then release every tier's threads and connections."""
         for tier in self.tiers.values():
             tier.close()
-        for close in self.closers:
-            close()
 
 
-def build_storage(
-    config: CacheConfig,
-    slot_bytes: int,
-    *,
-    namespace: bytes,
-    rank: int,
-    disk_root: str | Path | None,
-    disk_bytes: int,
-) -> Storage:
-    """The host pool of `slot_bytes` slots that `config` asks for, the disk tier under
-    `disk_root` (capped at `disk_bytes`) when there is one, and the remote tier when
-    `remote_url` is set, reading and writing the shards of TP rank `rank`. Records
-    carry `namespace` (16 bytes): the fingerprint of the cache that writes them."""
-    storage = Storage(HostSlotPool.for_config(config, slot_bytes), {})
-    if disk_root is not None:
-        disk = DiskTier(
-            disk_root,
-            max(disk_bytes, 1),
-            threads=config.disk_io_threads,
-            o_direct=config.disk_o_direct,
-            namespace=namespace,
-        )
-        storage.tiers[Source.DISK] = disk
-        storage.presence[Source.DISK] = disk
-    if config.remote_url:
-        from lmcache_ext.tiers.remote import RemotePresence, RemoteStore, RemoteTier
-
-        store = RemoteStore(config, namespace)
-        storage.tiers[Source.REMOTE] = RemoteTier(store, rank)
-        presence = RemotePresence(store, lambda key: [(key, rank)])
-        storage.presence[Source.REMOTE] = presence
-        storage.closers += [presence.close, store.close]
-    return storage
+def record_tier_stats(
+    recorder: Recorder, stats: dict[TierName, dict[str, Any]], reported: dict[tuple[TierName, str], int], part: str = ""
+) -> None:
+    """Usage and capacity gauges of each tier when they changed since `reported`, and
+    its evictions since then, into `recorder`."""
+    for name, values in stats.items():
+        for stat in ("usage_bytes", "capacity_bytes", "evictions"):
+            value, seen = values.get(stat), reported.get((name, stat))
+            if value is None or value == seen:
+                continue
+            reported[(name, stat)] = value
+            if stat == "evictions":
+                recorder.evicted(name, value - (seen or 0))
+            else:
+                recorder.gauge(stat, value, name, part)
 
 
-__all__ = ["DiskTier", "LowerTier", "Presence", "Storage", "build_storage"]
+def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage:
+    """The host pool that `config` asks for, with slots of one chunk, and the I/O of
+    every configured lower tier for TP rank `rank`."""
+    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, rank)
+    kinds = configured_tiers(config)
+    return Storage(
+        HostSlotPool.for_config(config, geometry.chunk_bytes(geometry.blocks_per_chunk)),
+        {kind.name: kind.open_io(setup) for kind in kinds},
+        max([kind.read_threads(config) for kind in kinds], default=1),
+    )
+
+
+def open_holdings(config: CacheConfig, geometry: Geometry, ranks: Sequence[int] = ()) -> dict[TierName, TierHoldings]:
+    """What the planner knows of every configured lower tier, in lookup order, for the
+    records of `ranks` (default: every rank of `geometry`)."""
+    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, ranks=ranks)
+    return {kind.name: kind.open_holdings(setup) for kind in configured_tiers(config)}
+
+
+__all__ = [
+    "Storage",
+    "TierHoldings",
+    "TierIO",
+    "TierKind",
+    "TierSetup",
+    "build_storage",
+    "configured_tiers",
+    "open_holdings",
+    "register_tier",
+    "registered_tiers",
+    "tier_kind",
+]

@@ -25,13 +25,13 @@ Decisions:
   read; the file stays.
 * Faults (invariant 4): an OSError while writing (ENOSPC, EACCES, EIO, EROFS, ...)
   removes the temp file and reports False; the tier keeps working.
-* Capacity counts whole files (header, payload, padding). A write reserves its file
-  size before writing, evicting least recently used files, so committed plus
-  in-flight files never exceed it. A write that cannot fit even after evicting every
-  committed file (``too_large``: bigger than the capacity; ``no_room``: in-flight
-  writes hold the rest) is not stored.
-* LRU order survives a restart: writes, hits and ``touch`` set the file's mtime, and the
-  start-up scan orders the index by mtime. Headers are checked lazily, on read.
+* Capacity counts whole files (header, payload, padding). Which files go to make room
+  is not this tier's choice: the planner, which promises hits, decides
+  (`tiers.disk_ledger`), so a file a load was promised is never deleted before it is
+  read. A write that would take the tier past its capacity (``too_large``: bigger than
+  it; ``no_room``: committed and in-flight files hold the rest) is not stored.
+* LRU order survives a restart: writes, hits and ``touch`` set the file's mtime, which
+  orders the planner's ledger after a restart. Headers are checked lazily, on read.
 * One root belongs to one ``DiskTier`` at a time (an flock on ``<root>/.lock``), so
   deleting leftover temp files at start-up never hits a live writer's file.
 * O_DIRECT (``o_direct=True``): files are written padded; reads and writes use
@@ -66,7 +66,11 @@ from typing import Any
 
 import numpy as np
 
+from lmcache_ext.about import format_bytes
+from lmcache_ext.geometry import rank_root
 from lmcache_ext.keys import KEY_BYTES
+from lmcache_ext.plans import Source
+from lmcache_ext.tiers import TierHoldings, TierKind, TierSetup
 from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
@@ -209,8 +213,8 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class DiskTier:
-    """Chunk files under one root directory: an LRU index with a byte cap, background
-    writes that become visible only once complete, and checked reads into host slots.
+    """Chunk files under one root directory: an index with a byte cap, background writes
+    that become visible only once complete, and checked reads into host slots.
 
     Thread-safe. `submit_write` callbacks run on the tier's write threads.
     """
@@ -289,7 +293,6 @@ class DiskTier:
             self._index[key] = size
             self._usage += size
         self._counts["removed_at_start"] = len(junk)
-        self._evict_down_to(self._capacity)
 
     # ------------------------------------------------------------------ public API
 
@@ -464,7 +467,6 @@ class DiskTier:
                 "reads_miss": self._counts["reads_miss"],
                 "reads_corrupt": dict(self._reads_corrupt),
                 "reads_failed": dict(self._reads_failed),
-                "evictions": self._counts["evictions"],
                 "cleared": self._counts["cleared"],
                 "removed_at_start": self._counts["removed_at_start"],
                 "direct_writes": self._counts["direct_writes"],
@@ -508,13 +510,6 @@ class DiskTier:
         _unlink_quietly(self.path_of(key))
         return True
 
-    def _evict_down_to(self, limit: int) -> None:
-        """Evict least recently used files until usage is at most `limit`; the caller holds the lock
-        (or is the constructor)."""
-        while self._index and self._usage > limit:
-            self._drop(next(iter(self._index)))
-            self._counts["evictions"] += 1
-
     def _delete_files(self, keys: list[bytes]) -> bool:
         for key in keys:
             _unlink_quietly(self.path_of(key))
@@ -542,14 +537,12 @@ class DiskTier:
             if key in self._index:
                 self._counts["writes_skipped"] += 1
                 return True
-            full = "too_large" if size > self._capacity else "no_room" if self._reserved + size > self._capacity else ""
+            taken = self._usage + self._reserved
+            full = "too_large" if size > self._capacity else "no_room" if taken + size > self._capacity else ""
             if full:
                 self._writes_failed[full] += 1
-                self._write_faults.failed(
-                    full, f"{size} bytes, {self._capacity - self._reserved} free of {self._capacity}"
-                )
+                self._write_faults.failed(full, f"{size} bytes, {self._capacity - taken} free of {self._capacity}")
                 return False
-            self._evict_down_to(self._capacity - self._reserved - size)
             self._reserved += size
         path = self.path_of(key)
         temp = path.with_name(f"{path.name}.{next(self._temp_ids)}.tmp")
@@ -669,3 +662,35 @@ def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryv
         raise BadRecord("wrong_file_size")  # the file shrank after the size check
     out[body:] = pages[BLOCK : BLOCK + n - body]
     check_payload(out, header)
+
+
+def _open_io(setup: TierSetup) -> DiskTier:
+    config = setup.config
+    assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
+    return DiskTier(
+        rank_root(config.local_disk, setup.rank),
+        max(config.disk_bytes // setup.geometry.tp_size, 1),
+        threads=config.disk_io_threads,
+        o_direct=config.disk_o_direct,
+        namespace=setup.namespace,
+    )
+
+
+def _open_holdings(setup: TierSetup) -> TierHoldings:
+    from lmcache_ext.tiers.disk_ledger import DiskLedger
+
+    config = setup.config
+    assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
+    roots = [rank_root(config.local_disk, rank) for rank in setup.holders]
+    return DiskLedger(roots, max(config.disk_bytes // setup.geometry.tp_size, 1), padded=config.disk_o_direct)
+
+
+TIER = TierKind(
+    name=Source.DISK,
+    hit_source="disk",
+    configured=lambda config: bool(config.local_disk),
+    open_io=_open_io,
+    open_holdings=_open_holdings,
+    describe=lambda config: f"disk {config.local_disk} ({format_bytes(config.disk_bytes)})",
+    read_threads=lambda config: config.disk_io_threads,
+)

@@ -47,6 +47,7 @@ from glide_shared.exceptions import TimeoutError as GlideTimeoutError
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.remote_url import RemoteEndpoint, mask_password, parse_remote_url
+from lmcache_ext.tiers import TierHoldings
 from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
@@ -296,16 +297,26 @@ def _batch(store: RemoteStore) -> Any:
     return glide.ClusterBatch(is_atomic=False) if store.endpoint.cluster else glide.Batch(is_atomic=False)
 
 
-class RemotePresence:
-    """Which chunks the store holds, probed in the background: the scheduler asks
-    without waiting on the network. One pipelined round trip checks the manifests of
-    every TP rank's shard of a batch of chunks; answers are kept `fresh_s` seconds."""
+class RemotePresence(TierHoldings):
+    """Which chunks the store holds, probed in the background: the planner asks without
+    waiting on the network. One pipelined round trip checks the manifests of every TP
+    rank's shard of a batch of chunks; answers are kept `fresh_s` seconds. The server
+    evicts and deletes records on its own, so the planner fetches a chunk found here
+    into a host slot before it promises it (`fetch_first`)."""
+
+    fetch_first = True
 
     def __init__(
-        self, store: RemoteStore, shard_keys: Callable[[bytes], Sequence[tuple[bytes, int]]], fresh_s: float = 2.0
+        self,
+        store: RemoteStore,
+        shard_keys: Callable[[bytes], Sequence[tuple[bytes, int]]],
+        fresh_s: float = 2.0,
+        owns_store: bool = False,
     ) -> None:
-        """`shard_keys(chunk_key)`: the (shard key, rank) pairs that make the chunk."""
+        """`shard_keys(chunk_key)`: the (shard key, rank) pairs that make the chunk;
+        `owns_store`: `close` closes `store` too."""
         self._store = store
+        self._owns_store = owns_store
         self._shard_keys = shard_keys
         self._fresh_s = fresh_s
         self._lock = threading.Lock()
@@ -343,6 +354,8 @@ class RemotePresence:
 
     def close(self) -> None:
         self._prober.shutdown(wait=True)
+        if self._owns_store:
+            self._store.close()
 
     def _probe(self, keys: list[bytes]) -> None:
         shards = [self._shard_keys(k) for k in keys]
@@ -378,9 +391,11 @@ class RemoteTier:
     threads, at most `remote_write_backlog` at a time: beyond that a store is skipped
     (on_done(False), counted), never queued without bound."""
 
-    def __init__(self, store: RemoteStore, rank: int) -> None:
+    def __init__(self, store: RemoteStore, rank: int, owns_store: bool = False) -> None:
+        """`owns_store`: `close` closes `store` too."""
         self._store = store
         self._rank = rank
+        self._owns_store = owns_store
         cfg = store.config
         self._part_bytes = cfg.remote_max_value_bytes
         self._ttl = glide.ExpirySet(glide.ExpiryType.SEC, cfg.remote_ttl_s) if cfg.remote_ttl_s else None
@@ -526,6 +541,15 @@ class RemoteTier:
 
     # -- the rest of the tier interface --
 
+    def remove(self, key: bytes) -> bool:
+        """Delete the record of shard `key` (its manifest: the parts alone are a miss);
+        False when there was none or the store could not be reached."""
+        manifest = self._store.manifest_key(key, self._rank)
+        try:
+            return bool(self._store.call(lambda client: client.delete([manifest])))
+        except (Unavailable, GlideError):
+            return False
+
     def clear(self) -> int:
         """Nothing to delete: the store is shared, and a reset's new epoch already hides
         every chunk stored before it."""
@@ -540,6 +564,8 @@ class RemoteTier:
     def close(self) -> None:
         self.flush()
         self._writers.shutdown(wait=True)
+        if self._owns_store:
+            self._store.close()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

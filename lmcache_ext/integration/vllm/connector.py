@@ -34,15 +34,17 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.about import build_line, tiers_line
 from lmcache_ext.config import CacheConfig, load_config
+from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import Geometry
+from lmcache_ext.integration.vllm.shards import geometry_from_vllm
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats, LMCachePromMetrics
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder, merge
-from lmcache_ext.plans import Source
+from lmcache_ext.plans import Source, TierName
+from lmcache_ext.tiers import tier_kind
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +78,11 @@ def startup_line(config: CacheConfig, geometry: Geometry) -> str:
 share_vllm_log()
 
 SUPPORTED_VLLM = ("0.32", "0.33")
-HIT_SOURCES = {
-    Source.HOST: CacheHitSource.HOST,
-    Source.DISK: CacheHitSource.DISK,
-    Source.REMOTE: CacheHitSource.EXTERNAL_UNSPECIFIED,
-}
-"""Our tiers as vLLM's prompt_tokens_cached_by_source labels (it has none for a remote store)."""
+
+
+def hit_source(tier: TierName) -> CacheHitSource:
+    """A tier as vLLM's prompt_tokens_cached_by_source label (each tier names its own)."""
+    return CacheHitSource.HOST if tier == Source.HOST else CacheHitSource(tier_kind(tier).hit_source)
 
 
 def check_vllm_version(version: str = vllm.__version__) -> None:
@@ -102,7 +103,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         check_vllm_version()
         self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
-        geometry = Geometry.from_vllm(vllm_config, kv_cache_config, self._config)
+        geometry = geometry_from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | IdleSide | None = None
         self._lookups = Recorder()  # lookups, counted when vLLM admits the request
         self._asked: dict[str, int] = {}  # request id -> vLLM's own hit at our last lookup
@@ -234,7 +235,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """Our hit tokens split by the tier that holds them (vLLM's cached-by-source metric)."""
         sources = self._scheduler_side().hit_sources(request, num_external_tokens)
-        return {HIT_SOURCES[source]: tokens for source, tokens in sources.items()}
+        return {hit_source(source): tokens for source, tokens in sources.items()}
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         """Plan the load; count the lookup now that vLLM admitted the request (as vLLM
@@ -244,7 +245,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         asked = self._asked.pop(request.request_id, None)
         if asked is not None:
             hits = side.hit_sources(request, num_external_tokens) if num_external_tokens > 0 else {}
-            self._lookups.lookup(request.num_tokens - asked, {source.value: n for source, n in hits.items()})
+            self._lookups.lookup(request.num_tokens - asked, hits)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return self._scheduler_side().build_plan(scheduler_output)

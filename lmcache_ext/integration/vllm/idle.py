@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmcache_ext.directory import Source
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.metrics import Payload, empty_payload
+from lmcache_ext.plans import TierName
 
 
 class IdleSide:
@@ -21,7 +21,7 @@ class IdleSide:
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         return 0, False
 
-    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[Source, int]:
+    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[TierName, int]:
         return {}
 
     def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:

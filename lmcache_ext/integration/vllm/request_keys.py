@@ -21,11 +21,7 @@ from typing import Any
 
 from vllm.v1.core.kv_cache_utils import generate_block_hash_extra_keys
 
-from lmcache_ext.keys import ExtraOf
-
-
-class UnkeyableRequest(ValueError):
-    """The request carries an extra key this module cannot encode deterministically."""
+from lmcache_ext.keys import ExtraOf, UnkeyableRequest
 
 
 def encode_extra_keys(value: Any) -> bytes:

@@ -34,22 +34,20 @@ TP shard and reports per item id what happened.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
-from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.geometry import Geometry
+from lmcache_ext.integration.vllm.metadata import AsyncLoad, FetchItem, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
@@ -96,22 +94,11 @@ class WorkerSide:
         if self._executor is not None:
             self._executor.bind(kv)
             return
-        g, cfg = self._geometry, self._config
-        storage = build_storage(
-            cfg,
-            kv.chunk_bytes(g.blocks_per_chunk),
-            namespace=g.namespace.fingerprint,
-            rank=self._rank,
-            disk_root=rank_root(Path(cfg.local_disk), self._rank) if cfg.local_disk else None,
-            disk_bytes=cfg.disk_bytes // g.tp_size,
-        )
+        cfg = self._config
+        storage = build_storage(cfg, self._geometry, self._rank)
         self._storage = storage
         self._executor = TransferExecutor(
-            kv,
-            storage.pool,
-            storage.tiers,
-            read_threads=max(cfg.disk_io_threads, cfg.remote_connections),
-            cuda_copy_path=cfg.cuda_copy_path,
+            kv, storage.pool, storage.tiers, read_threads=storage.read_threads, cuda_copy_path=cfg.cuda_copy_path
         )
         if cfg.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
@@ -120,7 +107,7 @@ class WorkerSide:
             self._rank,
             storage.pool.num_slots,
             storage.pool.slot_bytes,
-            ", ".join(t.value for t in storage.tiers) or "none",
+            ", ".join(storage.tiers) or "none",
         )
 
     def unregister(self) -> None:
@@ -152,12 +139,12 @@ class WorkerSide:
         into the planned blocks; then the background loads start. Failures become load
         errors, so vLLM recomputes those blocks (invariant 3)."""
         if plan.clear_tiers and self._storage is not None:
-            for source, tier in self._storage.tiers.items():
+            for name, tier in self._storage.tiers.items():
                 logger.info(
                     "lmcache_ext worker %d: cache reset, %d %s records deleted in the background",
                     self._rank,
                     tier.clear(),
-                    source.value,
+                    name,
                 )
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
@@ -169,6 +156,8 @@ class WorkerSide:
             self._run_loads(plan.loads)
         for job in plan.async_loads:
             self._submit(self._loader, self._load_in_background, job)
+        if plan.fetches:
+            self._submit(self._loader, self._fetch, plan.fetches)
 
     def wait_layer(self, layer_name: str) -> None:
         """Layerwise: return once this step's loads have put `layer_name` in place."""
@@ -227,7 +216,9 @@ class WorkerSide:
         """vLLM may reuse the released requests' blocks from this step on (they were
         preempted, or finished with a store still reading them): gather their stores
         planned at the finish, then wait for every gather that still reads them. vLLM
-        calls this first in each step, before it zeroes, copies or computes into a block."""
+        calls this first in each step, before it zeroes, copies or computes into a block, so
+        the records the planner evicted are deleted here too, before any write of the step."""
+        self._evict(plan)
         released = set(plan.released)
         if not released:
             return
@@ -254,10 +245,28 @@ class WorkerSide:
 
     # -- transfers --
 
+    def _evict(self, plan: StepPlan) -> None:
+        """Delete the records the planner evicted to make room for its writes."""
+        if self._storage is None:
+            return
+        for name, keys in plan.evictions.items():
+            tier = self._storage.tiers[name]
+            for key in keys:
+                tier.remove(key)
+
+    def _fetch(self, fetches: Sequence[FetchItem]) -> None:
+        """Read remote records into host slots ahead of any promise; report each."""
+        oks = self._run(Plan(reads=tuple(f.read for f in fetches))).reads
+        with self._lock:
+            for fetch, ok in zip(fetches, oks):
+                (self._report.loaded if ok else self._report.load_failed)[fetch.id] += 1
+                if not ok:
+                    self._metrics.failed(f"{fetch.read.tier}_read")
+
     def _run_loads(self, items: Sequence[LoadItem]) -> None:
         """Fill slots from the lower tiers, then copy them into the planned blocks;
         report each item, and make a failed one's blocks load errors."""
-        reads = tuple(self._shard(i.read) for i in items if i.read is not None)
+        reads = tuple(i.read for i in items if i.read is not None)
         with self._metrics.timer("load"):
             result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
         self._report_loads(items, result.scatters)
@@ -266,7 +275,7 @@ class WorkerSide:
         """Fill slots from the lower tiers, then start the per-layer scatters of the
         items whose slot is filled; the others are reported failed at once."""
         reads = [(i.id, i.read) for i in items if i.read is not None]
-        read_ok = self._run(Plan(reads=tuple(self._shard(read) for _, read in reads))).reads
+        read_ok = self._run(Plan(reads=tuple(read for _, read in reads))).reads
         unread = {item_id for (item_id, _), ok in zip(reads, read_ok) if not ok}
         self._report_loads([i for i in items if i.id in unread], [False] * len(unread))
         loading = [i for i in items if i.id not in unread]
@@ -292,7 +301,7 @@ class WorkerSide:
         with self._lock:
             for item, ok in zip(items, oks):
                 (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
-                tier = item.read.tier.value if item.read is not None else "host"
+                tier = item.origin
                 if ok:
                     self._metrics.loaded(
                         tier, self._tokens(item.copy.block_ids), self._geometry.chunk_bytes(len(item.copy.block_ids))
@@ -344,9 +353,8 @@ class WorkerSide:
                         self._report.written[item.id] += len(item.writes)
                     continue
                 for tier in item.writes:
-                    shard = self._shard(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
-                    writes.append(shard)
-                    item_of[(tier, shard.key)] = item
+                    writes.append(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
+                    item_of[(tier, item.key)] = item
             self._saves_done.notify_all()
         start = time.perf_counter()
         self._run(
@@ -414,7 +422,7 @@ class WorkerSide:
     def _written(self, write: TierTransfer, item: StoreItem, ok: bool, start: float) -> None:
         """A tier write ended; once every tier's has, the slot is free to evict (a failed
         write costs that tier's copy only)."""
-        tier = write.tier.value
+        tier = write.tier
         self._metrics.observe("transfer_seconds", time.perf_counter() - start, f"{tier}_write")
         if ok:
             self._metrics.stored(tier, self._tokens(item.copy.block_ids), write.nbytes)
@@ -430,10 +438,6 @@ class WorkerSide:
         if self._executor is None:
             raise RuntimeError("register_kv_caches was not called before the first transfer")
         return self._executor
-
-    def _shard(self, t: TierTransfer) -> TierTransfer:
-        """The transfer of this rank's shard of the chunk."""
-        return dataclasses.replace(t, key=rank_key(t.key, self._rank, self._geometry))
 
     def _tokens(self, block_ids: Sequence[int]) -> int:
         """Tokens in `block_ids` as this rank counts them (`_token_share`)."""

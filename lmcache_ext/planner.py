@@ -1,0 +1,539 @@
+"""The one planner: every decision about hits, loads and stores, for any serving engine.
+
+It turns a request's tokens and extras into chunk keys, looks them up across the
+tiers (full chunks, then the partial chunk that follows them, asking tiers whose
+knowledge needs the network in the background), plans loads and stores into step
+plans, and keeps the per-rank ledger of what is in flight. It imports nothing of
+vLLM: the connector's scheduler half (`integration.vllm.scheduler`) only translates
+vLLM's requests and scheduler output into these calls, and `CacheEngine` is this
+planner plus an executor in one process.
+
+A hit promises only chunks that can be loaded (invariant 9): host hits, and chunks of
+tiers whose records stay until the planner deletes them (disk: `tiers.disk_ledger`),
+counted against the host slots a load would need (`CacheDirectory.lookup`). A chunk of
+a tier whose records can vanish on their own (the remote store) is first fetched
+into a host slot (`StepPlan.fetches`): the lookup answers None ("ask again") until it
+is there, then a host hit. A chunk being filled (stored, fetched, promoted) is never
+promised to another load: the lookup answers None and asks again. So a promised hit
+can fail only on damaged bytes.
+
+Every planned item has an id, and the planner acts on an item once every rank has
+reported it (invariant 8): a store's chunk becomes visible then (invariant 1), and a
+slot is released once every tier's write has ended (invariant 2).
+
+Partial chunks (save_unfull_chunk): a prompt's last partial chunk is stored once the
+prompt is computed, and a lookup hits, where the full chunks end, the longest stored
+partial of the first missing chunk that the request extends (`keys.partial_keys`: one
+candidate per block length). A full chunk, or a longer partial, replaces the partials
+it extends in host memory (`CacheDirectory.discard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.directory import CacheDirectory, Reserve, SlotAllocator
+from lmcache_ext.epoch import next_epoch, read_epoch
+from lmcache_ext.geometry import Geometry
+from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, UnkeyableRequest, chunk_keys, partial_keys
+from lmcache_ext.metrics import Recorder
+from lmcache_ext.plans import (
+    AsyncLoad,
+    FetchItem,
+    LoadItem,
+    SlotCopy,
+    Source,
+    StepPlan,
+    StoreItem,
+    TierName,
+    TierTransfer,
+    WorkerReport,
+)
+from lmcache_ext.tiers import TierHoldings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class CachedRequest:
+    """What the planner remembers of one request: its keys, hashed once, and how far
+    its stores have got."""
+
+    req_id: str
+    tokens: Any  # the request's token list (the engine's own, growing with decode tokens)
+    namespace: Namespace
+    extra: ExtraOf | None  # what besides tokens enters each chunk's key
+    prompt_len: int
+    keys: list[ChunkKey] = field(default_factory=list)
+    keyable: bool = True  # False: an extra key could not be encoded; never hit nor stored
+    stored: int = 0  # chunks [0, stored) are stored or were found present
+    prompt_partial: bool = False  # the prompt's partial chunk was planned (or had nothing to store)
+    held: dict[ChunkKey, TierName] = field(
+        default_factory=dict
+    )  # fetched for it (from), pinned until its load is planned
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One answer to a hit query: the chunks a load of the request can take, from the
+    chunk holding token `start` on, their tiers, and where each ends (a partial one
+    early); `tokens` of them can be loaded beyond `start`."""
+
+    start: int
+    first_chunk: int
+    keys: tuple[ChunkKey, ...]
+    sources: tuple[TierName, ...]
+    ends: tuple[int, ...]  # token index where each chunk ends
+    chunk_size: int
+    tokens: int
+    load_async: bool  # some of them come from a lower tier and background loads are on
+
+    def by_source(self, num_tokens: int) -> dict[TierName, int]:
+        """Tokens [start, start + num_tokens), by the tier that holds their chunk."""
+        begin, end = self.start, self.start + num_tokens
+        out: dict[TierName, int] = {}
+        for c, (source, chunk_end) in enumerate(zip(self.sources, self.ends)):
+            tokens = min(chunk_end, end) - max((self.first_chunk + c) * self.chunk_size, begin)
+            if tokens > 0:
+                out[source] = out.get(source, 0) + tokens
+        return out
+
+
+@dataclass
+class _Item:
+    """A planned load, fetch or store until every rank has reported it."""
+
+    key: ChunkKey
+    kind: str  # "load", "fetch" or "store"
+    tier: TierName | None = None  # a load or fetch: the tier it reads first (None: host)
+    writes: tuple[TierName, ...] = ()  # a store: the tiers it is written to
+    writes_left: int = 0  # a store: tier writes (all ranks) still to report
+    request: CachedRequest | None = None  # a store: whose blocks it reads; a fetch: who holds it
+
+
+class ChunkPlanner:
+    """Hits, loads and stores of one cache, planned for `geometry.tp_size` ranks.
+
+    `slots` hands out host slot ids (the pool's own allocator, or an accounting twin of
+    the workers' pools); `holdings` says what each lower tier holds, in lookup order
+    (`tiers.open_holdings`). Plans accumulate until `take_plan`."""
+
+    def __init__(
+        self,
+        config: CacheConfig,
+        geometry: Geometry,
+        slots: SlotAllocator,
+        holdings: dict[TierName, TierHoldings],
+        *,
+        new_plan: Callable[[], StepPlan] = StepPlan,
+        metrics: Recorder | None = None,
+    ) -> None:
+        self._config = config
+        self._geometry = geometry
+        self._holdings = dict(holdings)
+        self._fetch_tiers = [(name, h) for name, h in holdings.items() if h.fetch_first]
+        self.metrics = metrics or Recorder()
+        self._directory = CacheDirectory(
+            slots,
+            [(name, h) for name, h in holdings.items() if not h.fetch_first],
+            on_evict=lambda key: self.metrics.evicted(Source.HOST),
+        )
+        self._namespace = dataclasses.replace(
+            geometry.namespace, cache_namespace=config.cache_namespace, epoch=read_epoch(config.local_disk)
+        )
+        self._new_plan = new_plan
+        self._next = new_plan()
+        self._ids = itertools.count()
+        self._items: dict[int, _Item] = {}
+        self._tally: dict[str, Counter] = {
+            k: Counter() for k in ("stored", "store_failed", "loaded", "load_failed", "written")
+        }
+        self._holders: set[CachedRequest] = set()  # requests holding fetched chunks
+        self._async_load = config.loads_async(geometry.device_type)
+        self._evictions_seen: dict[tuple[TierName, str], int] = {}
+
+    # -- requests --
+
+    def request(self, req_id: str, tokens: Any, prompt_len: int, extra: ExtraOf | None = None) -> CachedRequest:
+        """A new request's state, keyed in the current epoch."""
+        return CachedRequest(req_id, tokens, self._namespace, extra, prompt_len)
+
+    def keys(self, req: CachedRequest, upto: int) -> list[ChunkKey]:
+        """Keys of the full chunks among the first `upto` tokens, hashing only new ones."""
+        chunk = self._config.chunk_size
+        want = min(upto, len(req.tokens)) // chunk
+        if want > len(req.keys) and req.keyable:
+            try:
+                req.keys += chunk_keys(
+                    req.tokens[: want * chunk],
+                    req.namespace,
+                    start=len(req.keys) * chunk,
+                    prev_key=req.keys[-1] if req.keys else None,
+                    extra_of=req.extra,
+                )
+            except UnkeyableRequest as exc:
+                logger.warning("a request's chunks cannot be keyed, so it is neither looked up nor stored: %s", exc)
+                req.keyable = False
+        return req.keys[:want] if req.keyable else []
+
+    def partial_candidates(self, req: CachedRequest, c: int, end: int) -> list[ChunkKey]:
+        """Keys of the partial chunks at chunk `c` of the request that end on a block at
+        or before token `end`, shortest first (none without save_unfull_chunk)."""
+        chunk = self._config.chunk_size
+        if not self._config.save_unfull_chunk or not req.keyable or c > len(req.keys) or end < c * chunk:
+            return []
+        try:
+            return partial_keys(
+                req.tokens,
+                req.namespace,
+                start=c * chunk,
+                prev_key=req.keys[c - 1] if c else None,
+                end=end,
+                extra_of=req.extra,
+            )
+        except UnkeyableRequest:
+            return []
+
+    # -- hits --
+
+    def prefetch(self, req: CachedRequest, limit: int) -> None:
+        """Start asking the tiers that answer in the background about the request's chunks,
+        and about the partial chunks at its first chunk missing here (most often also the
+        first one missing there), so that one round trip usually answers the hit query."""
+        if not any(not h.answered(()) or h.fetch_first for h in self._holdings.values()):
+            return
+        keys = self.keys(req, len(req.tokens))
+        first_missing = len(self._directory.lookup(keys))
+        wanted = keys + self.partial_candidates(req, first_missing, limit)
+        for holdings in self._holdings.values():
+            holdings.answered(wanted)
+
+    def find_hit(self, req: CachedRequest, start: int, limit: int, wait: bool = False) -> Hit | None:
+        """The chunks a load of the request can take from the chunk holding token `start`
+        (what the engine has already) up to token `limit`; None: ask again later — a
+        tier's answer is still out, a chunk is being filled, or chunks are being fetched
+        into host slots for this request (their fetches are in the next plan). With
+        `wait` the tiers are asked at once and only fetches answer None."""
+        chunk = self._config.chunk_size
+        first = start // chunk
+        keys = self.keys(req, len(req.tokens))[first:]
+        found = self._directory.lookup(keys)
+        if len(found) < len(keys):
+            if not self._answered(keys[len(found) :], wait):
+                return None
+            found = self._directory.lookup(keys)
+        if len(found) < len(keys):
+            if not wait and self._directory.filling(keys[len(found)]):
+                return None  # soon a host hit: cheaper than loading it twice
+            if self._fetch(req, keys[len(found) :], keys[: len(found)], self._geometry.blocks_per_chunk):
+                return None
+        hit_keys, tiers = keys[: len(found)], list(found)
+        ends = [(first + c + 1) * chunk for c in range(len(hit_keys))]
+        partials = self.partial_candidates(req, first + len(found), limit)
+        if partials:
+            if not self._answered(partials, wait):
+                return None
+            partial = self._directory.lookup_partial(hit_keys, partials)
+            if partial is None and self._fetch_partial(req, hit_keys, partials):
+                return None
+            if partial is not None:
+                hit_keys = [*hit_keys, partials[partial[0]]]
+                tiers.append(partial[1])
+                ends.append((first + len(found)) * chunk + (partial[0] + 1) * self._geometry.block_size)
+        tokens = max(min(ends[-1], limit) - start, 0) if ends else 0
+        lower = any(tier != Source.HOST for tier in tiers[: math.ceil(tokens / chunk) + 1])
+        sources = [req.held.get(key, tier) for key, tier in zip(hit_keys, tiers)]  # a fetched chunk: its tier's hit
+        load_async = bool(tokens) and lower and self._async_load
+        return Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async)
+
+    def _answered(self, keys: Sequence[ChunkKey], wait: bool) -> bool:
+        """Whether every tier knows about `keys` now (with `wait`: after asking)."""
+        answered = True
+        for holdings in self._holdings.values():
+            if not holdings.answered(keys):
+                if wait:
+                    holdings.probe(keys)
+                else:
+                    answered = False
+        return answered
+
+    def _fetch(self, req: CachedRequest, keys: Sequence[ChunkKey], keep: Sequence[ChunkKey], blocks: int) -> bool:
+        """Plan fetches of the leading `keys` that a fetch-first tier holds into host slots
+        (taken without evicting `keep`), held for `req`; whether any was planned."""
+        planned = False
+        for key in keys:
+            tier = next((name for name, h in self._fetch_tiers if h.contains(key)), None)
+            slot = self._directory.reserve_fill(key, keep) if tier is not None else None
+            if tier is None or slot is None:
+                break
+            read = TierTransfer(tier, key, slot, self._geometry.chunk_bytes(blocks))
+            item_id = self._new_item(_Item(key, "fetch", tier=tier, request=req))
+            self._next.fetches.append(FetchItem(item_id, read))
+            req.held[key] = tier
+            self._holders.add(req)
+            planned = True
+        return planned
+
+    def _fetch_partial(self, req: CachedRequest, hit_keys: Sequence[ChunkKey], partials: Sequence[ChunkKey]) -> bool:
+        """Fetch the longest of `partials` that a fetch-first tier holds, when that is
+        longer than any partial a load could take now."""
+        for i in range(len(partials) - 1, -1, -1):
+            if any(h.contains(partials[i]) for _, h in self._fetch_tiers):
+                return self._fetch(req, [partials[i]], hit_keys, i + 1)
+        return False
+
+    # -- loads --
+
+    def plan_load(self, req: CachedRequest, hit: Hit, block_ids: Sequence[int], num_tokens: int) -> None:
+        """Pin the chunks behind `num_tokens` of `hit` and plan their copy into `block_ids`
+        (all of the request's blocks: the engine's own hit first, then ours), before the
+        next forward or, as the hit said, in the background. The chunks fetched for the
+        request are let go: the load pins what it takes."""
+        try:
+            if num_tokens > 0:
+                self._plan_load(req, hit, block_ids, num_tokens)
+        finally:
+            self._let_go(req)
+
+    def _plan_load(self, req: CachedRequest, hit: Hit, block_ids: Sequence[int], num_tokens: int) -> None:
+        g, chunk = self._geometry, self._config.chunk_size
+        first_block = hit.start // g.block_size
+        end_block = (hit.start + num_tokens) // g.block_size
+        keys = hit.keys[: (end_block - 1) // g.blocks_per_chunk + 1 - hit.first_chunk]
+        covered, items = first_block, []
+        for c, load in enumerate(self._directory.reserve_loads(keys), start=hit.first_chunk):
+            blocks = (hit.ends[c - hit.first_chunk] - c * chunk) // g.block_size
+            lo, hi = max(c * g.blocks_per_chunk, first_block), min(c * g.blocks_per_chunk + blocks, end_block)
+            copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), blocks, lo - c * g.blocks_per_chunk)
+            lower = load.source != Source.HOST
+            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks)) if lower else None
+            if lower:
+                self._holdings[load.source].pin(load.key)
+            item = _Item(load.key, "load", tier=load.source if lower else None)
+            origin = req.held.get(load.key, load.source)  # a fetched chunk counts as its tier's hit
+            items.append(LoadItem(self._new_item(item), load.key, copy, read, origin))
+            covered = hi
+        failed = list(block_ids[covered:end_block])
+        if failed:  # a file vanished behind our back since the lookup
+            logger.info(
+                "request %s: %d promised blocks are no longer cached; they are recomputed", req.req_id, len(failed)
+            )
+        if hit.load_async:
+            self._next.async_loads.append(AsyncLoad(req.req_id, tuple(items), tuple(failed)))
+        else:
+            self._next.loads += items
+            self._next.failed_blocks += failed
+
+    # -- stores --
+
+    def plan_stores(self, req: CachedRequest, block_ids: Sequence[int], computed: int, plan: StepPlan) -> bool:
+        """Into `plan`, stores of the full chunks computed in `block_ids` (the request's
+        blocks) by the end of this step; once the prompt is computed, with
+        save_unfull_chunk, of the full blocks of its last partial chunk. False when a
+        chunk found no free host slot (the rest waits for a later call)."""
+        g = self._geometry
+        limit = len(req.tokens) if self._config.save_decode_cache else req.prompt_len
+        keys = self.keys(req, min(computed, limit))
+        while req.stored < len(keys):
+            c = req.stored
+            blocks = block_ids[c * g.blocks_per_chunk : (c + 1) * g.blocks_per_chunk]
+            if len(blocks) < g.blocks_per_chunk:
+                return True
+            if any(h.contains(keys[c]) for _, h in self._fetch_tiers):
+                req.stored += 1  # fetched when a request wants it
+                continue
+            slot = self._directory.reserve_store(keys[c])
+            if slot is Reserve.NO_SLOT:
+                return False
+            if slot is Reserve.PRESENT and self._directory.filling(keys[c]):
+                return True  # try again next step: a read that fails leaves the chunk to store
+            req.stored += 1
+            if slot is Reserve.PRESENT:
+                continue
+            self._store(plan, req, keys[c], slot, blocks)
+            if self._config.save_unfull_chunk:  # the full chunk replaces the partials it extends
+                self._directory.discard(self.partial_candidates(req, c, (c + 1) * self._config.chunk_size))
+        if self._config.save_unfull_chunk and not req.prompt_partial and computed >= req.prompt_len:
+            req.prompt_partial = True
+            return self.store_partial(plan, req, block_ids, req.prompt_len)
+        return True
+
+    def store_partial(self, plan: StepPlan, req: CachedRequest, block_ids: Sequence[int], upto: int) -> bool:
+        """Into `plan`, a store of the full blocks of the partial chunk among the first
+        `upto` tokens, once every full chunk before it is stored; it replaces the shorter
+        partials it extends. False when it found no free host slot."""
+        g, chunk = self._geometry, self._config.chunk_size
+        c, blocks = upto // chunk, upto % chunk // g.block_size
+        if not blocks or req.stored != c:
+            return True
+        partials = self.partial_candidates(req, c, c * chunk + blocks * g.block_size)
+        ids = block_ids[c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
+        if len(partials) != blocks or len(ids) != blocks:
+            return True  # an extra key that cannot be encoded, or blocks no longer listed
+        slot = self._directory.reserve_store(partials[-1])
+        if slot is Reserve.NO_SLOT:
+            return False
+        if isinstance(slot, Reserve):
+            return True
+        self._store(plan, req, partials[-1], slot, ids)
+        self._directory.discard(partials[:-1])
+        return True
+
+    def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, slot: int, block_ids: Sequence[int]) -> None:
+        nbytes = self._geometry.chunk_bytes(len(block_ids))
+        writes = tuple(name for name, h in self._holdings.items() if h.admit(key, nbytes))
+        item = _Item(key, "store", writes=writes, writes_left=self._geometry.tp_size * len(writes), request=req)
+        plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, SlotCopy(slot, tuple(block_ids)), writes))
+
+    # -- plans and reports --
+
+    @property
+    def next_plan(self) -> StepPlan:
+        """The plan that the next `take_plan` returns (loads and fetches planned so far)."""
+        return self._next
+
+    def take_plan(self) -> StepPlan:
+        """The plan built since the last call (its stores are added by `plan_stores`)."""
+        plan, self._next = self._next, self._new_plan()
+        return plan
+
+    def add_evictions(self, plan: StepPlan) -> None:
+        """Into `plan`, once its stores are planned: the records every rank deletes
+        before it writes anything (room the stores' writes were admitted into)."""
+        for name, holdings in self._holdings.items():
+            if keys := holdings.take_evictions():
+                plan.evictions.setdefault(name, []).extend(keys)
+
+    def apply_report(self, report: WorkerReport | None) -> None:
+        """Act on the items that every rank has reported."""
+        if report is None:
+            return
+        for name in self._tally:
+            self._tally[name].update(getattr(report, name))
+        tp, tally = self._geometry.tp_size, self._tally
+        for outcome, failure in (("stored", "store_failed"), ("loaded", "load_failed")):
+            for item_id in list(tally[outcome] | tally[failure]):
+                if tally[outcome][item_id] + tally[failure][item_id] < tp:
+                    continue
+                ok = not tally[failure].pop(item_id, 0)
+                tally[outcome].pop(item_id, None)
+                self._item_done(item_id, ok)
+        for item_id in list(tally["written"]):  # every rank reports each tier write, failed gathers too
+            item = self._items[item_id]
+            item.writes_left -= tally["written"].pop(item_id)
+            if item.writes_left == 0:
+                for name in item.writes:
+                    self._holdings[name].written(item.key)
+                self._release(item_id)
+
+    def _item_done(self, item_id: int, ok: bool) -> None:
+        item = self._items[item_id]
+        if item.kind == "store":
+            self._directory.commit(item.key, ok)
+            item.request = None  # its blocks are read: the request may reuse them
+            if item.writes_left == 0:  # else the last tier write releases the slot
+                self._release(item_id)
+            return
+        if item.tier is not None:
+            self._directory.commit(item.key, ok)
+            if item.kind == "load":
+                self._holdings[item.tier].unpin(item.key)
+            if not ok:
+                self._holdings[item.tier].forget(item.key)
+        req = item.request
+        if item.kind == "fetch" and req is not None and ok and not req.done and item.key in req.held:
+            del self._items[item_id]  # the request holds the pin until its load is planned
+            return
+        if item.kind == "fetch" and req is not None and item.key in req.held:
+            del req.held[item.key]
+        self._release(item_id)
+
+    def _new_item(self, item: _Item) -> int:
+        item_id = next(self._ids)
+        self._items[item_id] = item
+        return item_id
+
+    def _release(self, item_id: int) -> None:
+        self._directory.release(self._items.pop(item_id).key)
+
+    def _let_go(self, req: CachedRequest) -> None:
+        """Release the pins of chunks fetched for `req` whose fetch has ended."""
+        in_flight = {item.key for item in self._items.values() if item.kind == "fetch" and item.request is req}
+        still = {key: tier for key, tier in req.held.items() if key in in_flight}
+        for key in req.held:
+            if key not in in_flight:
+                self._directory.release(key)
+        req.held = still
+        if not still:
+            self._holders.discard(req)
+
+    def stores_pending(self, req_id: str) -> bool:
+        """Whether some rank has not yet reported a store that reads the request's blocks."""
+        return any(
+            item.kind == "store" and item.request is not None and item.request.req_id == req_id
+            for item in self._items.values()
+        )
+
+    def finished(self, req: CachedRequest) -> None:
+        """The request is done (or aborted): let go of what it holds."""
+        req.done = True
+        self._let_go(req)
+
+    def has_pending_work(self) -> bool:
+        """Items not yet reported by every rank: the engine must keep stepping to hear of them."""
+        return bool(self._items)
+
+    def reset(self) -> bool:
+        """Drop everything cached before this call: a new epoch enters every key, so no
+        later lookup hits a chunk stored before it, on any tier, after a restart too, and
+        stores still in flight land under old keys nobody asks for. Unpinned host slots
+        are freed now, pinned ones at their last release; every rank clears its lower
+        tiers in the next step (the shared remote store keeps its records, which the new
+        epoch already hides). Requests made before it must be made again (`request`).
+        False, with nothing changed, when the new epoch cannot be made durable in the
+        disk tier's directory."""
+        epoch = next_epoch(self._config.local_disk)
+        if epoch is None:
+            return False
+        self._namespace = self._namespace.with_epoch(epoch)
+        for req in list(self._holders):
+            self.finished(req)
+        pinned = self._directory.clear()
+        for holdings in self._holdings.values():
+            holdings.clear()
+        self._next.clear_tiers = bool(self._holdings)
+        logger.info("KV cache reset: new epoch %s; %d host chunks still in transfer drop when it ends", epoch, pinned)
+        return True
+
+    def take_metrics(self) -> None:
+        """Count each lower tier's evictions since the last call into `metrics`."""
+        for name, holdings in self._holdings.items():
+            evictions = holdings.stats().get("evictions")
+            if evictions is not None:
+                seen = self._evictions_seen.get((name, "evictions"), 0)
+                if evictions > seen:
+                    self.metrics.evicted(name, evictions - seen)
+                self._evictions_seen[(name, "evictions")] = evictions
+
+    def close(self) -> None:
+        for holdings in self._holdings.values():
+            holdings.close()
+
+    @property
+    def namespace(self) -> Namespace:
+        return self._namespace
+
+    def host_chunks(self) -> int:
+        return self._directory.host_chunks()
+
+    def pinned_slots(self) -> int:
+        return self._directory.pinned_slots()

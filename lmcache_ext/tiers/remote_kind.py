@@ -1,0 +1,34 @@
+"""The remote tier (Redis or Valkey, lmcache_ext.tiers.remote) as the registry sees it.
+It is a module of its own because the tier's client, valkey-glide, is an optional
+extra: this description imports it only when a config asks for the remote tier."""
+
+from __future__ import annotations
+
+from lmcache_ext.plans import Source
+from lmcache_ext.remote_url import mask_password
+from lmcache_ext.tiers import TierHoldings, TierIO, TierKind, TierSetup
+
+
+def _open_io(setup: TierSetup) -> TierIO:
+    from lmcache_ext.tiers.remote import RemoteStore, RemoteTier
+
+    return RemoteTier(RemoteStore(setup.config, setup.namespace), setup.rank, owns_store=True)
+
+
+def _open_holdings(setup: TierSetup) -> TierHoldings:
+    from lmcache_ext.tiers.remote import RemotePresence, RemoteStore
+
+    store = RemoteStore(setup.config, setup.namespace, connections=1)
+    ranks = setup.holders
+    return RemotePresence(store, lambda key: [(key, rank) for rank in ranks], owns_store=True)
+
+
+TIER = TierKind(
+    name=Source.REMOTE,
+    hit_source="external_unspecified",
+    configured=lambda config: bool(config.remote_url),
+    open_io=_open_io,
+    open_holdings=_open_holdings,
+    describe=lambda config: f"remote {mask_password(config.remote_url or '')}",
+    read_threads=lambda config: config.remote_connections,
+)
