@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lmcache_ext.plans import Source, TierName
+from lmcache_ext.tiers import TierHoldings
 
 Key = bytes
 
@@ -35,12 +36,6 @@ class SlotAllocator(Protocol):
 
     @property
     def num_free(self) -> int: ...
-
-
-class Holdings(Protocol):
-    """What the directory asks of a tier below host memory (a `tiers.TierHoldings`)."""
-
-    def contains(self, key: Key) -> bool: ...
 
 
 class Reserve(enum.Enum):
@@ -76,7 +71,7 @@ class CacheDirectory:
     def __init__(
         self,
         slots: SlotAllocator,
-        lower_tiers: Sequence[tuple[TierName, Holdings]] = (),
+        lower_tiers: Sequence[tuple[TierName, TierHoldings]] = (),
         on_evict: Callable[[Key], None] | None = None,
     ) -> None:
         """`on_evict(key)` runs under the directory's lock: it must not call back into it."""

@@ -94,7 +94,8 @@ class CacheEngine:
     def lookup(self, tokens: Tokens) -> int:
         """Length of the longest cached prefix of `tokens`, in tokens: whole chunks, then
         with save_unfull_chunk the longest stored partial chunk that `tokens` extend
-        (whole blocks)."""
+        (whole blocks). Chunks found only in the remote store are fetched into host slots
+        first: what a lookup counts, a retrieve finds."""
         self._check_open()
         with self._lock:
             req = self._planner.request("lookup", tokens, len(tokens))

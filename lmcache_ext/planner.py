@@ -76,9 +76,8 @@ class CachedRequest:
     keyable: bool = True  # False: an extra key could not be encoded; never hit nor stored
     stored: int = 0  # chunks [0, stored) are stored or were found present
     prompt_partial: bool = False  # the prompt's partial chunk was planned (or had nothing to store)
-    held: dict[ChunkKey, TierName] = field(
-        default_factory=dict
-    )  # fetched for it (from), pinned until its load is planned
+    # Chunks fetched for it (and the tier they came from), pinned until its load is planned.
+    held: dict[ChunkKey, TierName] = field(default_factory=dict)
     done: bool = False
 
 
@@ -209,7 +208,7 @@ class ChunkPlanner:
         """Start asking the tiers that answer in the background about the request's chunks,
         and about the partial chunks at its first chunk missing here (most often also the
         first one missing there), so that one round trip usually answers the hit query."""
-        if not any(not h.answered(()) or h.fetch_first for h in self._holdings.values()):
+        if not any(h.asks_network for h in self._holdings.values()):
             return
         keys = self.keys(req, len(req.tokens))
         first_missing = len(self._directory.lookup(keys))
@@ -242,6 +241,8 @@ class ChunkPlanner:
         if partials:
             if not self._answered(partials, wait):
                 return None
+            if not wait and any(self._directory.filling(p) for p in partials):
+                return None  # a partial is being stored or fetched: soon a longer host hit
             partial = self._directory.lookup_partial(hit_keys, partials)
             if partial is None and self._fetch_partial(req, hit_keys, partials):
                 return None

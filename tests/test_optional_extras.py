@@ -85,3 +85,17 @@ def test_a_remote_url_without_its_client_fails_at_start_up_saying_what_to_instal
         "remote_url = 'redis://127.0.0.1:6379' from kv_connector_extra_config needs the remote tier's client, "
         "which is not installed: pip install 'lmcache_ext[remote]' (valkey-glide-sync), or remote_url null"
     )
+
+
+ENTRY_POINTS = ("lmcache_ext.demo", "lmcache_ext.tiny_llama", "lmcache_ext.integration.vllm.api_server")
+RUNTIME = ["lmcache_ext.engine", "lmcache_ext.planner", "lmcache_ext.tiers.disk", "lmcache_ext.tiers.disk_ledger"]
+
+
+def test_the_runtime_never_imports_the_entry_points():
+    """The demo, the tiny model and the server launcher are what the README's commands run;
+    the cache itself (and the connector, where vLLM is installed) never imports them."""
+    runtime = RUNTIME + (["lmcache_ext.integration.vllm.connector"] if engine_installed() else [])
+    code = f"import importlib, sys\nfor m in {runtime!r}: importlib.import_module(m)\nprint(sorted(m for m in {ENTRY_POINTS!r} if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.splitlines()[-1] == "[]"

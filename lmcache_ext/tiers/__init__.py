@@ -59,6 +59,7 @@ class TierHoldings:
       each planned read (`pin`), so it never deletes a chunk a load was promised."""
 
     fetch_first = False
+    asks_network = False  # `answered` may be False: the planner asks it as soon as a request arrives
 
     def contains(self, key: bytes) -> bool:
         raise NotImplementedError

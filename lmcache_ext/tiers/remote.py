@@ -305,6 +305,7 @@ class RemotePresence(TierHoldings):
     into a host slot before it promises it (`fetch_first`)."""
 
     fetch_first = True
+    asks_network = True
 
     def __init__(
         self,
