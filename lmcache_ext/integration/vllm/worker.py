@@ -15,10 +15,8 @@ TP shard and reports per item id what happened.
   (the first hook of every step, before vLLM zeroes, copies or computes into a block)
   waits for its gathers and gathers its stores planned at the finish. On CUDA the
   current stream also waits (on the GPU) for every gather it queued.
-- A step with nothing scheduled gives the background transfers up to IDLE_WAIT_S
-  of its time: in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) vLLM runs such steps
-  back to back while a request waits for its load, and that busy loop would keep the
-  transfer threads from the GIL (measured: a disk hit took 0.55 s instead of 0.03).
+- A step with nothing scheduled gives the background transfers some of its time
+  (`worker_jobs.py`).
 - Layerwise (`use_layerwise`, `lmcache_ext/layerwise.py`): `load` starts the per-layer scatters of
   the step's host-hit loads (tier reads first), `wait_layer` waits for one layer,
   `save_layer` gathers one layer of the step's stores as the forward writes it, and
@@ -40,7 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,14 +48,13 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
+from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
 from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
 
 logger = logging.getLogger(__name__)
-
-IDLE_WAIT_S = 0.02
 
 
 class WorkerSide:
@@ -73,10 +70,7 @@ class WorkerSide:
         self._metrics = Recorder()
         self._token_share = 1 if tp_rank == 0 else 0  # tokens count once: rank 0's; bytes on every rank
         self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="lmcache-load")
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="lmcache-save")
-        self._jobs: set[Future[None]] = set()
-        self._job_ended = threading.Condition(self._lock)
+        self._jobs = BackgroundJobs(tp_rank)
         self._saves_done = threading.Condition(self._lock)
         self._saving: Counter[str] = Counter()  # gathers still running, per request
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
@@ -161,14 +155,14 @@ class WorkerSide:
                 )
         with self._lock:
             self._load_errors.update(plan.failed_blocks)
-            if plan.idle and self._jobs:
-                self._job_ended.wait(IDLE_WAIT_S)  # an idle step: let the background transfers run
+        if plan.idle:
+            self._jobs.idle_wait()
         if plan.loads and self._layerwise:
             self._start_layer_loads(plan.loads)
         elif plan.loads:
             self._run_loads(plan.loads)
         for job in plan.async_loads:
-            self._submit(self._loader, self._load_in_background, job)
+            self._jobs.load(self._load_in_background, job)
 
     def wait_layer(self, layer_name: str) -> None:
         """Layerwise: return once this step's loads have put `layer_name` in place."""
@@ -187,7 +181,7 @@ class WorkerSide:
             items = [i.copy for i in stores]
             self._layer_save = (
                 plan,
-                LayerwiseSave(self._executor_checked(), items, len(self._layer_index), self._submit_saver),
+                LayerwiseSave(self._executor_checked(), items, len(self._layer_index), self._jobs.save),
             )
         self._layer_save[1].layer(layer)
 
@@ -208,7 +202,7 @@ class WorkerSide:
             save = (
                 layers[1]
                 if layers is not None and layers[0] is plan
-                else LayerwiseSave(executor, items, len(self._layer_index), self._submit_saver)
+                else LayerwiseSave(executor, items, len(self._layer_index), self._jobs.save)
             )
             gather = save.finish
         else:
@@ -219,7 +213,7 @@ class WorkerSide:
         if executor.device.type == "cuda":  # queued on the forward's thread, after its stream's work
             gather = _already(gather())
         if self._config.async_save:
-            self._submit(self._saver, self._store, stores, gather)
+            self._jobs.save(self._store, stores, gather)
         else:
             self._store(stores, gather)
 
@@ -247,10 +241,7 @@ class WorkerSide:
 
     def drain(self) -> None:
         """Wait until every background load and gather has ended (tier writes go on)."""
-        with self._lock:
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.result()
+        self._jobs.drain()
 
     # -- transfers --
 
@@ -360,23 +351,6 @@ class WorkerSide:
             for item in stores:
                 self._saving[item.req_id] += 1
 
-    def _submit_saver(self, fn: Callable[..., None], *args: object) -> Future[None]:
-        return self._submit(self._saver, fn, *args)
-
-    def _submit(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> Future[None]:
-        future = pool.submit(fn, *args)
-        with self._lock:
-            self._jobs.add(future)
-        future.add_done_callback(self._job_done)
-        return future
-
-    def _job_done(self, future: Future[None]) -> None:
-        with self._lock:
-            self._jobs.discard(future)
-            self._job_ended.notify_all()
-        if future.exception() is not None:
-            logger.error("lmcache_ext worker %d: a background transfer failed", self._rank, exc_info=future.exception())
-
     def take_report(self) -> WorkerReport | None:
         with self._lock:
             report, self._report = self._report, WorkerReport()
@@ -402,9 +376,7 @@ class WorkerSide:
     def close(self) -> None:
         """Let pending loads and stores end (nothing half-written becomes visible), then
         release the tiers and the executor."""
-        self.drain()
-        self._loader.shutdown(wait=True)
-        self._saver.shutdown(wait=True)
+        self._jobs.close()
         self._layer_copier.shutdown(wait=True)
         if self._storage is not None:
             self._storage.close()
