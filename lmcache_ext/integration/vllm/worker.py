@@ -8,13 +8,7 @@ TP shard and reports per item id what happened.
 - Stores run on the saver thread after the step (async_save; on CUDA the gathers are
   queued on the copy stream in `wait_for_save`, ordered after the forward, and only
   the tier writes wait on the saver thread). vLLM never keeps a request's blocks for
-  them (nothing is reported as finished_sending). Why a pending gather reads the right
-  bytes: it reads blocks of computed tokens, which vLLM never rewrites while the
-  request runs; once the request finished or was preempted, its blocks are written
-  again only in a later step, whose plan names it `released`, and `handle_preemptions`
-  (the first hook of every step, before vLLM zeroes, copies or computes into a block)
-  waits for its gathers and gathers its stores planned at the finish. On CUDA the
-  current stream also waits (on the GPU) for every gather it queued.
+  them: `held_requests.py` says why a pending gather still reads the right bytes.
 - A step with nothing scheduled gives the background transfers some of its time
   (`worker_jobs.py`).
 - Layerwise (`use_layerwise`, `lmcache_ext/layerwise.py`): `load` starts the per-layer scatters of
@@ -36,7 +30,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,6 +39,7 @@ import torch
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
+from lmcache_ext.integration.vllm.held_requests import HeldRequests
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
@@ -71,8 +65,7 @@ class WorkerSide:
         self._token_share = 1 if tp_rank == 0 else 0  # tokens count once: rank 0's; bytes on every rank
         self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
         self._jobs = BackgroundJobs(tp_rank)
-        self._saves_done = threading.Condition(self._lock)
-        self._saving: Counter[str] = Counter()  # gathers still running, per request
+        self._held = HeldRequests()
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
         self._layerwise = False
         self._layer_index: dict[str, int] = {}  # vLLM's layer name -> layer in a chunk
@@ -195,7 +188,7 @@ class WorkerSide:
         stores = _after_forward(plan)
         if not stores:
             return
-        self._count_gathers(stores)
+        self._held.gathering(stores)
         executor = self._executor_checked()
         items = tuple(i.copy for i in stores)
         if self._layerwise:
@@ -227,10 +220,9 @@ class WorkerSide:
             return
         stores = [item for item in plan.stores if item.req_id in released]
         if stores:
-            self._count_gathers(stores)
+            self._held.gathering(stores)
             self._store(stores, _already(self._run(Plan(gathers=tuple(i.copy for i in stores))).gathers))
-        with self._lock:
-            self._saves_done.wait_for(lambda: not any(self._saving[r] for r in released))
+        self._held.wait_released(released)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(None: vLLM never keeps a request's blocks for our stores; requests whose
@@ -323,33 +315,22 @@ class WorkerSide:
         with self._lock:
             for item, ok in zip(items, gathered):
                 (self._report.stored if ok else self._report.store_failed)[item.id] += 1
-                if ok:
-                    self._metrics.stored("host", self._tokens(item.copy.block_ids), self._chunk_bytes(item))
-                else:
-                    self._metrics.failed("store")
-                self._saving[item.req_id] -= 1
-                if not self._saving[item.req_id]:
-                    del self._saving[item.req_id]
                 if not ok:
+                    self._metrics.failed("store")
                     if item.writes:  # a zero count would name an item the scheduler has released
                         self._report.written[item.id] += len(item.writes)
                     continue
+                self._metrics.stored("host", self._tokens(item.copy.block_ids), self._chunk_bytes(item))
                 for tier in item.writes:
                     shard = self._shard(TierTransfer(tier, item.key, item.copy.slot, self._chunk_bytes(item)))
                     writes.append(shard)
                     item_of[(tier, shard.key)] = item
-            self._saves_done.notify_all()
+        self._held.gathered(items)  # after the report: `handle_preemptions` returns with its stores reported
         start = time.perf_counter()
         self._run(
             Plan(writes=tuple(writes)),
             on_write_done=lambda w, ok: self._written(w, item_of[(w.tier, w.key)], ok, start),
         )
-
-    def _count_gathers(self, stores: Sequence[StoreItem]) -> None:
-        """The gathers of `stores` are about to start: `handle_preemptions` waits for them."""
-        with self._lock:
-            for item in stores:
-                self._saving[item.req_id] += 1
 
     def take_report(self) -> WorkerReport | None:
         with self._lock:
