@@ -11,14 +11,8 @@ TP shard and reports per item id what happened.
   them: `held_requests.py` says why a pending gather still reads the right bytes.
 - A step with nothing scheduled gives the background transfers some of its time
   (`worker_jobs.py`).
-- Layerwise (`use_layerwise`, `lmcache_ext/layerwise.py`): `load` starts the per-layer scatters of
-  the step's host-hit loads (tier reads first), `wait_layer` waits for one layer,
-  `save_layer` gathers one layer of the step's stores as the forward writes it, and
-  `save` (wait_for_save) completes both: loads are reported, with their errors, and
-  stores take the usual way (a chunk is reported stored only with every layer in its
-  slot, so it becomes visible only once complete on every rank). On a cross-layer
-  cache (BL* layouts) a layer's copy writes its page of each block of the chunk, so
-  the chunk's bytes are those of a whole-step copy.
+- Layerwise (`use_layerwise`): the copies overlap the forward layer by layer
+  (`worker_layers.py`).
 - Sleep mode (vLLM 0.33): `unregister` waits for every transfer that touches the KV
   cache, then forgets its addresses; until `restore` re-reads them from the views
   registered at start-up, a step that would copy blocks raises, naming why.
@@ -31,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,7 +36,7 @@ from lmcache_ext.integration.vllm.held_requests import HeldRequests
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.shards import Geometry, rank_key, rank_root
 from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
-from lmcache_ext.layerwise import LayerwiseLoad, LayerwiseSave
+from lmcache_ext.integration.vllm.worker_layers import StepLayers
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
@@ -67,19 +60,14 @@ class WorkerSide:
         self._jobs = BackgroundJobs(tp_rank)
         self._held = HeldRequests()
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
-        self._layerwise = False
-        self._layer_index: dict[str, int] = {}  # vLLM's layer name -> layer in a chunk
-        self._layer_copier = ThreadPoolExecutor(1, thread_name_prefix="lmcache-layers")  # CPU layerwise loads
-        self._layer_load: tuple[list[LoadItem], LayerwiseLoad] | None = None  # this step's
-        self._layer_save: tuple[StepPlan, LayerwiseSave] | None = None  # this step's
+        self._layers = StepLayers(self._jobs)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take vLLM's per-layer views; build the slot pool and the disk tier (once: a
         later call only binds the new views, keeping every cached chunk)."""
         kv = self._paged(kv_caches)
         self._kv_caches = dict(kv_caches)
-        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
-        self._layerwise = self._config.use_layerwise
+        self._layers.bind(kv_caches, self._config.use_layerwise)
         if self._executor is not None:
             self._executor.bind(kv)
             return
@@ -150,7 +138,7 @@ class WorkerSide:
             self._load_errors.update(plan.failed_blocks)
         if plan.idle:
             self._jobs.idle_wait()
-        if plan.loads and self._layerwise:
+        if plan.loads and self._layers.enabled:
             self._start_layer_loads(plan.loads)
         elif plan.loads:
             self._run_loads(plan.loads)
@@ -159,24 +147,14 @@ class WorkerSide:
 
     def wait_layer(self, layer_name: str) -> None:
         """Layerwise: return once this step's loads have put `layer_name` in place."""
-        layer = self._layer_index.get(layer_name)
-        if self._layer_load is not None and layer is not None:
-            self._layer_load[1].wait(layer)
+        self._layers.wait(layer_name)
 
     def save_layer(self, plan: StepPlan, layer_name: str) -> None:
         """Layerwise: the forward has written `layer_name`; gather its pages of this
         step's stores."""
-        layer = self._layer_index.get(layer_name)
         stores = _after_forward(plan)
-        if not (self._layerwise and stores) or layer is None:
-            return
-        if self._layer_save is None or self._layer_save[0] is not plan:
-            items = [i.copy for i in stores]
-            self._layer_save = (
-                plan,
-                LayerwiseSave(self._executor_checked(), items, len(self._layer_index), self._jobs.save),
-            )
-        self._layer_save[1].layer(layer)
+        if self._layers.enabled and stores:
+            self._layers.save_layer(self._executor_checked(), plan, stores, layer_name)
 
     def save(self, plan: StepPlan) -> None:
         """End the step's layerwise loads; gather the planned chunks into their slots
@@ -184,20 +162,15 @@ class WorkerSide:
         the gathers are queued here, on the copy stream, and only the writes wait),
         else before this returns."""
         self._finish_layer_loads()
-        layers, self._layer_save = self._layer_save, None
+        started = self._layers.take_save(plan)
         stores = _after_forward(plan)
         if not stores:
             return
         self._held.gathering(stores)
         executor = self._executor_checked()
         items = tuple(i.copy for i in stores)
-        if self._layerwise:
-            save = (
-                layers[1]
-                if layers is not None and layers[0] is plan
-                else LayerwiseSave(executor, items, len(self._layer_index), self._jobs.save)
-            )
-            gather = save.finish
+        if self._layers.enabled:
+            gather = (started if started is not None else self._layers.new_save(executor, items)).finish
         else:
 
             def gather() -> tuple[bool, ...]:
@@ -254,22 +227,15 @@ class WorkerSide:
         self._report_loads([i for i in items if i.id in unread], [False] * len(unread))
         loading = [i for i in items if i.id not in unread]
         if loading:
-            load = LayerwiseLoad(
-                self._executor_checked(),
-                [i.copy for i in loading],
-                len(self._layer_index),
-                lambda fn, *args: self._layer_copier.submit(fn, *args),
-            )
-            self._layer_load = (loading, load)
+            self._layers.start_loads(self._executor_checked(), loading)
 
     def _finish_layer_loads(self) -> None:
         """Every layer of the step's layerwise loads is in place: report them (a failed
         copy makes every one of them load errors, before vLLM asks for those)."""
-        if self._layer_load is None:
-            return
-        (items, load), self._layer_load = self._layer_load, None
-        ok = load.finish()
-        self._report_loads(items, [ok] * len(items))
+        finished = self._layers.finish_loads()
+        if finished is not None:
+            items, ok = finished
+            self._report_loads(items, [ok] * len(items))
 
     def _report_loads(self, items: Sequence[LoadItem], oks: Sequence[bool]) -> None:
         with self._lock:
@@ -358,7 +324,7 @@ class WorkerSide:
         """Let pending loads and stores end (nothing half-written becomes visible), then
         release the tiers and the executor."""
         self._jobs.close()
-        self._layer_copier.shutdown(wait=True)
+        self._layers.close()
         if self._storage is not None:
             self._storage.close()
         if self._executor is not None:
