@@ -120,7 +120,7 @@ def test_the_halves_count_each_token_once_across_tp_ranks_and_each_ranks_bytes(t
     assert flat["stored_bytes_host"] == flat["stored_bytes_disk"] == 2 * 2 * rank_chunk  # 2 chunks x 2 ranks
     assert flat["loaded_tokens_host"] == 2 * CHUNK and flat["loaded_bytes_host"] == 2 * 2 * rank_chunk
     assert flat["usage_bytes_host"] == 2 * 2 * rank_chunk
-    disk_files = [w._storage.tiers[Source.DISK].stats()["usage_bytes"] for w in rig.workers]
+    disk_files = [w._plans.storage.tiers[Source.DISK].stats()["usage_bytes"] for w in rig.workers]
     assert flat["usage_bytes_disk"] == sum(disk_files) > 0
     assert flat["transfer_seconds_load_count"] == 2  # one batch of loads on each rank
     assert "failures_disk_read" not in flat
