@@ -4,7 +4,6 @@ stale KV, sleep-mode hooks, and a model without a KV cache."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,8 +46,8 @@ from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import geometry_from_vllm
 from lmcache_ext.keys import chunk_keys
 from lmcache_ext.plans import Source
+from lmcache_ext.testing.disk_races import hold_reads_until_a_write
 from lmcache_ext.testing.kv_layouts import page_view
-from lmcache_ext.tiers.disk import DiskTier
 
 EMBED_DIM = 8
 
@@ -369,7 +368,7 @@ def test_the_connector_says_it_supports_sleep_mode_and_resets_through_its_schedu
 # -- a promised hit never fails --
 
 
-def test_a_promised_disk_hit_is_never_evicted_before_it_is_read(tmp_path, monkeypatch):
+def test_a_promised_disk_hit_is_never_evicted_before_it_is_read(tmp_path):
     """The disk holds two chunks, X the older. A request is promised X (its load runs in
     the background), and in the same step another request's store needs room on the
     full disk; its write lands before X is read. The planner evicts the other chunk,
@@ -385,27 +384,14 @@ def test_a_promised_disk_hit_is_never_evicted_before_it_is_read(tmp_path, monkey
         time.sleep(0.01)  # distinct mtimes: X is the least recently used
     for w in writer.workers:
         w.close()
-    written, real_write, real_read = threading.Event(), DiskTier.submit_write, DiskTier.read_into
-
-    def write(tier, key, payload, on_done=None):
-        def done(ok):
-            if on_done is not None:
-                on_done(ok)
-            written.set()
-
-        return real_write(tier, key, payload, done)
-
-    def read_after_the_write(tier, key, out):
-        assert written.wait(10)
-        tier.flush()
-        return real_read(tier, key, out)
-
-    monkeypatch.setattr(DiskTier, "submit_write", write)
-    monkeypatch.setattr(DiskTier, "read_into", read_after_the_write)
     rig = Rig(tmp_path, seed=70, **roomy_for_two)
     promised = request("promised", x)
     assert rig.matched(promised) == CHUNK and promised.load_async  # from disk, in the background
-    plan = rig.step([(promised, list(range(20, 25)), 0), (request("other", z), list(range(30, 35)), 0)])
+    undo = hold_reads_until_a_write()
+    try:
+        plan = rig.step([(promised, list(range(20, 25)), 0), (request("other", z), list(range(30, 35)), 0)])
+    finally:
+        undo()
     key_x, key_y = (chunk_keys(t, geometry().namespace)[0] for t in (x, y))
     assert plan.evictions == {Source.DISK: [key_y]} and rig.recved == {"promised"}
     assert rig.workers[0].take_load_errors() == set()

@@ -8,7 +8,6 @@ Z's write and X's request failed."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -17,33 +16,15 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
+from test_vllm_connector import CHUNK, connector, tokens
 
 pytestmark = pytest.mark.vllm
 
-CHUNK = 256
-
 SCRIPT = """
-import threading
-from lmcache_ext.tiers.disk import DiskTier
+from lmcache_ext.testing.disk_races import hold_reads_until_a_write
 
 if {hold_reads!r}:
-    written = threading.Event()
-    real_write, real_read = DiskTier.submit_write, DiskTier.read_into
-
-    def write(tier, key, payload, on_done=None):
-        def done(ok):
-            if on_done is not None:
-                on_done(ok)
-            written.set()
-        return real_write(tier, key, payload, done)
-
-    def read_after_a_write(tier, key, out):
-        written.wait(30)
-        tier.flush()
-        return real_read(tier, key, out)
-
-    DiskTier.submit_write = write
-    DiskTier.read_into = read_after_a_write
+    hold_reads_until_a_write()
 
 from vllm import LLM, SamplingParams
 llm = LLM(model={model!r}, max_model_len=2048, seed=0, dtype="float32", enable_prefix_caching=True, **{kwargs!r})
@@ -58,29 +39,7 @@ return out
 """
 
 
-def tokens(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 1000) for _ in range(n)]
-
-
 X, Y, Z = (tokens(CHUNK + 1, seed=s) for s in (1, 2, 3))  # one full chunk each (the last token is computed)
-
-
-def connector(disk: Path, disk_gb: float) -> dict:
-    return {
-        "kv_transfer_config": {
-            "kv_connector": "LMCacheConnectorV1Dynamic",
-            "kv_connector_module_path": "lmcache_ext.integration.vllm",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {
-                "chunk_size": CHUNK,
-                "max_local_cpu_size": 0.25,
-                "local_disk": str(disk),
-                "max_local_disk_size": disk_gb,
-                "async_load": True,
-            },
-        }
-    }
 
 
 def run(model: Path, batches: list[list[list[int]]], kwargs: dict, hold_reads: bool = False) -> list[dict]:
@@ -92,12 +51,12 @@ def test_a_promised_disk_hit_survives_a_write_that_needs_room_before_its_read(tm
     model = build_tiny_llama(tmp_path / "model")
     disk = tmp_path / "kv"
     plain = run(model, [[X, Z]], {})
-    run(model, [[X], [Y]], connector(disk, 1.0))  # X, then Y, on disk
+    run(model, [[X], [Y]], connector(disk, async_load=True))  # X, then Y, on disk
     files = sorted(p for p in disk.rglob("*") if p.is_file() and len(p.name) == 32)
     assert len(files) == 2
     room_for_two = sum(p.stat().st_size for p in files) / 2**30
     x_file, y_file = (p.name for p in sorted(files, key=lambda p: p.stat().st_mtime_ns))  # X was stored first
-    served = run(model, [[X, Z]], connector(disk, room_for_two), hold_reads=True)
+    served = run(model, [[X, Z]], connector(disk, max_local_disk_size=room_for_two, async_load=True), hold_reads=True)
     assert [o["finish"] for o in served] == ["length", "length"]  # no request failed
     assert [o["tokens"] for o in served] == [o["tokens"] for o in plain]
     assert served[0]["cached"] == CHUNK  # X came from the disk
