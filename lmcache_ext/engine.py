@@ -225,7 +225,7 @@ class CacheEngine:
         """Counters of this engine plus the current state of its tiers."""
         self._storage.record(self._stats)
         with self._lock:
-            self._planner.take_metrics()
+            self._planner.count_evictions()
             out: dict[str, Any] = self._stats.snapshot()
             out.update(
                 host_slots=self._pool.num_slots,

@@ -515,7 +515,7 @@ class ChunkPlanner:
         logger.info("KV cache reset: new epoch %s; %d host chunks still in transfer drop when it ends", epoch, pinned)
         return True
 
-    def take_metrics(self) -> None:
+    def count_evictions(self) -> None:
         """Count each lower tier's evictions since the last call into `metrics`."""
         for name, holdings in self._holdings.items():
             evictions = holdings.stats().get("evictions")

@@ -172,7 +172,7 @@ class SchedulerSide:
 
     def take_metrics(self) -> Payload:
         """Evictions since the last call, and the host pool's usage (all ranks) when it changed."""
-        self._planner.take_metrics()
+        self._planner.count_evictions()
         used = self._slots.num_slots - self._slots.num_free
         if used != self._host_used:
             self._host_used = used
