@@ -23,6 +23,15 @@ def roots(tmp_path: Path) -> list[Path]:
     return [tmp_path / "rank0", tmp_path / "rank1"]
 
 
+@pytest.fixture
+def tiers(roots: list[Path]):
+    """Each rank's disk tier, roomy: the ledger alone decides what goes."""
+    opened = [DiskTier(root, GiB) for root in roots]
+    yield opened
+    for tier in opened:
+        tier.close()
+
+
 def write(tiers: list[DiskTier], ledger: DiskLedger, i: int) -> list[bytes]:
     """Admit chunk `i`, delete what the ledger evicts on every rank, write it, report it."""
     assert ledger.admit(key(i), N)
@@ -35,8 +44,7 @@ def write(tiers: list[DiskTier], ledger: DiskLedger, i: int) -> list[bytes]:
     return evicted
 
 
-def test_a_write_evicts_the_least_recently_used_chunk_on_every_rank(roots):
-    tiers = [DiskTier(root, GiB) for root in roots]
+def test_a_write_evicts_the_least_recently_used_chunk_on_every_rank(roots, tiers):
     ledger = DiskLedger(roots, 3 * SIZE, padded=False)
     assert [write(tiers, ledger, i) for i in range(3)] == [[], [], []]
     assert not ledger.contains(key(3))
@@ -46,12 +54,9 @@ def test_a_write_evicts_the_least_recently_used_chunk_on_every_rank(roots):
     assert [tier.keys() for tier in tiers] == [[key(0), key(2), key(3)]] * 2
     assert [ledger.contains(key(i)) for i in range(4)] == [True, False, True, True]
     assert ledger.stats() == {"evictions": 1}
-    for tier in tiers:
-        tier.close()
 
 
-def test_a_chunk_a_read_holds_is_never_evicted_and_no_room_is_refused(roots):
-    tiers = [DiskTier(root, GiB) for root in roots]
+def test_a_chunk_a_read_holds_is_never_evicted_and_no_room_is_refused(roots, tiers):
     ledger = DiskLedger(roots, 2 * SIZE, padded=False)
     write(tiers, ledger, 0)
     write(tiers, ledger, 1)
@@ -61,12 +66,9 @@ def test_a_chunk_a_read_holds_is_never_evicted_and_no_room_is_refused(roots):
     ledger.unpin(key(1))
     assert write(tiers, ledger, 2) == [key(1)]  # the pinned chunk 0 stays, though older
     assert ledger.contains(key(0)) and ledger.admit(key(3), 3 * SIZE) is False  # bigger than the capacity
-    for tier in tiers:
-        tier.close()
 
 
-def test_a_chunk_being_written_is_not_held_and_cannot_be_evicted(roots):
-    tiers = [DiskTier(root, GiB) for root in roots]
+def test_a_chunk_being_written_is_not_held_and_cannot_be_evicted(roots, tiers):
     ledger = DiskLedger(roots, 1 * SIZE, padded=False)
     assert ledger.admit(key(0), N)
     assert not ledger.contains(key(0))  # admitted, not yet written by every rank
@@ -75,23 +77,17 @@ def test_a_chunk_being_written_is_not_held_and_cannot_be_evicted(roots):
         store(tier, key(0), slot(N, seed=0))
     ledger.written(key(0))
     assert ledger.contains(key(0))
-    for tier in tiers:
-        tier.close()
 
 
-def test_a_chunk_missing_on_one_rank_is_a_miss_and_is_deleted_on_the_others(roots):
-    tiers = [DiskTier(root, GiB) for root in roots]
+def test_a_chunk_missing_on_one_rank_is_a_miss_and_is_deleted_on_the_others(roots, tiers):
     ledger = DiskLedger(roots, 4 * SIZE, padded=False)
     write(tiers, ledger, 0)
     tiers[1].path_of(key(0)).unlink()  # behind our back
     assert ledger.contains(key(0)) is False
     assert ledger.take_evictions() == [key(0)]
-    for tier in tiers:
-        tier.close()
 
 
-def test_a_restart_orders_by_use_and_evicts_down_to_a_smaller_capacity(roots):
-    tiers = [DiskTier(root, GiB) for root in roots]
+def test_a_restart_orders_by_use_and_evicts_down_to_a_smaller_capacity(roots, tiers):
     ledger = DiskLedger(roots, 4 * SIZE, padded=False)
     for i in range(3):
         write(tiers, ledger, i)

@@ -13,6 +13,7 @@ config asks for the remote tier). One record format (`record`) serves them all.
 
 from __future__ import annotations
 
+import abc
 import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -42,12 +43,13 @@ class TierIO(Protocol):
 
     def flush(self) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        return None
 
     def stats(self) -> dict[str, Any]: ...
 
 
-class TierHoldings:
+class TierHoldings(abc.ABC):
     """What the planner knows of the chunks a tier holds, for every rank at once. A
     tier that only answers `contains` needs nothing more; the others say how they
     differ from that:
@@ -61,18 +63,21 @@ class TierHoldings:
     fetch_first = False
     asks_network = False  # `answered` may be False: the planner asks it as soon as a request arrives
 
+    @abc.abstractmethod
     def contains(self, key: bytes) -> bool:
-        raise NotImplementedError
+        """Whether every rank holds `key`, as far as this tier can tell without waiting."""
 
     def answered(self, keys: Sequence[bytes]) -> bool:
         """Whether `contains` knows about every one of `keys` now."""
         return True
 
     def probe(self, keys: Sequence[bytes]) -> None:
-        """Learn about `keys` before returning."""
+        """Learn about `keys` before returning (a tier that always knows: nothing to do)."""
+        return None
 
     def forget(self, key: bytes) -> None:
         """A read found `key` missing or bad: do not count it as held any more."""
+        return None
 
     def admit(self, key: bytes, nbytes: int) -> bool:
         """Whether to write `key` (`nbytes` of payload per rank) to this tier; a tier
@@ -81,11 +86,14 @@ class TierHoldings:
 
     def written(self, key: bytes) -> None:
         """Every rank's write of `key` ended (not necessarily well)."""
+        return None
 
     def pin(self, key: bytes) -> None:
         """A load of `key` is planned: keep it until `unpin`."""
+        return None
 
-    def unpin(self, key: bytes) -> None: ...
+    def unpin(self, key: bytes) -> None:
+        return None
 
     def take_evictions(self) -> list[bytes]:
         """Keys whose records every rank deletes in the next step (a tier whose capacity
@@ -94,8 +102,10 @@ class TierHoldings:
 
     def clear(self) -> None:
         """A cache reset: every rank clears its records in the next step."""
+        return None
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        return None
 
     def stats(self) -> dict[str, int]:
         """usage_bytes, capacity_bytes and evictions, where the tier has them."""

@@ -30,7 +30,7 @@ Decisions:
   (`tiers.disk_ledger`), so a file a load was promised is never deleted before it is
   read. A write that would take the tier past its capacity (``too_large``: bigger than
   it; ``no_room``: committed and in-flight files hold the rest) is not stored.
-* LRU order survives a restart: writes, hits and ``touch`` set the file's mtime, which
+* LRU order survives a restart: writes and hits set the file's mtime, which
   orders the planner's ledger after a restart. Headers are checked lazily, on read.
 * One root belongs to one ``DiskTier`` at a time (an flock on ``<root>/.lock``), so
   deleting leftover temp files at start-up never hits a live writer's file.
@@ -324,17 +324,6 @@ class DiskTier:
         with self._lock:
             self._check_open()
             return list(self._index)
-
-    def touch(self, key: bytes) -> bool:
-        """Mark `key` most recently used; False if it is not stored."""
-        _check_key(key)
-        with self._lock:
-            self._check_open()
-            if key not in self._index:
-                return False
-            self._index.move_to_end(key)
-        self._stamp(key)
-        return True
 
     def remove(self, key: bytes) -> bool:
         """Delete the file of `key`; False if it was not stored."""
