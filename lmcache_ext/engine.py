@@ -114,7 +114,7 @@ class CacheEngine:
                 req = self._planner.request("store", tokens, len(tokens))
                 blocks = self._block_list(block_ids, self._storable_blocks(len(tokens)), "store")
                 plan = self._planner.take_plan()
-                room = self._planner.plan_stores(req, blocks, len(tokens), plan)
+                room = self._planner.plan_stores(req, (blocks,), len(tokens), plan)
                 self._housekeep(plan)  # the records evicted to make room go before the writes
             if not room:
                 self._stats.failed("no_free_slot")
@@ -178,7 +178,7 @@ class CacheEngine:
                 req = self._planner.request("retrieve", tokens, len(tokens))
                 hit = self._hit(req)
                 blocks = self._block_list(block_ids, hit.tokens // self._block_size, "retrieve")
-                self._planner.plan_load(req, hit, blocks, hit.tokens)
+                self._planner.plan_load(req, hit, (blocks,), hit.tokens)
                 self._planner.finished(req)
                 plan = self._planner.take_plan()
                 self._housekeep(plan)

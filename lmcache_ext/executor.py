@@ -21,6 +21,7 @@ released memory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections import defaultdict
@@ -33,10 +34,11 @@ import torch
 
 from lmcache_ext import ops
 from lmcache_ext.copy_stream import CopyStream
-from lmcache_ext.plans import Plan, PlanResult, SlotCopy, TierName, TierTransfer
+from lmcache_ext.plans import GroupPages, Plan, PlanResult, SlotCopy, TierName, TierTransfer
 from lmcache_ext.tiers import TierIO
 
 WriteDone = Callable[[TierTransfer, bool], None]
+PagedCache = ops.PagedLayers | ops.PagedGroups  # a hybrid model's copies name their groups
 
 
 class SlotMemory(Protocol):
@@ -51,14 +53,14 @@ class TransferExecutor:
 
     def __init__(
         self,
-        kv: ops.PagedLayers,
+        kv: PagedCache,
         slots: SlotMemory,
         tiers: Mapping[TierName, TierIO],
         read_threads: int = 2,
         cuda_copy_path: str = "kernel",
     ) -> None:
         _check_reachable(kv, slots)
-        self._kv: ops.PagedLayers | None = kv
+        self._kv: PagedCache | None = kv
         self._device = kv.device
         self._gate = _BindGate()
         self._slots = slots
@@ -74,7 +76,7 @@ class TransferExecutor:
         """Where the paged cache is (the last one bound, while none is)."""
         return self._device
 
-    def bind(self, kv: ops.PagedLayers | None) -> None:
+    def bind(self, kv: PagedCache | None) -> None:
         """Copy to and from `kv` from now on; None: no paged cache until the next bind.
         Copies still running on the GPU finish first."""
         if kv is not None:
@@ -111,6 +113,10 @@ class TransferExecutor:
         copy = functools.partial(ops.scatter if direction == "scatter" else ops.gather, layer=layer)
         with self._gate.shared():
             kv = self._bound(len(items))
+            if isinstance(kv, ops.PagedGroups):  # the layer's group's pages only
+                group, local = kv.layer(layer)
+                copy = functools.partial(copy, layer=local)
+                items = [dataclasses.replace(i, groups=tuple(p for p in i.groups if p.group == group)) for i in items]
             if self._copies is None:
                 self._copy_items(kv, copy, items, {})
                 return None
@@ -153,7 +159,7 @@ class TransferExecutor:
         return [f.result() for f in futures]
 
     def _copy(
-        self, kv: ops.PagedLayers | None, copy: Callable[..., None], items: Sequence[SlotCopy], skip: set[int]
+        self, kv: PagedCache | None, copy: Callable[..., None], items: Sequence[SlotCopy], skip: set[int]
     ) -> list[bool]:
         """One launch per distinct block count of whole-chunk copies, one per partial
         copy; items whose slot is in `skip` fail."""
@@ -164,7 +170,7 @@ class TransferExecutor:
 
     def _copy_items(
         self,
-        kv: ops.PagedLayers | None,
+        kv: PagedCache | None,
         copy: Callable[..., None],
         items: Sequence[SlotCopy],
         on_stream: dict[str, object],
@@ -174,16 +180,21 @@ class TransferExecutor:
         assert kv is not None, "_bound raises when chunks would move and no paged cache is bound"
         groups: dict[int, list[SlotCopy]] = defaultdict(list)
         for item in items:
-            if item.whole:
+            if isinstance(kv, ops.PagedGroups):  # a hybrid model's copy names its groups' pages
+                for part in item.groups:
+                    self._copy_group(kv.groups[part.group], copy, item.slot, part, on_stream)
+            elif item.whole:
                 groups[len(item.block_ids)].append(item)
             else:
+                assert isinstance(kv, ops.PagedLayers)
                 self._copy_part(kv, copy, item, on_stream)
         for blocks, members in groups.items():
+            assert isinstance(kv, ops.PagedLayers)
             block_ids = [b for item in members for b in item.block_ids]
             chunks = [self._slots.view(item.slot) for item in members]
             copy(kv, block_ids, chunks, blocks_per_chunk=blocks, **on_stream)
 
-    def _bound(self, copies: int) -> ops.PagedLayers | None:
+    def _bound(self, copies: int) -> PagedCache | None:
         """The bound paged cache; raises when `copies` chunks would move and none is bound."""
         if copies and self._kv is None:
             raise RuntimeError(
@@ -210,6 +221,14 @@ class TransferExecutor:
         offset = item.first * kv.chunk_geometry()[1]
         chunk = self._slots.view(item.slot)[offset:]
         copy(kv, list(item.block_ids), [chunk], blocks_per_chunk=item.chunk_blocks, **on_stream)
+
+    def _copy_group(
+        self, kv: ops.PagedLayers, copy: Callable[..., None], slot: int, part: GroupPages, on_stream: dict[str, object]
+    ) -> None:
+        """One group's pages: its section of the slot, seen from page `first`."""
+        offset = part.section + part.first * kv.chunk_geometry()[1]
+        chunk = self._slots.view(slot)[offset:]
+        copy(kv, list(part.block_ids), [chunk], blocks_per_chunk=part.section_blocks, **on_stream)
 
     def _write(self, w: TierTransfer, filled: bool, on_done: WriteDone | None) -> None:
         report = (lambda ok: on_done(w, ok)) if on_done else (lambda ok: None)
@@ -255,7 +274,7 @@ class _BindGate:
                 self._cond.notify_all()
 
 
-def _check_reachable(kv: ops.PagedLayers, slots: SlotMemory) -> None:
+def _check_reachable(kv: PagedCache, slots: SlotMemory) -> None:
     """A CUDA kernel reaches host slots only when they are page-locked: refuse a pageable
     pool at start-up instead of failing every copy while serving."""
     if kv.device.type == "cuda" and not slots.is_page_locked:

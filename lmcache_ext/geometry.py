@@ -4,16 +4,25 @@ from it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache_ext.keys import Namespace
+from lmcache_ext.kv_groups import KVGroup, layout_of
+from lmcache_ext.plans import GroupPages, SlotCopy
+
+NULL_BLOCK = 0  # vLLM's null block: what a group's block table holds where nothing is read
+BlockTables = Sequence[Sequence[int]]
+"""A request's block ids, one list per KV cache group (one list for a model without HMA)."""
 
 
 @dataclass(frozen=True)
 class Geometry:
     """Chunks of `blocks_per_chunk` blocks of `num_layers` pages of `page_bytes` bytes;
-    `tp_size` ranks execute each plan, each on its own shard."""
+    `tp_size` ranks execute each plan, each on its own shard. A hybrid model (`groups`:
+    vLLM's KV cache groups, with HMA) keeps in each chunk, per group, a section of the
+    pages a hit ending at the chunk's end reads (`KVGroup.kept_blocks`), in group order."""
 
     namespace: Namespace  # rank-independent: each rank keeps its shard in its own directory or record
     block_size: int
@@ -22,6 +31,7 @@ class Geometry:
     page_bytes: int
     tp_size: int
     device_type: str = "cuda"  # where the KV is computed: "cuda", "cpu", ...
+    groups: tuple[KVGroup, ...] = ()  # a hybrid model's groups; () for one full-attention group
 
     @classmethod
     def of_cache(
@@ -39,10 +49,13 @@ class Geometry:
         tp_rank: int = 0,
         ranks: int | None = None,
         device_type: str = "cuda",
+        groups: tuple[KVGroup, ...] = (),
     ) -> Geometry:
         """The geometry of a cache of `num_layers` layers of `page_bytes`-byte pages for
         `model`; `ranks` execute its plans (default `tp_size`; a `CacheEngine` is one
-        rank of its tensor-parallel group, and its keys name that rank)."""
+        rank of its tensor-parallel group, and its keys name that rank). `groups`: a
+        hybrid model's KV cache groups; their layout enters the namespace."""
+        hybrid = groups if layout_of(groups) else ()
         namespace = Namespace(
             model=model,
             revision=revision,
@@ -54,6 +67,7 @@ class Geometry:
             tp_size=tp_size,
             tp_rank=tp_rank,
             chunk_size=chunk_size,
+            kv_groups=layout_of(groups),
         )
         return cls(
             namespace,
@@ -63,10 +77,65 @@ class Geometry:
             page_bytes,
             tp_size if ranks is None else ranks,
             device_type,
+            hybrid,
         )
 
-    def chunk_bytes(self, blocks: int) -> int:
-        return self.num_layers * blocks * self.page_bytes
+    @property
+    def hybrid(self) -> bool:
+        """True for a model whose chunks hold a section per KV cache group."""
+        return bool(self.groups)
+
+    def chunk_bytes(self, blocks: int, chunk: int | None = None) -> int:
+        """Bytes of chunk `chunk` when it holds `blocks` blocks (a partial chunk fewer than
+        `blocks_per_chunk`); chunk None: the most any chunk of `blocks` blocks holds."""
+        if not self.groups:
+            return self.num_layers * blocks * self.page_bytes
+        return sum(g.num_layers * self._kept(g, blocks, chunk) * g.page_bytes for g in self.groups)
+
+    def copy_bytes(self, copy: SlotCopy) -> int:
+        """The bytes `copy` moves between a slot and the paged cache."""
+        if not self.groups:
+            return self.num_layers * len(copy.block_ids) * self.page_bytes
+        return sum(
+            len(p.block_ids) * self.groups[p.group].num_layers * self.groups[p.group].page_bytes for p in copy.groups
+        )
+
+    def _kept(self, group: KVGroup, blocks: int, chunk: int | None) -> int:
+        if chunk is not None:
+            return group.kept_blocks(chunk * self.blocks_per_chunk + blocks, blocks)
+        reach = -(-max(group.window, 1) // group.block_size) + 1  # past it the kept count repeats
+        return max(group.kept_blocks(end, blocks) for end in range(blocks, blocks + reach + 1))
+
+    def group_pages(
+        self, tables: BlockTables, chunk: int, blocks: int, lo: int, hi: int, *, load: bool, computed: int = 0
+    ) -> tuple[GroupPages, ...] | None:
+        """A hybrid model's pages of blocks [lo, hi) of chunk `chunk` of `blocks` blocks,
+        per group, at the request's block ids `tables` (indexed from its first block);
+        () for a model without groups. A load skips null blocks (vLLM reads nothing
+        there). None when a load meets a real block that the chunk does not keep (it
+        would stay unwritten), or when a store's kept block is gone: null, not listed, or
+        freed by vLLM once `computed` tokens were computed (it frees a group's blocks
+        that no later token reads, at the start of the step)."""
+        base, parts = chunk * self.blocks_per_chunk, []
+        section = 0
+        for index, group in enumerate(self.groups):
+            table, kept = tables[index], group.kept_blocks(base + blocks, blocks)
+            first_kept = blocks - kept
+            if not load and kept and base + first_kept < group.skipped_tokens(computed) // group.block_size:
+                return None
+            run: list[int] = []
+            for p in range(lo, hi + 1):
+                block = table[base + p] if p < hi and base + p < len(table) else NULL_BLOCK
+                keeps = first_kept <= p < hi
+                if load and block != NULL_BLOCK and not keeps or not load and keeps and block == NULL_BLOCK:
+                    return None
+                if keeps and block != NULL_BLOCK:
+                    run.append(block)
+                elif run:
+                    parts.append(GroupPages(index, tuple(run), section, kept, p - len(run) - first_kept))
+                    run = []
+            section += group.num_layers * kept * group.page_bytes
+        return tuple(parts)
 
 
 def rank_root(root: str | Path, rank: int) -> Path:

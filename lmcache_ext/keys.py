@@ -59,7 +59,7 @@ _TOKEN_BYTES = 4
 _FINGERPRINT_DOMAIN = b"lmcache_ext.namespace.v1\n"
 _PARTIAL_TAG = b"P"
 _EXTRA_TAG = b"X"
-_OPTIONAL_FIELDS = ("cache_namespace", "epoch")
+_OPTIONAL_FIELDS = ("cache_namespace", "epoch", "kv_groups")
 _digest = xxhash.xxh3_128_digest
 
 Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
@@ -111,6 +111,7 @@ class Namespace:
     format_version: int = FORMAT_VERSION
     cache_namespace: str = ""
     epoch: str = ""
+    kv_groups: str = ""  # the KV cache groups of a hybrid model (kv_groups.layout_of); "" for one full group
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "layout"):

@@ -137,6 +137,31 @@ class PagedLayers:
         return self.num_layers * blocks * self.page_bytes
 
 
+@dataclass(frozen=True)
+class PagedGroups:
+    """A hybrid model's paged cache: one `PagedLayers` per KV cache group, in group order.
+    Layers of different groups may share memory: vLLM hands each group its own block
+    ids of it."""
+
+    groups: tuple[PagedLayers, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.groups[0].device
+
+    @property
+    def num_layers(self) -> int:
+        return sum(g.num_layers for g in self.groups)
+
+    def layer(self, index: int) -> tuple[int, int]:
+        """(group, layer in the group) of a chunk's layer `index` (groups in order)."""
+        for group, kv in enumerate(self.groups):
+            if index < kv.num_layers:
+                return group, index
+            index -= kv.num_layers
+        raise ValueError(f"layer = {index} is out of range: the cache has {self.num_layers} layers")
+
+
 def check_block_ids(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
     """block_ids as a CPU int64 tensor, each checked against the cache size."""
     if isinstance(block_ids, torch.Tensor):

@@ -42,7 +42,7 @@ from typing import Any
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.directory import CacheDirectory, Reserve, SlotAllocator
 from lmcache_ext.epoch import next_epoch, read_epoch
-from lmcache_ext.geometry import Geometry
+from lmcache_ext.geometry import BlockTables, Geometry
 from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, UnkeyableRequest, chunk_keys, partial_keys
 from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import (
@@ -233,7 +233,9 @@ class ChunkPlanner:
         if len(found) < len(keys):
             if not wait and self._directory.filling(keys[len(found)]):
                 return None  # soon a host hit: cheaper than loading it twice
-            if self._fetch(req, keys[len(found) :], keys[: len(found)], self._geometry.blocks_per_chunk):
+            if self._fetch(
+                req, first + len(found), keys[len(found) :], keys[: len(found)], self._geometry.blocks_per_chunk
+            ):
                 return None
         hit_keys, tiers = keys[: len(found)], list(found)
         ends = [(first + c + 1) * chunk for c in range(len(hit_keys))]
@@ -244,16 +246,20 @@ class ChunkPlanner:
             if not wait and any(self._directory.filling(p) for p in partials):
                 return None  # a partial is being stored or fetched: soon a longer host hit
             partial = self._directory.lookup_partial(hit_keys, partials)
-            if partial is None and self._fetch_partial(req, hit_keys, partials):
+            if partial is None and self._fetch_partial(req, first + len(found), hit_keys, partials):
                 return None
             if partial is not None:
                 hit_keys = [*hit_keys, partials[partial[0]]]
                 tiers.append(partial[1])
                 ends.append((first + len(found)) * chunk + (partial[0] + 1) * self._geometry.block_size)
-        tokens = max(min(ends[-1], limit) - start, 0) if ends else 0
+        end = min(ends[-1], limit) if ends else start
+        if self._geometry.hybrid:  # a group's kept pages are those of a hit ending where its chunk ends
+            end = max((e for e in ends if e <= limit), default=start)
+        tokens = max(end - start, 0)
         lower = any(tier != Source.HOST for tier in tiers[: math.ceil(tokens / chunk) + 1])
         sources = [req.held.get(key, tier) for key, tier in zip(hit_keys, tiers)]  # a fetched chunk: its tier's hit
-        load_async = bool(tokens) and lower and self._async_load
+        # A hybrid model's loads all run in the background: vLLM hears of a failed one only per request then.
+        load_async = bool(tokens) and (lower and self._async_load or self._geometry.hybrid)
         return Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async)
 
     def _answered(self, keys: Sequence[ChunkKey], wait: bool) -> bool:
@@ -267,16 +273,19 @@ class ChunkPlanner:
                     answered = False
         return answered
 
-    def _fetch(self, req: CachedRequest, keys: Sequence[ChunkKey], keep: Sequence[ChunkKey], blocks: int) -> bool:
-        """Plan fetches of the leading `keys` that a fetch-first tier holds into host slots
-        (taken without evicting `keep`), held for `req`; whether any was planned."""
+    def _fetch(
+        self, req: CachedRequest, chunk: int, keys: Sequence[ChunkKey], keep: Sequence[ChunkKey], blocks: int
+    ) -> bool:
+        """Plan fetches of the leading `keys` (chunks `chunk`, `chunk + 1`, ...) that a
+        fetch-first tier holds into host slots (taken without evicting `keep`), held for
+        `req`; whether any was planned."""
         planned = False
-        for key in keys:
+        for c, key in enumerate(keys, start=chunk):
             tier = next((name for name, h in self._fetch_tiers if h.contains(key)), None)
             slot = self._directory.reserve_fill(key, keep) if tier is not None else None
             if tier is None or slot is None:
                 break
-            read = TierTransfer(tier, key, slot, self._geometry.chunk_bytes(blocks))
+            read = TierTransfer(tier, key, slot, self._geometry.chunk_bytes(blocks, c))
             item_id = self._new_item(_Item(key, "fetch", tier=tier, request=req))
             self._next.fetches.append(FetchItem(item_id, read))
             req.held[key] = tier
@@ -284,46 +293,59 @@ class ChunkPlanner:
             planned = True
         return planned
 
-    def _fetch_partial(self, req: CachedRequest, hit_keys: Sequence[ChunkKey], partials: Sequence[ChunkKey]) -> bool:
+    def _fetch_partial(
+        self, req: CachedRequest, chunk: int, hit_keys: Sequence[ChunkKey], partials: Sequence[ChunkKey]
+    ) -> bool:
         """Fetch the longest of `partials` that a fetch-first tier holds, when that is
         longer than any partial a load could take now."""
         for i in range(len(partials) - 1, -1, -1):
             if any(h.contains(partials[i]) for _, h in self._fetch_tiers):
-                return self._fetch(req, [partials[i]], hit_keys, i + 1)
+                return self._fetch(req, chunk, [partials[i]], hit_keys, i + 1)
         return False
 
     # -- loads --
 
-    def plan_load(self, req: CachedRequest, hit: Hit, block_ids: Sequence[int], num_tokens: int) -> None:
-        """Pin the chunks behind `num_tokens` of `hit` and plan their copy into `block_ids`
-        (all of the request's blocks: the engine's own hit first, then ours), before the
-        next forward or, as the hit said, in the background. The chunks fetched for the
-        request are let go: the load pins what it takes."""
+    def plan_load(self, req: CachedRequest, hit: Hit, tables: BlockTables, num_tokens: int) -> None:
+        """Pin the chunks behind `num_tokens` of `hit` and plan their copy into `tables`
+        (all of the request's blocks, per KV cache group: the engine's own hit first, then
+        ours), before the next forward or, as the hit said, in the background. The chunks
+        fetched for the request are let go: the load pins what it takes."""
         try:
             if num_tokens > 0:
-                self._plan_load(req, hit, block_ids, num_tokens)
+                self._plan_load(req, hit, tables, num_tokens)
         finally:
             self._let_go(req)
 
-    def _plan_load(self, req: CachedRequest, hit: Hit, block_ids: Sequence[int], num_tokens: int) -> None:
+    def _plan_load(self, req: CachedRequest, hit: Hit, tables: BlockTables, num_tokens: int) -> None:
         g, chunk = self._geometry, self._config.chunk_size
         first_block = hit.start // g.block_size
         end_block = (hit.start + num_tokens) // g.block_size
-        keys = hit.keys[: (end_block - 1) // g.blocks_per_chunk + 1 - hit.first_chunk]
-        covered, items = first_block, []
-        for c, load in enumerate(self._directory.reserve_loads(keys), start=hit.first_chunk):
+        copies = []  # per chunk: (blocks, first, last, each group's pages), up to the first it cannot fill
+        for c in range(hit.first_chunk, (end_block - 1) // g.blocks_per_chunk + 1):
             blocks = (hit.ends[c - hit.first_chunk] - c * chunk) // g.block_size
             lo, hi = max(c * g.blocks_per_chunk, first_block), min(c * g.blocks_per_chunk + blocks, end_block)
-            copy = SlotCopy(load.slot, tuple(block_ids[lo:hi]), blocks, lo - c * g.blocks_per_chunk)
+            base = c * g.blocks_per_chunk
+            parts = g.group_pages(tables, c, blocks, lo - base, hi - base, load=True)
+            if parts is None:
+                logger.warning(
+                    "request %s: chunk %d cannot fill the blocks vLLM gave it; it is recomputed", req.req_id, c
+                )
+                break
+            copies.append((blocks, lo, hi, parts))
+        covered, items = first_block, []
+        loads = self._directory.reserve_loads(hit.keys[: len(copies)])
+        for c, (load, (blocks, lo, hi, parts)) in enumerate(zip(loads, copies), start=hit.first_chunk):
+            base = c * g.blocks_per_chunk
+            copy = SlotCopy(load.slot, tuple(tables[0][lo:hi]), blocks, lo - base, parts)
             lower = load.source != Source.HOST
-            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks)) if lower else None
+            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks, c)) if lower else None
             if lower:
                 self._holdings[load.source].pin(load.key)
             item = _Item(load.key, "load", tier=load.source if lower else None)
             origin = req.held.get(load.key, load.source)  # a fetched chunk counts as its tier's hit
             items.append(LoadItem(self._new_item(item), load.key, copy, read, origin))
             covered = hi
-        failed = list(block_ids[covered:end_block])
+        failed = list(tables[0][covered:end_block])
         if failed:  # a file vanished behind our back since the lookup
             logger.info(
                 "request %s: %d promised blocks are no longer cached; they are recomputed", req.req_id, len(failed)
@@ -336,21 +358,29 @@ class ChunkPlanner:
 
     # -- stores --
 
-    def plan_stores(self, req: CachedRequest, block_ids: Sequence[int], computed: int, plan: StepPlan) -> bool:
-        """Into `plan`, stores of the full chunks computed in `block_ids` (the request's
-        blocks) by the end of this step; once the prompt is computed, with
-        save_unfull_chunk, of the full blocks of its last partial chunk. False when a
-        chunk found no free host slot (the rest waits for a later call)."""
+    def plan_stores(
+        self, req: CachedRequest, tables: BlockTables, computed: int, plan: StepPlan, computed_before: int = 0
+    ) -> bool:
+        """Into `plan`, stores of the full chunks computed in `tables` (the request's
+        blocks, per KV cache group) by the end of this step, of which `computed_before`
+        were computed before it; once the prompt is computed, with save_unfull_chunk, of
+        the full blocks of its last partial chunk. A hybrid model's chunk whose kept
+        blocks vLLM has freed is skipped. False when a chunk found no free host slot
+        (the rest waits for a later call)."""
         g = self._geometry
         limit = len(req.tokens) if self._config.save_decode_cache else req.prompt_len
         keys = self.keys(req, min(computed, limit))
         while req.stored < len(keys):
             c = req.stored
-            blocks = block_ids[c * g.blocks_per_chunk : (c + 1) * g.blocks_per_chunk]
-            if len(blocks) < g.blocks_per_chunk:
+            if len(tables[0]) < (c + 1) * g.blocks_per_chunk:
                 return True
             if any(h.contains(keys[c]) for _, h in self._fetch_tiers):
                 req.stored += 1  # fetched when a request wants it
+                continue
+            bpc = g.blocks_per_chunk
+            parts = g.group_pages(tables, c, bpc, 0, bpc, load=False, computed=computed_before)
+            if parts is None:
+                req.stored += 1  # its pages are gone
                 continue
             slot = self._directory.reserve_store(keys[c])
             if slot is Reserve.NO_SLOT:
@@ -360,40 +390,44 @@ class ChunkPlanner:
             req.stored += 1
             if slot is Reserve.PRESENT:
                 continue
-            self._store(plan, req, keys[c], slot, blocks)
+            self._store(plan, req, keys[c], SlotCopy(slot, tuple(tables[0][c * bpc : (c + 1) * bpc]), 0, 0, parts), c)
             if self._config.save_unfull_chunk:  # the full chunk replaces the partials it extends
                 self._directory.discard(self.partial_candidates(req, c, (c + 1) * self._config.chunk_size))
         if self._config.save_unfull_chunk and not req.prompt_partial and computed >= req.prompt_len:
             req.prompt_partial = True
-            return self.store_partial(plan, req, block_ids, req.prompt_len)
+            return self.store_partial(plan, req, tables, req.prompt_len, computed_before)
         return True
 
-    def store_partial(self, plan: StepPlan, req: CachedRequest, block_ids: Sequence[int], upto: int) -> bool:
+    def store_partial(
+        self, plan: StepPlan, req: CachedRequest, tables: BlockTables, upto: int, computed_before: int = 0
+    ) -> bool:
         """Into `plan`, a store of the full blocks of the partial chunk among the first
         `upto` tokens, once every full chunk before it is stored; it replaces the shorter
-        partials it extends. False when it found no free host slot."""
+        partials it extends (`computed_before`: as in `plan_stores`). False when it found
+        no free host slot."""
         g, chunk = self._geometry, self._config.chunk_size
         c, blocks = upto // chunk, upto % chunk // g.block_size
         if not blocks or req.stored != c:
             return True
         partials = self.partial_candidates(req, c, c * chunk + blocks * g.block_size)
-        ids = block_ids[c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
-        if len(partials) != blocks or len(ids) != blocks:
-            return True  # an extra key that cannot be encoded, or blocks no longer listed
+        ids = tables[0][c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
+        parts = g.group_pages(tables, c, blocks, 0, blocks, load=False, computed=computed_before)
+        if len(partials) != blocks or len(ids) != blocks or parts is None:
+            return True  # an extra key that cannot be encoded, or blocks no longer listed or held
         slot = self._directory.reserve_store(partials[-1])
         if slot is Reserve.NO_SLOT:
             return False
         if isinstance(slot, Reserve):
             return True
-        self._store(plan, req, partials[-1], slot, ids)
+        self._store(plan, req, partials[-1], SlotCopy(slot, tuple(ids), 0, 0, parts), c)
         self._directory.discard(partials[:-1])
         return True
 
-    def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, slot: int, block_ids: Sequence[int]) -> None:
-        nbytes = self._geometry.chunk_bytes(len(block_ids))
+    def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, copy: SlotCopy, chunk: int) -> None:
+        nbytes = self._geometry.chunk_bytes(len(copy.block_ids), chunk)
         writes = tuple(name for name, h in self._holdings.items() if h.admit(key, nbytes))
         item = _Item(key, "store", writes=writes, writes_left=self._geometry.tp_size * len(writes), request=req)
-        plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, SlotCopy(slot, tuple(block_ids)), writes))
+        plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, copy, writes, nbytes))
 
     # -- plans and reports --
 

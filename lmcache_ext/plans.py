@@ -26,21 +26,38 @@ class Source:
 
 
 @dataclass(frozen=True)
+class GroupPages:
+    """A hybrid model's pages of KV cache group `group` (`kv_groups`): `block_ids` to or
+    from the group's section of a slot, which starts `section` bytes into the slot and
+    holds `section_blocks` pages per layer, laid out [layer][block][page];
+    `block_ids[0]` is the section's page `first`."""
+
+    group: int
+    block_ids: tuple[int, ...]
+    section: int
+    section_blocks: int
+    first: int = 0
+
+
+@dataclass(frozen=True)
 class SlotCopy:
     """The pages of `block_ids` (every layer) to or from host slot `slot`. The slot
     holds a chunk of `chunk_blocks` blocks laid out [layer][block][page] from its
     start; `block_ids` are that chunk's blocks `first`, `first + 1`, ... (a load may
-    skip blocks vLLM already has, or stop short of the request's last token)."""
+    skip blocks vLLM already has, or stop short of the request's last token). A hybrid
+    model's chunk holds a section per KV cache group instead, and `groups` says what
+    moves (`block_ids` are then its first group's, for counting)."""
 
     slot: int
     block_ids: tuple[int, ...]
     chunk_blocks: int = 0  # 0: len(block_ids)
     first: int = 0
+    groups: tuple[GroupPages, ...] = ()
 
     @property
     def whole(self) -> bool:
-        """True when the copy covers the chunk's every block."""
-        return self.first == 0 and self.chunk_blocks in (0, len(self.block_ids))
+        """True when the copy covers the chunk's every block (of its one group)."""
+        return not self.groups and self.first == 0 and self.chunk_blocks in (0, len(self.block_ids))
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class StoreItem:
     key: bytes
     copy: SlotCopy
     writes: tuple[TierName, ...] = ()
+    nbytes: int = 0  # the chunk's bytes in its slot and records (0: the whole slot copy's)
 
 
 @dataclass

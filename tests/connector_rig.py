@@ -69,7 +69,7 @@ class Rig:
         aggregated report and what get_finished says (in `self.recved`)."""
         for request, blocks, local in new:
             external = self.matched(request, local)
-            self.scheduler.plan_load(request, blocks, external if loads else 0)
+            self.scheduler.plan_load(request, (blocks,), external if loads else 0)
             request.external = external
         output = step_output(
             new=[
@@ -201,3 +201,8 @@ def loads_of(plan: StepPlan) -> list[LoadItem]:
 
 def reads_of(plan: StepPlan) -> list[TierTransfer]:
     return [item.read for item in loads_of(plan) if item.read is not None]
+
+
+class FullAttentionSpec(SimpleNamespace):
+    """Stands for vLLM's spec of that name in a fake KV cache config (geometry_from_vllm
+    knows a group's kind by its spec's class name)."""

@@ -117,7 +117,7 @@ def test_lower_tier_hits_load_in_the_background_and_errors_come_with_the_report(
     w = fresh.workers[0]
     b = request("b", tokens)
     assert fresh.scheduler.num_new_matched_tokens(b, 0) == (2 * CHUNK, True)
-    fresh.scheduler.plan_load(b, list(range(10, 19)), 2 * CHUNK)
+    fresh.scheduler.plan_load(b, (list(range(10, 19)),), 2 * CHUNK)
     started = slow(monkeypatch, "scatter", 0.4)
     plan = fresh.scheduler.build_plan(step_output())
     begun = time.monotonic()
@@ -139,7 +139,7 @@ def test_a_failed_background_load_reports_its_blocks_before_its_request(tmp_path
     fresh = Rig(tmp_path, seed=50)
     b = request("b", tokens)
     assert fresh.scheduler.num_new_matched_tokens(b, 0) == (CHUNK, True)
-    fresh.scheduler.plan_load(b, list(range(10, 15)), CHUNK)
+    fresh.scheduler.plan_load(b, (list(range(10, 15)),), CHUNK)
     for path in (tmp_path / "kv").rglob("*"):
         if path.is_file() and len(path.name) == 32:
             path.write_bytes(b"not a chunk")  # damaged after the lookup

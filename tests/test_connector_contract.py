@@ -23,6 +23,7 @@ from connector_rig import (
     CHUNK,
     LAYERS,
     PAGE,
+    FullAttentionSpec,
     Rig,
     cached_step,
     config,
@@ -282,7 +283,7 @@ def test_sleep_mode_unregisters_and_restores_the_kv_cache():
     w = rig.workers[0]
     w.unregister()
     b = request("b", tokens)
-    rig.scheduler.plan_load(b, list(range(20, 29)), hit(rig.scheduler, b))
+    rig.scheduler.plan_load(b, (list(range(20, 29)),), hit(rig.scheduler, b))
     plan = rig.scheduler.build_plan(step_output())
     before = page_view(rig.caches[0][0])[20:28].clone()
     with pytest.raises(
@@ -317,7 +318,7 @@ def test_a_second_registration_keeps_the_cached_chunks_and_shutdown_after_unregi
 
 
 def fake_vllm(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
-    spec = SimpleNamespace(block_size=BLOCK, dtype=torch.bfloat16, page_size_bytes=PAGE)
+    spec = FullAttentionSpec(block_size=BLOCK, dtype=torch.bfloat16, page_size_bytes=PAGE)
     kv_cache_config = SimpleNamespace(
         kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])] * groups,
         kv_cache_layout="LBHNC",

@@ -144,7 +144,7 @@ def test_with_save_decode_cache_the_generated_blocks_are_stored_when_the_request
     assert w.get_finished({"a"}) == (None, None)
     grown = request("c", tokens + prompt(30, seed=8))
     assert hit(rig.scheduler, grown) == CHUNK + 3 * BLOCK
-    rig.scheduler.plan_load(grown, list(range(20, 28)), CHUNK + 3 * BLOCK)
+    rig.scheduler.plan_load(grown, (list(range(20, 28)),), CHUNK + 3 * BLOCK)
     rig.run(rig.scheduler.build_plan(step_output()))
     assert all(torch.equal(page_view(t)[list(range(20, 27))], o) for t, o in zip(rig.caches[0], original))
 

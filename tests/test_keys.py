@@ -50,6 +50,7 @@ OTHER_VALUES = dict(
     format_version=FORMAT_VERSION + 1,
     cache_namespace="weights-v2",
     epoch="0123456789abcdef0123456789abcdef",
+    kv_groups="sliding128x2+fullx2",
 )
 
 TOKENS = [1000 + 37 * i for i in range(4 * CHUNK + 3)]  # four full chunks and three tokens

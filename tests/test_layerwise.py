@@ -50,7 +50,7 @@ def stored_rig(tokens: list[int], **kw: object) -> Rig:
 def load_plan(rig: Rig, tokens: list[int], blocks: list[int]):
     req = request("b", tokens)
     external = rig.matched(req)
-    rig.scheduler.plan_load(req, blocks, external)
+    rig.scheduler.plan_load(req, (blocks,), external)
     return rig.scheduler.build_plan(
         step_output(
             new=[SimpleNamespace(req_id="b", block_ids=(blocks,), num_computed_tokens=external)],

@@ -27,7 +27,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -94,8 +96,10 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
         )
 
 
-class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
-    """lmcache_ext as a vLLM KV connector: host memory, then local disk, keyed by prefix chunks."""
+class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
+    """lmcache_ext as a vLLM KV connector: host memory, then local disk, keyed by prefix
+    chunks. With vLLM's hybrid KV cache manager (SupportsHMA) each chunk keeps a section
+    per KV cache group (lmcache_ext.kv_groups)."""
 
     _cache_hit_source = CacheHitSource.HOST
 
@@ -184,6 +188,14 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._worker_side().get_finished(finished_req_ids)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Background loads that ended, and those that failed: a hybrid model's failed
+        loads are reported per request, since vLLM cannot map block ids back to requests
+        across KV cache groups."""
+        sending, recving = self.get_finished(finished_req_ids)
+        failed = self._worker_side().take_failed_loads()
+        return KVConnectorTransferResults(set(sending or ()), set(recving or ()) | failed, failed)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker_side().take_load_errors()
 
@@ -241,7 +253,7 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         """Plan the load; count the lookup now that vLLM admitted the request (as vLLM
         counts its own: a request that waits for blocks is asked again, and counted once)."""
         side = self._scheduler_side()
-        side.plan_load(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+        side.plan_load(request, blocks.get_block_ids(), num_external_tokens)
         asked = self._asked.pop(request.request_id, None)
         if asked is not None:
             hits = side.hit_sources(request, num_external_tokens) if num_external_tokens > 0 else {}
@@ -262,6 +274,12 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         """Never keeps the request's blocks (False): see `SchedulerSide.finished`."""
         self._asked.pop(request.request_id, None)
         return self._scheduler_side().finished(request.request_id), None
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """As `request_finished`, for vLLM's hybrid KV cache manager (one list per group)."""
+        return self.request_finished(request, block_ids[0] if block_ids else [])
 
     def has_pending_push_work(self) -> bool:
         """Keep the engine stepping while transfers wait to be reported."""

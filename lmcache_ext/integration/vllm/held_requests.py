@@ -42,6 +42,12 @@ class HeldRequests:
                     del self._saving[item.req_id]
             self._saves_done.notify_all()
 
+    def wait_all(self) -> None:
+        """Return once no gather is running (a hybrid model's running requests lose
+        blocks to their windows at every step: vLLM may reuse those at once)."""
+        with self._lock:
+            self._saves_done.wait_for(lambda: not self._saving)
+
     def wait_released(self, released: set[str]) -> None:
         """Return once no gather of the `released` requests is running."""
         with self._lock:

@@ -24,7 +24,7 @@ class IdleSide:
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[TierName, int]:
         return {}
 
-    def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+    def plan_load(self, request: Any, tables: Any, num_external_tokens: int) -> None:
         return None
 
     def build_plan(self, scheduler_output: Any) -> StepPlan:
@@ -76,6 +76,9 @@ class IdleSide:
 
     def take_metrics(self) -> Payload:
         return empty_payload()
+
+    def take_failed_loads(self) -> set[str]:
+        return set()
 
     def take_load_errors(self) -> set[int]:
         return set()

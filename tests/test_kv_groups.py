@@ -1,0 +1,245 @@
+"""Hybrid models' chunks: which blocks each KV cache group keeps (vLLM's own rule), the
+pages a store gathers and a load scatters per group, byte for byte through the executor
+on groups that share memory, and the planner's rules for hybrids (hits end where chunks
+end, loads run in the background, a chunk whose window blocks vLLM freed is not stored)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmcache_ext import _C, ops
+from lmcache_ext.config import CacheConfig
+from lmcache_ext.executor import TransferExecutor
+from lmcache_ext.geometry import Geometry
+from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup, layout_of
+from lmcache_ext.memory import HostSlotPool
+from lmcache_ext.planner import ChunkPlanner
+from lmcache_ext.plans import Plan, SlotCopy, StepPlan, WorkerReport
+
+BS, PAGE, BLOCKS = 4, 64, 32  # tokens per block, bytes per page, blocks in the toy cache
+CHUNK = 2 * BS
+SLIDE = KVGroup(SLIDING, ("l0", "l2"), BS, PAGE, window=BS + 1)  # a hit reads one block back
+FULLG = KVGroup(FULL, ("l1", "l3"), BS, PAGE)
+
+
+def geometry(*groups: KVGroup) -> Geometry:
+    return Geometry.of_cache(
+        model="m",
+        revision="",
+        dtype="uint8",
+        layout="toy",
+        block_size=BS,
+        page_bytes=PAGE,
+        num_layers=sum(g.num_layers for g in groups),
+        chunk_size=CHUNK,
+        groups=groups,
+    )
+
+
+# -- what a group keeps --
+
+
+@pytest.mark.parametrize("window", [5, 8, 9, 127, 128, 129, 300])
+@pytest.mark.parametrize("kind", [SLIDING, LOCAL])
+def test_a_chunk_keeps_the_blocks_that_vllm_keeps_real_after_a_hit_ending_there(kind, window):
+    managers = pytest.importorskip("vllm.v1.core.single_type_kv_cache_manager")
+    if kind == SLIDING:
+        manager = SimpleNamespace(sliding_window=window, extra_retained_tokens=0)
+        skipped = managers.SlidingWindowManager.get_num_skipped_tokens
+    else:
+        manager = SimpleNamespace(attention_chunk_size=window)
+        skipped = managers.ChunkedLocalAttentionManager.get_num_skipped_tokens
+    group = KVGroup(kind, ("a",), BS, PAGE, window)
+    for end in range(1, 120):
+        # vLLM pads the skipped blocks of a hit of `end` blocks with null blocks
+        first_real = skipped(manager, end * BS) // BS
+        for blocks in range(1, min(end, 9) + 1):
+            real_inside = sum(1 for p in range(end - blocks, end) if p >= first_real)
+            assert group.kept_blocks(end, blocks) == real_inside
+
+
+def test_a_group_names_a_kind_and_a_window_that_fit():
+    with pytest.raises(ValueError, match=r"kind = 'mamba': expected one of full, sliding, local"):
+        KVGroup("mamba", ("a",), BS, PAGE)
+    with pytest.raises(ValueError, match=r"window = 0 for a sliding group: expected 0 for full, > 0 otherwise"):
+        KVGroup(SLIDING, ("a",), BS, PAGE)
+    with pytest.raises(ValueError, match=r"window = 8 for a full group"):
+        KVGroup(FULL, ("a",), BS, PAGE, 8)
+
+
+def test_the_group_layout_enters_the_namespace_only_for_hybrids():
+    assert layout_of((FULLG,)) == ""
+    assert layout_of((SLIDE, FULLG)) == "sliding5x2+fullx2"
+    plain, hybrid = geometry(FULLG), geometry(SLIDE, FULLG)
+    assert not plain.hybrid and plain.namespace.kv_groups == ""
+    assert hybrid.hybrid and hybrid.namespace.kv_groups == "sliding5x2+fullx2"
+    assert plain.namespace.fingerprint != hybrid.namespace.fingerprint
+
+
+def test_a_sliding_windows_chunk_holds_fewer_bytes():
+    g = geometry(SLIDE, FULLG)
+    assert g.chunk_bytes(2, chunk=3) == 2 * 2 * PAGE + 2 * 1 * PAGE  # full: both blocks; sliding: the last
+    assert g.chunk_bytes(2) == 2 * 2 * PAGE + 2 * 1 * PAGE  # the most any chunk of two blocks holds
+    assert geometry(FULLG).chunk_bytes(2) == 2 * 2 * PAGE
+
+
+# -- the pages of a copy --
+
+
+def test_a_store_gathers_each_groups_kept_blocks_and_refuses_freed_ones():
+    g = geometry(SLIDE, FULLG)
+    tables = ([1, 2, 3, 4], [5, 6, 7, 8])
+    parts = g.group_pages(tables, 1, 2, 0, 2, load=False, computed=0)
+    assert parts is not None
+    (slide, full) = parts
+    assert (slide.group, slide.block_ids, slide.section, slide.section_blocks, slide.first) == (0, (4,), 0, 1, 0)
+    assert (full.group, full.block_ids, full.section, full.section_blocks) == (1, (7, 8), 2 * PAGE, 2)
+    # once 16 tokens are computed vLLM frees the sliding group's blocks 0..2: chunk 0's kept block is gone
+    assert g.group_pages(tables, 0, 2, 0, 2, load=False, computed=16) is None
+    assert g.group_pages(tables, 1, 2, 0, 2, load=False, computed=16) is not None
+    assert g.group_pages(([1, 2, 0, 4], [5, 6, 7, 8]), 1, 2, 0, 2, load=False) is not None  # block 2 is not kept
+    assert g.group_pages(([1, 2, 3, 0], [5, 6, 7, 8]), 1, 2, 0, 2, load=False) is None
+    assert geometry(FULLG).group_pages(tables, 1, 2, 0, 2, load=False) == ()
+
+
+def test_a_load_skips_null_blocks_and_refuses_a_real_block_the_chunk_does_not_keep():
+    g = geometry(SLIDE, FULLG)
+    hit = ([0, 0, 0, 11], [12, 13, 14, 15])  # what vLLM hands a hit of 16 tokens
+    first = g.group_pages(hit, 0, 2, 0, 2, load=True)
+    assert first is not None and [(p.group, p.block_ids) for p in first] == [(1, (12, 13))]
+    last = g.group_pages(hit, 1, 2, 0, 2, load=True)
+    assert last is not None and [(p.group, p.block_ids) for p in last] == [(0, (11,)), (1, (14, 15))]
+    # a hit ending mid-chunk would leave block 2 of the sliding group unwritten
+    assert g.group_pages(([0, 0, 10, 11], [12, 13, 14, 15]), 1, 2, 0, 2, load=True) is None
+
+
+def test_pages_of_groups_sharing_memory_round_trip_through_the_executor():
+    g = geometry(SLIDE, FULLG)
+    memory = [torch.randint(0, 256, (BLOCKS, PAGE), dtype=torch.uint8) for _ in range(2)]
+    kv = ops.PagedGroups(tuple(ops.PagedLayers.from_tensors(memory) for _ in g.groups))  # one memory, two tables
+    before = [m.clone() for m in memory]
+    pool = HostSlotPool(g.chunk_bytes(2), 4, pin="never")
+    executor = TransferExecutor(kv, pool, {})
+    tables = ([1, 2, 3, 4], [5, 6, 7, 8])
+    stores = [
+        SlotCopy(c, tuple(tables[0][2 * c : 2 * c + 2]), 0, 0, g.group_pages(tables, c, 2, 0, 2, load=False))
+        for c in (0, 1)
+    ]
+    assert all(executor.run(Plan(gathers=tuple(stores))).gathers)
+    hit = ([0, 0, 0, 20], [21, 22, 23, 24])
+    loads = [
+        SlotCopy(c, tuple(hit[0][2 * c : 2 * c + 2]), 2, 0, g.group_pages(hit, c, 2, 0, 2, load=True)) for c in (0, 1)
+    ]
+    assert all(executor.run(Plan(scatters=tuple(loads))).scatters)
+    for layer in range(2):
+        assert torch.equal(memory[layer][20], before[layer][4])  # the sliding group's last block
+        assert torch.equal(memory[layer][21:25], before[layer][5:9])  # the full group's four
+        untouched = [b for b in range(BLOCKS) if b not in (20, 21, 22, 23, 24)]
+        assert torch.equal(memory[layer][untouched], before[layer][untouched])  # the null block 0 too
+    assert g.copy_bytes(loads[0]) == 2 * 2 * PAGE and g.copy_bytes(loads[1]) == 3 * 2 * PAGE
+    assert [kv.layer(i) for i in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # layerwise copies: group order
+    pool.view(1).zero_()
+    executor.copy_layer("gather", stores[1:], 2)  # the full group's first layer only
+    slot = pool.view(1)
+    assert torch.equal(slot[2 * PAGE : 4 * PAGE], before[0][7:9].reshape(-1))
+    assert not slot[: 2 * PAGE].any() and not slot[4 * PAGE :].any()
+    executor.close()
+
+
+# -- the planner's rules for hybrids --
+
+
+def planner(g: Geometry) -> ChunkPlanner:
+    config = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001)
+    return ChunkPlanner(config, g, _C.HostSlotPool(1, 8, pin="never"), {})
+
+
+def stored(p: ChunkPlanner, plan: StepPlan) -> None:
+    report = WorkerReport()
+    for item in plan.stores:
+        report.stored[item.id] += 1
+    p.apply_report(report)
+
+
+def test_a_hybrid_hit_ends_where_a_chunk_ends_and_loads_in_the_background():
+    p = planner(geometry(SLIDE, FULLG))
+    tokens = list(range(100, 100 + 3 * CHUNK))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    p.plan_stores(req, ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]), len(tokens), plan)
+    assert len(plan.stores) == 3 and plan.stores[0].nbytes == 3 * 2 * PAGE
+    stored(p, plan)
+    longer = tokens + [1, 2, 3]
+    hit = p.find_hit(p.request("b", longer, len(longer)), 0, 3 * CHUNK)  # a plain model would hit to the limit
+    assert hit is not None and hit.tokens == 3 * CHUNK and hit.load_async
+    cut = p.find_hit(p.request("c", longer, len(longer)), 0, 3 * CHUNK - BS)
+    assert cut is not None and cut.tokens == 2 * CHUNK
+    plain = planner(geometry(FULLG))
+    req = plain.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    plain.plan_stores(req, ([1, 2, 3, 4, 5, 6],), len(tokens), plan)
+    stored(plain, plan)
+    hit = plain.find_hit(plain.request("c", longer, len(longer)), 0, 3 * CHUNK - BS)
+    assert hit is not None and hit.tokens == 3 * CHUNK - BS and not hit.load_async
+
+
+def test_a_hybrid_chunk_computed_before_its_window_blocks_were_freed_is_not_stored():
+    p = planner(geometry(SLIDE, FULLG))
+    tokens = list(range(100, 100 + 3 * CHUNK))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    # chunks 0 and 1 were computed in earlier steps: vLLM freed chunk 0's sliding block
+    p.plan_stores(req, ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]), len(tokens), plan, computed_before=2 * CHUNK)
+    assert [item.copy.block_ids for item in plan.stores] == [(3, 4), (5, 6)]
+
+
+# -- vLLM's KV cache groups --
+
+
+def vllm_groups(*specs):
+    config = SimpleNamespace(
+        kv_cache_groups=[
+            SimpleNamespace(kv_cache_spec=s, layer_names=[f"l{i}.{j}" for j in range(2)]) for i, s in enumerate(specs)
+        ],
+        kv_cache_layout="LBHNC",
+    )
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(model="m", revision=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        cache_config=SimpleNamespace(),
+        device_config=SimpleNamespace(device_type="cpu"),
+    )
+    return vllm_config, config
+
+
+def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():
+    spec = pytest.importorskip("vllm.v1.kv_cache_interface")
+    from lmcache_ext.integration.vllm.shards import geometry_from_vllm
+
+    attn = dict(num_kv_heads=2, head_size=64, dtype=torch.float32)
+    sliding = spec.SlidingWindowSpec(block_size=128, sliding_window=128, **attn)
+    full = spec.FullAttentionSpec(block_size=128, **attn)
+    config = CacheConfig(chunk_size=256, max_local_cpu_size=0.001)
+    g = geometry_from_vllm(*vllm_groups(sliding, full), config)
+    assert g is not None and [(x.kind, x.window, x.layer_names) for x in g.groups] == [
+        (SLIDING, 128, ("l0.0", "l0.1")),
+        (FULL, 0, ("l1.0", "l1.1")),
+    ]
+    assert g.namespace.kv_groups == "sliding128x2+fullx2" and g.num_layers == 4
+    assert g.chunk_bytes(2, chunk=1) == 2 * 2 * full.page_size_bytes + 2 * 1 * sliding.page_size_bytes
+    one = geometry_from_vllm(*vllm_groups(full), config)
+    assert one is not None and not one.hybrid and one.namespace.kv_groups == ""  # as without HMA
+    local = spec.ChunkedLocalAttentionSpec(block_size=128, attention_chunk_size=512, **attn)
+    g = geometry_from_vllm(*vllm_groups(local, full), config)
+    assert g is not None and g.groups[0].kind == LOCAL and g.groups[0].window == 512
+    mamba = spec.MambaSpec(block_size=128, shapes=((4, 8), (2, 8, 8)), dtypes=(torch.float32, torch.float32))
+    with pytest.raises(
+        ValueError, match=r"KV cache group 0 \(2 layers from l0.0\) has a MambaSpec: MambaSpec\(.*keeps full"
+    ):
+        geometry_from_vllm(*vllm_groups(mamba, full), config)
+    other = spec.FullAttentionSpec(block_size=64, **attn)
+    with pytest.raises(ValueError, match=r"block sizes \[128, 64\]; lmcache_ext needs one block size"):
+        geometry_from_vllm(*vllm_groups(full, other), config)
