@@ -206,3 +206,22 @@ def reads_of(plan: StepPlan) -> list[TierTransfer]:
 class FullAttentionSpec(SimpleNamespace):
     """Stands for vLLM's spec of that name in a fake KV cache config (geometry_from_vllm
     knows a group's kind by its spec's class name)."""
+
+
+def fake_vllm(
+    specs: list[object], layers: int = 2, tp: int = 1, extra: dict[str, object] | None = None
+) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """A VllmConfig and a KVCacheConfig as far as the connector reads them: one KV cache
+    group of `layers` layers per spec (layers l0, l1, ... in the first; l1.0, ... next)."""
+    groups = [
+        SimpleNamespace(kv_cache_spec=spec, layer_names=[f"l{j}" if not i else f"l{i}.{j}" for j in range(layers)])
+        for i, spec in enumerate(specs)
+    ]
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(model="m", revision=None),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+        cache_config=SimpleNamespace(),
+        device_config=SimpleNamespace(device_type="cpu"),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {}),
+    )
+    return vllm_config, SimpleNamespace(kv_cache_groups=groups, kv_cache_layout="LBHNC")

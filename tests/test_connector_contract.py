@@ -27,6 +27,7 @@ from connector_rig import (
     Rig,
     cached_step,
     config,
+    fake_vllm,
     first_step,
     geometry,
     hit,
@@ -317,27 +318,14 @@ def test_a_second_registration_keeps_the_cached_chunks_and_shutdown_after_unregi
 # -- small defects and the connector itself --
 
 
-def fake_vllm(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
+def fake_config(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
     spec = FullAttentionSpec(block_size=BLOCK, dtype=torch.bfloat16, page_size_bytes=PAGE)
-    kv_cache_config = SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=[f"l{i}" for i in range(LAYERS)])] * groups,
-        kv_cache_layout="LBHNC",
-    )
-    vllm_config = SimpleNamespace(
-        model_config=SimpleNamespace(model="m", revision=None),
-        parallel_config=SimpleNamespace(tensor_parallel_size=1),
-        cache_config=SimpleNamespace(),
-        device_config=SimpleNamespace(device_type="cpu"),
-        kv_transfer_config=SimpleNamespace(
-            kv_connector_extra_config={"chunk_size": CHUNK, "max_local_cpu_size": 0.001}
-        ),
-    )
-    return vllm_config, kv_cache_config
+    return fake_vllm([spec] * groups, LAYERS, extra={"chunk_size": CHUNK, "max_local_cpu_size": 0.001})
 
 
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
 def test_a_model_without_kv_cache_groups_leaves_the_connector_idle(role, caplog):
-    vllm_config, kv_cache_config = fake_vllm(groups=0)
+    vllm_config, kv_cache_config = fake_config(groups=0)
     assert geometry_from_vllm(vllm_config, kv_cache_config, config()) is None
     with caplog.at_level("WARNING", logger="lmcache_ext.integration.vllm.connector"):
         connector = LMCacheConnectorV1Dynamic(vllm_config, role, kv_cache_config)
@@ -361,7 +349,7 @@ def test_a_model_without_kv_cache_groups_leaves_the_connector_idle(role, caplog)
 
 def test_the_connector_says_it_supports_sleep_mode_and_resets_through_its_scheduler(tmp_path):
     assert LMCacheConnectorV1Dynamic.supports_sleep_mode(None) is True
-    vllm_config, kv_cache_config = fake_vllm(groups=1)
+    vllm_config, kv_cache_config = fake_config(groups=1)
     connector = LMCacheConnectorV1Dynamic(vllm_config, KVConnectorRole.SCHEDULER, kv_cache_config)
     assert connector.reset_cache() is True
 

@@ -22,6 +22,7 @@ from connector_rig import (
     Rig,
     cached_step,
     config,
+    fake_vllm,
     first_step,
     geometry,
     hit,
@@ -32,12 +33,14 @@ from connector_rig import (
     same_pages,
     step_output,
 )
+from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import rank_root
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import geometry_from_vllm
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 
@@ -196,23 +199,42 @@ def test_an_untested_vllm_version_fails_at_start_up_saying_what_is_supported():
         check_vllm_version("0.3")
 
 
-def fake_vllm(groups: int, block_size: int = BLOCK):
-    spec = FullAttentionSpec(block_size=block_size, dtype=torch.bfloat16, page_size_bytes=PAGE)
-    kv_cache_config = SimpleNamespace(
-        kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["a", "b"])] * groups, kv_cache_layout="LBHNC"
-    )
-    vllm_config = SimpleNamespace(
-        model_config=SimpleNamespace(model="m", revision=None),
-        parallel_config=SimpleNamespace(tensor_parallel_size=2),
-        cache_config=SimpleNamespace(),
-        device_config=SimpleNamespace(device_type="cpu"),
-    )
-    return vllm_config, kv_cache_config
+def spec(block_size: int) -> FullAttentionSpec:
+    return FullAttentionSpec(block_size=block_size, dtype=torch.bfloat16, page_size_bytes=PAGE)
 
 
 def test_geometry_from_vllm_and_what_it_refuses():
-    g = geometry_from_vllm(*fake_vllm(1), config())
+    g = geometry_from_vllm(*fake_vllm([spec(BLOCK)], tp=2), config())
     assert (g.block_size, g.blocks_per_chunk, g.num_layers, g.page_bytes, g.tp_size) == (BLOCK, 4, 2, PAGE, 2)
     assert (g.namespace.layout, g.namespace.dtype, g.namespace.tp_rank) == ("LBHNC", "bfloat16", 0)
     with pytest.raises(ValueError, match=r"chunk_size = 64 is not a multiple of block_size = 48"):
-        geometry_from_vllm(*fake_vllm(1, block_size=48), config())
+        geometry_from_vllm(*fake_vllm([spec(48)], tp=2), config())
+
+
+def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():
+    from vllm.v1 import kv_cache_interface as spec
+
+    attn = dict(num_kv_heads=2, head_size=64, dtype=torch.float32)
+    sliding = spec.SlidingWindowSpec(block_size=128, sliding_window=128, **attn)
+    full = spec.FullAttentionSpec(block_size=128, **attn)
+    config = CacheConfig(chunk_size=256, max_local_cpu_size=0.001)
+    g = geometry_from_vllm(*fake_vllm([sliding, full]), config)
+    assert g is not None and [(x.kind, x.window, x.layer_names) for x in g.groups] == [
+        (SLIDING, 128, ("l0", "l1")),
+        (FULL, 0, ("l1.0", "l1.1")),
+    ]
+    assert g.namespace.kv_groups == "sliding128x2+fullx2" and g.num_layers == 4
+    assert g.chunk_bytes(2, chunk=1) == 2 * 2 * full.page_size_bytes + 2 * 1 * sliding.page_size_bytes
+    one = geometry_from_vllm(*fake_vllm([full]), config)
+    assert one is not None and not one.hybrid and one.namespace.kv_groups == ""  # as without HMA
+    local = spec.ChunkedLocalAttentionSpec(block_size=128, attention_chunk_size=512, **attn)
+    g = geometry_from_vllm(*fake_vllm([local, full]), config)
+    assert g is not None and g.groups[0].kind == LOCAL and g.groups[0].window == 512
+    mamba = spec.MambaSpec(block_size=128, shapes=((4, 8), (2, 8, 8)), dtypes=(torch.float32, torch.float32))
+    with pytest.raises(
+        ValueError, match=r"KV cache group 0 \(2 layers from l0\) has a MambaSpec: MambaSpec\(.*keeps full"
+    ):
+        geometry_from_vllm(*fake_vllm([mamba, full]), config)
+    other = spec.FullAttentionSpec(block_size=64, **attn)
+    with pytest.raises(ValueError, match=r"block sizes \[128, 64\]; lmcache_ext needs one block size"):
+        geometry_from_vllm(*fake_vllm([full, other]), config)
