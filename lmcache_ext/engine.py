@@ -8,6 +8,12 @@ written through to the lower tiers in the background when they are configured;
 its host slot stays pinned until every tier's write has ended. Each call is one
 step of the planner's plans, run here at once; a lookup that the planner answers
 "ask again" (remote chunks being fetched into host slots) runs the fetches first.
+
+A hybrid model's cache (`groups`: its KV cache groups, as vLLM's hybrid KV cache
+manager forms them) takes one block list per group, and its chunks keep per group the
+blocks a hit ending there reads (`lmcache_ext.kv_groups`). As in vLLM, block 0 is the
+null block: it is never stored, and a retrieve leaves it and every block outside a
+group's window at the hit's end alone.
 """
 
 from __future__ import annotations
@@ -23,15 +29,17 @@ import torch
 from lmcache_ext import ops
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
-from lmcache_ext.geometry import Geometry
+from lmcache_ext.geometry import NULL_BLOCK, Geometry
 from lmcache_ext.keys import Namespace
+from lmcache_ext.kv_groups import KVGroup
 from lmcache_ext.metrics import EngineStats
 from lmcache_ext.planner import CachedRequest, ChunkPlanner, Hit
-from lmcache_ext.plans import LoadItem, Plan, SlotCopy, Source, StepPlan, TierTransfer, WorkerReport
+from lmcache_ext.plans import LoadItem, Plan, SlotCopy, Source, StepPlan, StoreItem, TierTransfer, WorkerReport
 from lmcache_ext.tiers import build_storage, open_holdings
 
 KVCaches: TypeAlias = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 Tokens: TypeAlias = Sequence[int] | torch.Tensor
+BlockIds: TypeAlias = Sequence[int] | torch.Tensor | Sequence[Sequence[int]]  # a hybrid's: one list per group
 
 
 class CacheEngine:
@@ -47,26 +55,39 @@ class CacheEngine:
         revision: str = "",
         tp_size: int = 1,
         tp_rank: int = 0,
+        groups: Sequence[KVGroup] = (),
     ) -> None:
         """One rank (`tp_rank` of `tp_size`) of a model's cache: its keys name that rank,
-        and its disk files live in that rank's directory."""
+        and its disk files live in that rank's directory. `groups`: a hybrid model's KV
+        cache groups, whose layer names `kv_caches` maps to their views."""
         config.check_block_size(block_size)
         self._config = config
-        self._kv = ops.PagedLayers.from_tensors(kv_caches)
+        self._kv: ops.PagedLayers | ops.PagedGroups
+        if groups:
+            if not isinstance(kv_caches, Mapping):
+                raise ValueError("kv_caches is a sequence; with groups it must map each group's layer names to views")
+            sizes = {g.block_size for g in groups}
+            if sizes != {block_size}:
+                raise ValueError(f"the groups have block sizes {sorted(sizes)}; expected block_size = {block_size}")
+            self._kv = ops.PagedGroups.from_groups(kv_caches, groups)
+            first = self._kv.groups[0]
+        else:
+            self._kv = first = ops.PagedLayers.from_tensors(kv_caches)
         self._block_size = block_size
         geometry = Geometry.of_cache(
             model=model,
             revision=revision,
-            dtype=str(self._kv.tensors[0].dtype),
-            layout=self._kv.layout,
+            dtype=str(first.tensors[0].dtype),
+            layout=first.layout,
             block_size=block_size,
-            page_bytes=self._kv.page_bytes,
+            page_bytes=first.page_bytes,
             num_layers=self._kv.num_layers,
             chunk_size=config.chunk_size,
             tp_size=tp_size,
             tp_rank=tp_rank,
             ranks=1,
             device_type=self._kv.device.type,
+            groups=tuple(groups),
         )
         self._geometry = geometry
         self._storage = build_storage(config, geometry, tp_rank)
@@ -104,7 +125,7 @@ class CacheEngine:
         self._stats.lookup(len(tokens), hit.by_source(hit.tokens))
         return hit.tokens
 
-    def store(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
+    def store(self, tokens: Tokens, block_ids: BlockIds) -> int:
         """Store the chunks of `tokens` held in `block_ids`; returns how many leading
         tokens are now cached (stored by this call or before). Full chunks only,
         unless save_unfull_chunk. Lower tiers are written in the background."""
@@ -112,9 +133,9 @@ class CacheEngine:
         with self._stats.timer("store"):
             with self._lock:
                 req = self._planner.request("store", tokens, len(tokens))
-                blocks = self._block_list(block_ids, self._storable_blocks(len(tokens)), "store")
+                tables = self._tables(block_ids, self._storable_blocks(len(tokens)), "store")
                 plan = self._planner.take_plan()
-                room = self._planner.plan_stores(req, (blocks,), len(tokens), plan)
+                room = self._planner.plan_stores(req, tables, len(tokens), plan)
                 self._housekeep(plan)  # the records evicted to make room go before the writes
             if not room:
                 self._stats.failed("no_free_slot")
@@ -146,30 +167,28 @@ class CacheEngine:
             if not ok:
                 report.written[item.id] += len(item.writes)
                 continue
-            self._stats.stored(Source.HOST, self._tokens(item.copy), self._kv.chunk_bytes(len(item.copy.block_ids)))
+            self._stats.stored(Source.HOST, self._tokens(item.copy), item.nbytes)
             for tier in item.writes:
-                writes.append(
-                    TierTransfer(tier, item.key, item.copy.slot, self._kv.chunk_bytes(len(item.copy.block_ids)))
-                )
-                store_of[(tier, item.key)] = item.id
+                writes.append(TierTransfer(tier, item.key, item.copy.slot, item.nbytes))
+                store_of[(tier, item.key)] = item
         with self._lock:
             self._planner.apply_report(report)
         self._executor.run(Plan(writes=tuple(writes)), on_write_done=lambda w, ok: self._written(w, store_of, ok))
 
-    def store_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
+    def store_async(self, tokens: Tokens, block_ids: BlockIds) -> Future[int]:
         """`store` on the engine's transfer thread: returns at once, with a future of what
         `store` returns. The caller keeps the KV in `block_ids` unchanged until the future
         is done. A chunk becomes visible to lookups only once its copy is complete (invariant 1)."""
         self._check_open()
         return self._transfers.submit(self.store, tokens, block_ids)
 
-    def retrieve_async(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> Future[int]:
+    def retrieve_async(self, tokens: Tokens, block_ids: BlockIds) -> Future[int]:
         """`retrieve` on the engine's transfer thread: returns at once; `block_ids` hold
         the loaded prefix once the future is done."""
         self._check_open()
         return self._transfers.submit(self.retrieve, tokens, block_ids)
 
-    def retrieve(self, tokens: Tokens, block_ids: Sequence[int] | torch.Tensor) -> int:
+    def retrieve(self, tokens: Tokens, block_ids: BlockIds) -> int:
         """Load the longest cached prefix of `tokens` into `block_ids`; returns its
         length in tokens. Stops at the first miss or at a chunk that fails its checks."""
         self._check_open()
@@ -177,8 +196,8 @@ class CacheEngine:
             with self._lock:
                 req = self._planner.request("retrieve", tokens, len(tokens))
                 hit = self._hit(req)
-                blocks = self._block_list(block_ids, hit.tokens // self._block_size, "retrieve")
-                self._planner.plan_load(req, hit, (blocks,), hit.tokens)
+                tables = self._tables(block_ids, hit.tokens // self._block_size, "retrieve")
+                self._planner.plan_load(req, hit, self._geometry.read_at(tables, hit.tokens), hit.tokens)
                 self._planner.finished(req)
                 plan = self._planner.take_plan()
                 self._housekeep(plan)
@@ -201,7 +220,7 @@ class CacheEngine:
             (report.loaded if i < len(good) else report.load_failed)[item.id] += 1
             tier = item.origin
             if i < len(good):
-                self._stats.loaded(tier, self._tokens(item.copy), self._kv.chunk_bytes(len(item.copy.block_ids)))
+                self._stats.loaded(tier, self._tokens(item.copy), self._geometry.copy_bytes(item.copy))
             elif not read_ok.get(item.key, True):
                 self._stats.failed(f"{tier}_read")
         with self._lock:
@@ -306,31 +325,43 @@ class CacheEngine:
             return num_tokens // self._block_size
         return num_tokens // chunk * (chunk // self._block_size)
 
-    def _block_list(self, block_ids: Sequence[int] | torch.Tensor, need: int, what: str) -> list[int]:
-        """The `need` blocks that hold the chunks, checked: enough of them, in range, and
-        no repeats (a repeat would make two chunks write the same block)."""
+    def _tables(self, block_ids: BlockIds, need: int, what: str) -> list[list[int]]:
+        """The `need` blocks that hold the chunks, one list per group (one for a model
+        without groups), checked: enough of them, in range, and no repeats but the null
+        block's (a repeat would make two chunks write the same block)."""
+        if not isinstance(self._kv, ops.PagedGroups):
+            return [self._block_list(self._kv, block_ids, need, what, "block_ids")]
+        if isinstance(block_ids, torch.Tensor) or len(block_ids) != len(self._kv.groups):
+            raise ValueError(f"{what}: block_ids must be {len(self._kv.groups)} lists, one per KV cache group")
+        return [
+            self._block_list(kv, ids, need, what, f"block_ids[{g}]")
+            for g, (kv, ids) in enumerate(zip(self._kv.groups, block_ids))
+        ]
+
+    def _block_list(self, kv: ops.PagedLayers, block_ids: Any, need: int, what: str, name: str) -> list[int]:
         ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
         if len(ids) < need:
             raise ValueError(
-                f"{what}: len(block_ids) = {len(ids)} is too short: the tokens fill {need} blocks "
+                f"{what}: len({name}) = {len(ids)} is too short: the tokens fill {need} blocks "
                 f"of {self._block_size} tokens"
             )
-        ids = ops.check_block_ids(self._kv, ids[:need]).tolist()
+        ids = ops.check_block_ids(kv, ids[:need]).tolist()
         seen: dict[int, int] = {}
         for i, b in enumerate(ids):
-            if b in seen:
-                raise ValueError(f"{what}: block_ids[{i}] = {b} repeats block_ids[{seen[b]}]")
+            if b in seen and not (self._geometry.hybrid and b == NULL_BLOCK):
+                raise ValueError(f"{what}: {name}[{i}] = {b} repeats {name}[{seen[b]}]")
             seen[b] = i
         return ids
 
-    def _written(self, write: TierTransfer, store_of: dict[tuple[str, bytes], int], ok: bool) -> None:
+    def _written(self, write: TierTransfer, store_of: dict[tuple[str, bytes], StoreItem], ok: bool) -> None:
         """A tier write ended (on that tier's thread): count it, and report it to the
         planner, which releases the slot after the chunk's last write."""
+        item = store_of[(write.tier, write.key)]
         if ok:
-            self._stats.stored(write.tier, write.nbytes // self._kv.chunk_bytes(1) * self._block_size, write.nbytes)
+            self._stats.stored(write.tier, self._tokens(item.copy), write.nbytes)
         else:
             self._stats.failed(f"{write.tier}_write")
         report = WorkerReport()
-        report.written[store_of[(write.tier, write.key)]] += 1
+        report.written[item.id] += 1
         with self._lock:
             self._planner.apply_report(report)

@@ -92,6 +92,17 @@ class Geometry:
             return self.num_layers * blocks * self.page_bytes
         return sum(g.num_layers * self._kept(g, blocks, chunk) * g.page_bytes for g in self.groups)
 
+    def read_at(self, tables: BlockTables, end: int) -> list[list[int]]:
+        """`tables` with the null block wherever a request of `end` computed tokens reads
+        nothing (the blocks before each group's window), as vLLM hands tables to a load."""
+        if not self.groups:
+            return [list(t) for t in tables]
+        out = []
+        for group, table in zip(self.groups, tables):
+            skipped = group.skipped_tokens(end) // group.block_size
+            out.append([NULL_BLOCK if i < skipped else b for i, b in enumerate(table)])
+        return out
+
     def copy_bytes(self, copy: SlotCopy) -> int:
         """The bytes `copy` moves between a slot and the paged cache."""
         if not self.groups:

@@ -20,6 +20,7 @@ from typing import TypeAlias
 import torch
 
 from lmcache_ext import _C, index_ring
+from lmcache_ext.kv_groups import KVGroup
 
 BlockIds: TypeAlias = Sequence[int] | torch.Tensor
 Chunks: TypeAlias = torch.Tensor | Sequence[torch.Tensor]
@@ -144,6 +145,24 @@ class PagedGroups:
     ids of it."""
 
     groups: tuple[PagedLayers, ...]
+
+    @classmethod
+    def from_groups(cls, layers: Mapping[str, torch.Tensor], groups: Sequence[KVGroup]) -> PagedGroups:
+        """Each group's layers of `layers` (layer name -> its cache view), checked
+        against the group's page size."""
+        out = []
+        for group in groups:
+            missing = [name for name in group.layer_names if name not in layers]
+            if missing:
+                raise ValueError(f"layers has no view of {missing}: the {group.kind} group lists them")
+            kv = PagedLayers.from_tensors([layers[name] for name in group.layer_names])
+            if kv.page_bytes != group.page_bytes:
+                raise ValueError(
+                    f"the {group.kind} group of {group.layer_names[0]} has {kv.page_bytes}-byte pages; "
+                    f"expected {group.page_bytes}"
+                )
+            out.append(kv)
+        return cls(tuple(out))
 
     @property
     def device(self) -> torch.device:

@@ -12,6 +12,7 @@ import torch
 
 from lmcache_ext import _C, ops
 from lmcache_ext.config import CacheConfig
+from lmcache_ext.engine import CacheEngine
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.geometry import Geometry
 from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup, layout_of
@@ -194,3 +195,33 @@ def test_a_hybrid_chunk_computed_before_its_window_blocks_were_freed_is_not_stor
     # chunks 0 and 1 were computed in earlier steps: vLLM freed chunk 0's sliding block
     p.plan_stores(req, ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]), len(tokens), plan, computed_before=2 * CHUNK)
     assert [item.copy.block_ids for item in plan.stores] == [(3, 4), (5, 6)]
+
+
+# -- CacheEngine --
+
+
+def test_an_engine_takes_per_group_kv_and_a_fresh_one_loads_each_groups_pages_from_disk(tmp_path):
+    config = CacheConfig(
+        chunk_size=CHUNK, max_local_cpu_size=0.001, local_disk=str(tmp_path / "kv"), max_local_disk_size=0.01
+    )
+    memory = [torch.randint(0, 256, (BLOCKS, PAGE), dtype=torch.uint8) for _ in range(2)]
+    views = {"l0": memory[0], "l1": memory[0], "l2": memory[1], "l3": memory[1]}  # groups share memory
+    tokens = list(range(7, 7 + 3 * CHUNK))
+    before = [m.clone() for m in memory]
+    with CacheEngine(config, views, BS, groups=(SLIDE, FULLG)) as first:
+        assert first.namespace.kv_groups == "sliding5x2+fullx2"
+        assert first.store(tokens, ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12])) == 3 * CHUNK
+        assert first.stats()["stored_bytes_host"] == 3 * (2 * 2 * PAGE + 2 * PAGE)
+        with pytest.raises(ValueError, match=r"block_ids must be 2 lists, one per KV cache group"):
+            first.store(tokens, [1, 2, 3, 4, 5, 6])
+        with pytest.raises(ValueError, match=r"len\(block_ids\[1\]\) = 2 is too short: the tokens fill 6 blocks"):
+            first.store(tokens, ([1, 2, 3, 4, 5, 6], [7, 8]))
+    with CacheEngine(config, views, BS, groups=(SLIDE, FULLG)) as second:
+        assert second.lookup(tokens + [1]) == 3 * CHUNK
+        assert second.retrieve(tokens + [1], ([13, 14, 15, 16, 17, 18], [19, 20, 21, 22, 23, 24])) == 3 * CHUNK
+    for m, b in zip(memory, before):
+        assert torch.equal(m[19:25], b[7:13])  # the full group: every block
+        assert torch.equal(m[18], b[6])  # the sliding group: the block its window reads at the hit's end
+        assert torch.equal(m[13:18], b[13:18])  # and nothing before it
+    with pytest.raises(ValueError, match=r"the groups have block sizes \[4\]; expected block_size = 8"):
+        CacheEngine(config, views, 8, groups=(SLIDE, FULLG))

@@ -30,7 +30,6 @@ from lmcache_ext.integration.vllm.held_requests import HeldRequests
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, FetchItem, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
 from lmcache_ext.integration.vllm.worker_layers import StepLayers
-from lmcache_ext.kv_groups import KVGroup
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
@@ -116,7 +115,7 @@ class PlanRunner:
     def _paged(self, kv_caches: dict[str, torch.Tensor]) -> ops.PagedLayers | ops.PagedGroups:
         g = self._geometry
         if g.groups:
-            return ops.PagedGroups(tuple(_group_layers(kv_caches, group) for group in g.groups))
+            return ops.PagedGroups.from_groups(kv_caches, g.groups)
         kv = ops.PagedLayers.from_tensors(kv_caches)
         if (kv.num_layers, kv.page_bytes) != (g.num_layers, g.page_bytes):
             raise ValueError(
@@ -376,20 +375,6 @@ class PlanRunner:
 
     def _chunk_bytes(self, item: StoreItem) -> int:
         return item.nbytes or self._geometry.chunk_bytes(len(item.copy.block_ids))
-
-
-def _group_layers(kv_caches: dict[str, torch.Tensor], group: KVGroup) -> ops.PagedLayers:
-    """One KV cache group's layers, as its pages, checked against its spec."""
-    missing = [name for name in group.layer_names if name not in kv_caches]
-    if missing:
-        raise ValueError(f"register_kv_caches has no view of {missing}: the KV cache config's group lists them")
-    kv = ops.PagedLayers.from_tensors([kv_caches[name] for name in group.layer_names])
-    if kv.page_bytes != group.page_bytes:
-        raise ValueError(
-            f"register_kv_caches got {kv.page_bytes}-byte pages for the {group.kind} group of "
-            f"{group.layer_names[0]}; the KV cache config says {group.page_bytes}"
-        )
-    return kv
 
 
 def _after_forward(plan: StepPlan) -> list[StoreItem]:
