@@ -45,11 +45,17 @@ NEW = [tokens(730, seed=30 + i) for i in range(4)]
 MIXED = [ASKS[0], NEW[0], ASKS[1], NEW[1], ASKS[2], NEW[2], ASKS[3], NEW[3]]
 
 
+@pytest.fixture(scope="module")
+def plain_mixed(model: Path) -> list:
+    """Plain vLLM's answers to MIXED, once for every mode below."""
+    return generate(model, [MIXED], {})["results"]
+
+
 @pytest.mark.parametrize("mode", ["async", "sync", "async-multiprocess"])
-def test_eight_concurrent_requests_half_of_them_loading_from_disk(model, tmp_path, mode):
+def test_eight_concurrent_requests_half_of_them_loading_from_disk(model, plain_mixed, tmp_path, mode):
     extra = {"async_save": False, "async_load": False} if mode == "sync" else {"async_load": True}  # CPU default: off
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"} if mode.endswith("multiprocess") else {}
-    plain = generate(model, [MIXED], {})["results"]
+    plain = plain_mixed
     disk = tmp_path / "kv"
     generate(model, [DOCS], connector(disk, **extra), **env)  # stores the documents, then stops
     restarted = generate(model, [MIXED], connector(disk, **extra), **env)["results"]

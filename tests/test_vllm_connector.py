@@ -166,23 +166,6 @@ TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # one core per rank
 
 
-def test_tensor_parallel_ranks_store_and_load_their_own_shards(model, tmp_path):
-    """TP=2 on the real engine: each rank keeps its shard of every chunk in its own
-    directory; hits in the engine and after a restart, outputs as TP=2 without the connector."""
-    disk = tmp_path / "kv"
-    batches = [[ASK_A], [ASK_A, OTHER]]
-    plain = generate(model, batches, TP2, **TP2_ENV)
-    first = run(model, batches, {**connector(disk), **TP2}, **TP2_ENV)
-    assert cached_of(first["results"]) == [[0], [3 * CHUNK + 128, 0]]
-    assert tokens_of(first["results"]) == tokens_of(plain)
-    ranks = {rank: {p.name: p.read_bytes() for p in chunk_files(disk / f"rank{rank}")} for rank in (0, 1)}
-    assert len(ranks[0]) == 6 and set(ranks[0]) == set(ranks[1])  # the same chunks, one shard each
-    assert all(ranks[0][name] != ranks[1][name] for name in ranks[0])  # each rank's own heads
-    restarted = generate(model, batches[1:], {**connector(disk), **TP2}, **TP2_ENV)
-    assert cached_of(restarted) == [[3 * CHUNK + 128, 2 * CHUNK]]
-    assert tokens_of(restarted) == tokens_of(plain)[1:]
-
-
 def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model, tmp_path):
     """vLLM's own prefix cache holds b's first 7 blocks (a's document) after a, as far
     as our partial chunk of a reaches; after a restart ours loads only the 8th block,
