@@ -4,6 +4,7 @@ from it."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,24 +128,25 @@ class Geometry:
         would stay unwritten), or when a store's kept block is gone: null, not listed, or
         freed by vLLM once `computed` tokens were computed (it frees a group's blocks
         that no later token reads, at the start of the step)."""
-        base, parts = chunk * self.blocks_per_chunk, []
-        section = 0
+        base, parts, section = chunk * self.blocks_per_chunk, [], 0
         for index, group in enumerate(self.groups):
             table, kept = tables[index], group.kept_blocks(base + blocks, blocks)
-            first_kept = blocks - kept
+            first_kept = blocks - kept  # the chunk's kept blocks are its last `kept`
             if not load and kept and base + first_kept < group.skipped_tokens(computed) // group.block_size:
                 return None
-            run: list[int] = []
-            for p in range(lo, hi + 1):
-                block = table[base + p] if p < hi and base + p < len(table) else NULL_BLOCK
-                keeps = first_kept <= p < hi
-                if load and block != NULL_BLOCK and not keeps or not load and keeps and block == NULL_BLOCK:
-                    return None
-                if keeps and block != NULL_BLOCK:
-                    run.append(block)
-                elif run:
-                    parts.append(GroupPages(index, tuple(run), section, kept, p - len(run) - first_kept))
-                    run = []
+            ids = [table[base + p] if base + p < len(table) else NULL_BLOCK for p in range(lo, hi)]
+            unkept_real = any(b != NULL_BLOCK for p, b in enumerate(ids, start=lo) if p < first_kept)
+            kept_gone = any(b == NULL_BLOCK for p, b in enumerate(ids, start=lo) if p >= first_kept)
+            if unkept_real if load else kept_gone:
+                return None
+            start = max(lo, first_kept)  # the kept real blocks: runs between null ones
+            for is_real, run in itertools.groupby(
+                enumerate(ids[start - lo :], start=start), lambda pb: pb[1] != NULL_BLOCK
+            ):
+                pages = list(run)
+                if is_real:
+                    first = pages[0][0] - first_kept
+                    parts.append(GroupPages(index, tuple(b for _, b in pages), section, kept, first))
             section += group.num_layers * kept * group.page_bytes
         return tuple(parts)
 

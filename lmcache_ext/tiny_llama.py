@@ -41,7 +41,7 @@ def _corpus(seed: int, lines: int = 2000) -> list[str]:
     return [" ".join(rng.choices(words, k=rng.randint(5, 20))) + "." for _ in range(lines)]
 
 
-def _write_tokenizer(dest: Path, vocab: int, seed: int, max_positions: int) -> None:
+def write_tokenizer(dest: Path, vocab: int, seed: int, max_positions: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -88,7 +88,7 @@ def build_tiny_llama(
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(dest, vocab, seed, max_positions)
+    write_tokenizer(dest, vocab, seed, max_positions)
     tokenizer = AutoTokenizer.from_pretrained(dest)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -34,13 +34,14 @@ from connector_rig import (
     step_output,
 )
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.geometry import rank_root
-from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
+from lmcache_ext.geometry import Geometry, rank_root
+from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import geometry_from_vllm
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import chunk_keys
-from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING
+from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup
+from lmcache_ext.plans import SlotCopy, Source, TierTransfer
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
 
@@ -156,6 +157,31 @@ def test_a_worker_refuses_caches_that_do_not_match_the_config():
     wrong = make_layers("LBHNC", LAYERS + 1, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
     with pytest.raises(ValueError, match=r"got 3 layers of 2048-byte pages; the KV cache config says 2 layers"):
         w.register({f"l{i}": t for i, t in enumerate(wrong)})
+
+
+def test_a_hybrids_failed_background_load_is_reported_per_request_not_by_block(tmp_path):
+    """With several KV cache groups vLLM raises on block-level load errors: the worker
+    reports the request (failed_recving) and no block ids."""
+    groups = (
+        KVGroup(SLIDING, ("l0", "l2"), BLOCK, PAGE, window=BLOCK + 1),
+        KVGroup(FULL, ("l1", "l3"), BLOCK, PAGE),
+    )
+    g = Geometry.of_cache(
+        model="m", revision="", dtype="bfloat16", layout="LBHNC", block_size=BLOCK,
+        page_bytes=PAGE, num_layers=4, chunk_size=CHUNK, groups=groups,
+    )  # fmt: skip
+    w = WorkerSide(config(tmp_path), g, 0)
+    layers = make_layers("LBHNC", 2, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16)
+    w.register({"l0": layers[0], "l1": layers[0], "l2": layers[1], "l3": layers[1]})
+    tables = ([0, 0, 0, 5], [6, 7, 8, 9])
+    parts = g.group_pages(tables, 0, 4, 0, 4, load=True)
+    copy = SlotCopy(0, tuple(tables[0]), 4, 0, parts)
+    missing = LoadItem(1, b"k" * 16, copy, TierTransfer(Source.DISK, b"k" * 16, 0, g.chunk_bytes(4, 0)), Source.DISK)
+    w.load(StepPlan(async_loads=[AsyncLoad("a", (missing,))]))
+    w.drain()
+    assert w.take_failed_loads() == {"a"} and w.take_load_errors() == set()
+    assert w.get_finished(set()) == (None, {"a"})
+    w.close()
 
 
 def decode_step(

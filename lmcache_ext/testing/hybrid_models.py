@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmcache_ext.tiny_llama import SMALL, _write_tokenizer
+from lmcache_ext.tiny_llama import SMALL, write_tokenizer
 
 SHAPES = ("gpt-oss", "gemma3")
 
@@ -26,7 +26,7 @@ def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: floa
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(dest, SMALL.vocab, seed, SMALL.max_positions)
+    write_tokenizer(dest, SMALL.vocab, seed, SMALL.max_positions)
     tokenizer = AutoTokenizer.from_pretrained(dest)
     common: dict[str, Any] = dict(
         vocab_size=len(tokenizer),

@@ -162,7 +162,7 @@ class SchedulerSide:
         if state is None:
             return False
         req, plan = state.cached, self._planner.next_plan
-        # A hybrid model's last partial chunk may already have lost blocks to its window.
+        # (`state.computed`: a hybrid's partial chunk is skipped if its window blocks are gone)
         if self._config.save_unfull_chunk and self._config.save_decode_cache and state.tables:
             upto = min(state.computed, len(req.tokens))
             self._planner.store_partial(plan, req, state.tables, upto, state.computed)
