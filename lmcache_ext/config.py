@@ -438,10 +438,14 @@ class CacheConfig:
                 f"expected a chunk_size of whole blocks, e.g. {block_size * max(1, self.chunk_size // block_size)}"
             )
 
-    def required_kv_layout(self) -> str | None:
+    def required_kv_layout(self, *, mla: bool = False) -> str | None:
         """The KV layout to ask vLLM for: cross-layer blocks (BLNHC) where whole steps move
-        (cross_layer_blocks unset or true, use_layerwise off), else no preference."""
-        if self.use_layerwise or self.cross_layer_blocks is False:
+        (cross_layer_blocks unset or true, use_layerwise off), else no preference. Never
+        for an MLA model (`mla`): vLLM's MLA backends declare no layouts, yet several
+        (CPU_MLA, AMX_MLA, FlashInfer MLA, ROCm AITER MLA) view a layer's cache as one
+        contiguous tensor, which a cross-layer view is not; an MLA page (one latent
+        per token) is already a large piece to copy."""
+        if self.use_layerwise or self.cross_layer_blocks is False or mla:
             return None
         return CROSS_LAYER_LAYOUT
 

@@ -218,8 +218,9 @@ def fake_vllm(
         for i, spec in enumerate(specs)
     ]
     vllm_config = SimpleNamespace(
-        model_config=SimpleNamespace(model="m", revision=None),
+        model_config=SimpleNamespace(model="m", revision=None, use_mla=False),
         parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+        scheduler_config=SimpleNamespace(enable_chunked_prefill=True),
         cache_config=SimpleNamespace(),
         device_config=SimpleNamespace(device_type="cpu"),
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {}),

@@ -607,8 +607,9 @@ def test_config_file_that_is_not_yaml(tmp_path):
         load_config(environ=env)
 
 
-def test_the_layout_asked_of_vllm_is_cross_layer_unless_layerwise_or_turned_off():
+def test_the_layout_asked_of_vllm_is_cross_layer_unless_layerwise_turned_off_or_mla():
     assert load_config({}, environ=NO_ENV).required_kv_layout() == "BLNHC"
+    assert load_config({"cross_layer_blocks": True}, environ=NO_ENV).required_kv_layout(mla=True) is None
     assert load_config({"cross_layer_blocks": True}, environ=NO_ENV).required_kv_layout() == "BLNHC"
     assert load_config({"cross_layer_blocks": False}, environ=NO_ENV).required_kv_layout() is None
     assert load_config({"use_layerwise": True}, environ=NO_ENV).required_kv_layout() is None

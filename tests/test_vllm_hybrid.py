@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script
-from lmcache_ext.testing.hybrid_models import build_tiny_hybrid
+from lmcache_ext.testing.model_shapes import build_tiny_model
 from test_vllm_connector import CHUNK, TP2, TP2_ENV, cached_of, connector, tokens, tokens_of
 
 pytestmark = pytest.mark.vllm
@@ -54,7 +54,7 @@ def generate(model: Path, batches: list, kwargs: dict, **env: str) -> dict:
 
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_hybrid(tmp_path_factory.mktemp("gpt_oss"), "gpt-oss")
+    return build_tiny_model(tmp_path_factory.mktemp("gpt_oss"), "gpt-oss")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_gpt_oss_at_tp2_answers_as_plain_vllm_at_tp2(gpt_oss, tmp_path):
 def test_gemma3_hits_reach_back_across_a_chunk_into_its_window(tmp_path):
     """A 384-token window reads three blocks back: a hit at a chunk's end needs the
     previous chunk's last block too, which that chunk keeps."""
-    model = build_tiny_hybrid(tmp_path / "gemma3", "gemma3")
+    model = build_tiny_model(tmp_path / "gemma3", "gemma3")
     batches = [([DOC], 40), ([DOC], 40), ([GROWN], 40)]
     plain_run = generate(model, batches, {})
     ours = generate(model, batches, connector(tmp_path / "kv"))

