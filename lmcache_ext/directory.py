@@ -93,14 +93,19 @@ class CacheDirectory:
         """The longest of `partials` (partial chunks that follow `keys`, shortest first)
         that one load of every key of `keys` and that partial could pin now: its index
         and tier; None when there is none. `keys` must be loadable (`lookup` says so)."""
+        return self.lookup_last([(keys, partial) for partial in partials])
+
+    def lookup_last(self, candidates: Sequence[tuple[Sequence[Key], Key]]) -> tuple[int, TierName] | None:
+        """The last of `candidates` (each: the keys a load needs, then one more) whose
+        last key is held and that one load could pin now: its index and the last key's
+        tier; None when there is none."""
         with self._lock:
-            for i in range(len(partials) - 1, -1, -1):
-                entry = self._host.get(partials[i])
-                if (entry is None or not entry.ready) and (
-                    entry is not None or self._lower_source(partials[i]) is None
-                ):
+            for i in range(len(candidates) - 1, -1, -1):
+                keys, last = candidates[i]
+                entry = self._host.get(last)
+                if (entry is None or not entry.ready) and (entry is not None or self._lower_source(last) is None):
                     continue
-                found = self._loadable([*keys, partials[i]])
+                found = self._loadable([*keys, last])
                 if len(found) == len(keys) + 1:
                     return i, found[-1][1]
         return None

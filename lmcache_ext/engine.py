@@ -31,7 +31,7 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.geometry import NULL_BLOCK, Geometry
 from lmcache_ext.keys import Namespace
-from lmcache_ext.kv_groups import KVGroup
+from lmcache_ext.kv_groups import MAMBA, KVGroup
 from lmcache_ext.metrics import EngineStats
 from lmcache_ext.planner import CachedRequest, ChunkPlanner, Hit
 from lmcache_ext.plans import LoadItem, Plan, SlotCopy, Source, StepPlan, StoreItem, TierTransfer, WorkerReport
@@ -66,6 +66,12 @@ class CacheEngine:
         if groups:
             if not isinstance(kv_caches, Mapping):
                 raise ValueError("kv_caches is a sequence; with groups it must map each group's layer names to views")
+            mamba = [g.layer_names[0] for g in groups if g.kind == MAMBA]
+            if mamba:
+                raise ValueError(
+                    f"groups has Mamba-type groups (from {mamba[0]}): a CacheEngine keeps attention KV; "
+                    "Mamba-type state is cached through the vLLM connector, which vLLM tells where each state is"
+                )
             sizes = {g.block_size for g in groups}
             if sizes != {block_size}:
                 raise ValueError(f"the groups have block sizes {sorted(sizes)}; expected block_size = {block_size}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmcache_ext.keys import Namespace
-from lmcache_ext.kv_groups import KVGroup, layout_of
+from lmcache_ext.kv_groups import MAMBA, KVGroup, layout_of
 from lmcache_ext.plans import GroupPages, SlotCopy
 
 NULL_BLOCK = 0  # vLLM's null block: what a group's block table holds where nothing is read
@@ -23,7 +23,9 @@ class Geometry:
     """Chunks of `blocks_per_chunk` blocks of `num_layers` pages of `page_bytes` bytes;
     `tp_size` ranks execute each plan, each on its own shard. A hybrid model (`groups`:
     vLLM's KV cache groups, with HMA) keeps in each chunk, per group, a section of the
-    pages a hit ending at the chunk's end reads (`KVGroup.kept_blocks`), in group order."""
+    pages a hit ending at the chunk's end reads (`KVGroup.kept_blocks`), in group order;
+    its Mamba-type groups' state at a chunk's end is a record of its own, a section per
+    such group of one page per layer (`state_pages`)."""
 
     namespace: Namespace  # rank-independent: each rank keeps its shard in its own directory or record
     block_size: int
@@ -86,6 +88,34 @@ class Geometry:
         """True for a model whose chunks hold a section per KV cache group."""
         return bool(self.groups)
 
+    @property
+    def keeps_state(self) -> bool:
+        """True for a model with Mamba-type groups: a hit needs their state where it ends."""
+        return any(g.kind == MAMBA for g in self.groups)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of a state record: each Mamba-type layer's state."""
+        return sum(g.num_layers * g.page_bytes for g in self.groups if g.kind == MAMBA)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of a host slot: the largest chunk, or a state record."""
+        return max(self.chunk_bytes(self.blocks_per_chunk), self.state_bytes)
+
+    def state_pages(self, block_ids: dict[int, int]) -> tuple[GroupPages, ...] | None:
+        """A state record's pages: each Mamba-type group's state in block
+        `block_ids[group]`; None unless every such group has one."""
+        parts, section = [], 0
+        for index, group in enumerate(self.groups):
+            if group.kind != MAMBA:
+                continue
+            if block_ids.get(index, NULL_BLOCK) == NULL_BLOCK:
+                return None
+            parts.append(GroupPages(index, (block_ids[index],), section, 1))
+            section += group.num_layers * group.page_bytes
+        return tuple(parts)
+
     def chunk_bytes(self, blocks: int, chunk: int | None = None) -> int:
         """Bytes of chunk `chunk` when it holds `blocks` blocks (a partial chunk fewer than
         `blocks_per_chunk`); chunk None: the most any chunk of `blocks` blocks holds."""
@@ -130,6 +160,8 @@ class Geometry:
         that no later token reads, at the start of the step)."""
         base, parts, section = chunk * self.blocks_per_chunk, [], 0
         for index, group in enumerate(self.groups):
+            if group.kind == MAMBA:
+                continue  # its state is a record of its own
             table, kept = tables[index], group.kept_blocks(base + blocks, blocks)
             first_kept = blocks - kept  # the chunk's kept blocks are its last `kept`
             if not load and kept and base + first_kept < group.skipped_tokens(computed) // group.block_size:

@@ -14,6 +14,9 @@ byte makes its length differ from every full chunk's input (a multiple of 4
 bytes), and the input length differs between partial lengths, so a partial key
 never comes from the same bytes as a full or another partial chunk's key.
 
+The state that a Mamba-type layer keeps at a chunk's end is a record of its own, keyed
+``state_key(h_i) = xxh3_128(h_i || b"S")``: 17 bytes of input, shorter than any chunk's.
+
 What tokens alone do not say about a chunk (the images or prompt embeddings behind
 its placeholder tokens, say) enters its key as *extra* bytes: ``extra_of(begin,
 end)`` gives them for the chunk of tokens ``[begin, end)``, and the hashed input
@@ -59,6 +62,7 @@ _TOKEN_BYTES = 4
 _FINGERPRINT_DOMAIN = b"lmcache_ext.namespace.v1\n"
 _PARTIAL_TAG = b"P"
 _EXTRA_TAG = b"X"
+_STATE_TAG = b"S"
 _OPTIONAL_FIELDS = ("cache_namespace", "epoch", "kv_groups")
 _digest = xxhash.xxh3_128_digest
 
@@ -309,6 +313,13 @@ def partial_keys(
     data = _token_bytes(source, start, stop)
     step = block * _TOKEN_BYTES
     return [_partial_key(prev_key, data[:n], start, extra_of) for n in range(step, len(data) + 1, step)]
+
+
+def state_key(key: ChunkKey) -> ChunkKey:
+    """The key of the Mamba-type state at the end of the chunk `key` names."""
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise ValueError(f"key = {key!r}: expected a {KEY_BYTES}-byte chunk key")
+    return _digest(key + _STATE_TAG)
 
 
 def _extra_tail(extra_of: ExtraOf | None, begin: int, end: int) -> bytes:

@@ -26,6 +26,12 @@ prompt is computed, and a lookup hits, where the full chunks end, the longest st
 partial of the first missing chunk that the request extends (`keys.partial_keys`: one
 candidate per block length). A full chunk, or a longer partial, replaces the partials
 it extends in host memory (`CacheDirectory.discard`).
+
+Mamba-type state (a model with such KV cache groups, `Geometry.keeps_state`): vLLM
+keeps a state only where a step ended on a block, and names its block in that step;
+`store_states` stores it then, as a record of its own (`keys.state_key` of the chunk
+it ends). A hit ends only at a chunk whose state is loadable with every chunk before it,
+and its load writes that state into the block vLLM gave the hit's last block.
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.directory import CacheDirectory, Reserve, SlotAllocator
+from lmcache_ext.directory import CacheDirectory, PlannedLoad, Reserve, SlotAllocator
 from lmcache_ext.epoch import next_epoch, read_epoch
 from lmcache_ext.geometry import BlockTables, Geometry
-from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, UnkeyableRequest, chunk_keys, partial_keys
+from lmcache_ext.keys import ChunkKey, ExtraOf, Namespace, UnkeyableRequest, chunk_keys, partial_keys, state_key
 from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import (
     AsyncLoad,
@@ -95,6 +101,8 @@ class Hit:
     chunk_size: int
     tokens: int
     load_async: bool  # some of them come from a lower tier and background loads are on
+    state: ChunkKey | None = None  # the Mamba-type state at the hit's end (`Geometry.keeps_state`)
+    state_source: TierName = Source.HOST
 
     def by_source(self, num_tokens: int) -> dict[TierName, int]:
         """Tokens [start, start + num_tokens), by the tier that holds their chunk."""
@@ -213,6 +221,8 @@ class ChunkPlanner:
         keys = self.keys(req, len(req.tokens))
         first_missing = len(self._directory.lookup(keys))
         wanted = keys + self.partial_candidates(req, first_missing, limit)
+        if self._geometry.keeps_state:
+            wanted += [state_key(key) for key in keys]
         for holdings in self._holdings.values():
             holdings.answered(wanted)
 
@@ -252,6 +262,13 @@ class ChunkPlanner:
                 hit_keys = [*hit_keys, partials[partial[0]]]
                 tiers.append(partial[1])
                 ends.append((first + len(found)) * chunk + (partial[0] + 1) * self._geometry.block_size)
+        state: tuple[int, TierName] | None = None
+        if self._geometry.keeps_state:
+            taken = self._state_end(req, first, hit_keys, start, limit, wait)
+            if taken is None:
+                return None
+            hit_keys, tiers, ends = hit_keys[: taken[0]], tiers[: taken[0]], ends[: taken[0]]
+            state = taken if taken[0] else None
         end = min(ends[-1], limit) if ends else start
         if self._geometry.hybrid:  # a group's kept pages are those of a hit ending where its chunk ends
             end = max((e for e in ends if e <= limit), default=start)
@@ -260,7 +277,34 @@ class ChunkPlanner:
         sources = [req.held.get(key, tier) for key, tier in zip(hit_keys, tiers)]  # a fetched chunk: its tier's hit
         # A hybrid model's loads all run in the background: vLLM hears of a failed one only per request then.
         load_async = bool(tokens) and (lower and self._async_load or self._geometry.hybrid)
-        return Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async)
+        hit = Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async)
+        if state is not None:
+            hit = dataclasses.replace(hit, state=state_key(hit_keys[-1]), state_source=state[1])
+        return hit
+
+    def _state_end(
+        self, req: CachedRequest, first: int, keys: Sequence[ChunkKey], start: int, limit: int, wait: bool
+    ) -> tuple[int, TierName] | None:
+        """How many of `keys` (chunks `first`, `first + 1`, ..., loadable) a hit takes: the
+        most that end in (`start`, `limit`] at a chunk whose Mamba-type state one load
+        could pin with them, and that state's tier ((0, host) for none). None: ask
+        again (a tier's answer is out, a state is being filled, or one is fetched)."""
+        chunk = self._config.chunk_size
+        lengths = [n for n in range(1, len(keys) + 1) if start < (first + n) * chunk <= limit]
+        states = [state_key(keys[n - 1]) for n in lengths]
+        if not states:
+            return 0, Source.HOST
+        if not self._answered(states, wait) or (not wait and any(self._directory.filling(k) for k in states)):
+            return None
+        taken = self._directory.lookup_last([(keys[:n], key) for n, key in zip(lengths, states)])
+        longest = -1 if taken is None else taken[0]
+        for i in range(len(states) - 1, longest, -1):  # a longer state that a fetch-first tier holds
+            if any(h.contains(states[i]) for _, h in self._fetch_tiers):
+                fetched = self._fetch(req, 0, [states[i]], keys[: lengths[i]], 0, self._geometry.state_bytes)
+                if fetched:
+                    return None
+                break
+        return (0, Source.HOST) if taken is None else (lengths[taken[0]], taken[1])
 
     def _answered(self, keys: Sequence[ChunkKey], wait: bool) -> bool:
         """Whether every tier knows about `keys` now (with `wait`: after asking)."""
@@ -274,18 +318,24 @@ class ChunkPlanner:
         return answered
 
     def _fetch(
-        self, req: CachedRequest, chunk: int, keys: Sequence[ChunkKey], keep: Sequence[ChunkKey], blocks: int
+        self,
+        req: CachedRequest,
+        chunk: int,
+        keys: Sequence[ChunkKey],
+        keep: Sequence[ChunkKey],
+        blocks: int,
+        nbytes: int = 0,
     ) -> bool:
-        """Plan fetches of the leading `keys` (chunks `chunk`, `chunk + 1`, ...) that a
-        fetch-first tier holds into host slots (taken without evicting `keep`), held for
-        `req`; whether any was planned."""
+        """Plan fetches of the leading `keys` (chunks `chunk`, `chunk + 1`, ... of `blocks`
+        blocks, or records of `nbytes`) that a fetch-first tier holds into host slots
+        (taken without evicting `keep`), held for `req`; whether any was planned."""
         planned = False
         for c, key in enumerate(keys, start=chunk):
             tier = next((name for name, h in self._fetch_tiers if h.contains(key)), None)
             slot = self._directory.reserve_fill(key, keep) if tier is not None else None
             if tier is None or slot is None:
                 break
-            read = TierTransfer(tier, key, slot, self._geometry.chunk_bytes(blocks, c))
+            read = TierTransfer(tier, key, slot, nbytes or self._geometry.chunk_bytes(blocks, c))
             item_id = self._new_item(_Item(key, "fetch", tier=tier, request=req))
             self._next.fetches.append(FetchItem(item_id, read))
             req.held[key] = tier
@@ -332,19 +382,22 @@ class ChunkPlanner:
                 )
                 break
             copies.append((blocks, lo, hi, parts))
+        state = self._state_copy(req, hit, tables, end_block, len(copies))
         covered, items = first_block, []
-        loads = self._directory.reserve_loads(hit.keys[: len(copies)])
+        wanted = [*hit.keys[: len(copies)], *([hit.state] if state and hit.state else [])]
+        loads = self._directory.reserve_loads(wanted)
+        if state is not None and len(loads) == len(wanted):
+            last = loads.pop()
+            items.append(self._load_item(req, last, dataclasses.replace(state, slot=last.slot), g.state_bytes))
+        else:
+            state = None
         for c, (load, (blocks, lo, hi, parts)) in enumerate(zip(loads, copies), start=hit.first_chunk):
             base = c * g.blocks_per_chunk
             copy = SlotCopy(load.slot, tuple(tables[0][lo:hi]), blocks, lo - base, parts)
-            lower = load.source != Source.HOST
-            read = TierTransfer(load.source, load.key, load.slot, g.chunk_bytes(blocks, c)) if lower else None
-            if lower:
-                self._holdings[load.source].pin(load.key)
-            item = _Item(load.key, "load", tier=load.source if lower else None)
-            origin = req.held.get(load.key, load.source)  # a fetched chunk counts as its tier's hit
-            items.append(LoadItem(self._new_item(item), load.key, copy, read, origin))
+            items.append(self._load_item(req, load, copy, g.chunk_bytes(blocks, c)))
             covered = hi
+        if g.keeps_state and state is None:  # without its state no block of the hit is usable
+            covered = first_block
         failed = list(tables[0][covered:end_block])
         if failed:  # a file vanished behind our back since the lookup
             logger.info(
@@ -355,6 +408,37 @@ class ChunkPlanner:
         else:
             self._next.loads += items
             self._next.failed_blocks += failed
+
+    def _load_item(self, req: CachedRequest, load: PlannedLoad, copy: SlotCopy, nbytes: int) -> LoadItem:
+        """The load of `copy` from `load`'s slot (read first from its tier, unless host)."""
+        lower = load.source != Source.HOST
+        read = TierTransfer(load.source, load.key, load.slot, nbytes) if lower else None
+        if lower:
+            self._holdings[load.source].pin(load.key)
+        item = _Item(load.key, "load", tier=load.source if lower else None)
+        origin = req.held.get(load.key, load.source)  # a fetched chunk counts as its tier's hit
+        return LoadItem(self._new_item(item), load.key, copy, read, origin)
+
+    def _state_copy(
+        self, req: CachedRequest, hit: Hit, tables: BlockTables, end_block: int, chunks: int
+    ) -> SlotCopy | None:
+        """The copy of the hit's Mamba-type state into the blocks vLLM gave its last block,
+        when the load takes every chunk of the hit up to its end (slot filled in later)."""
+        if hit.state is None:
+            return None
+        if chunks < len(hit.keys) or end_block * self._geometry.block_size != hit.ends[-1]:
+            logger.warning(
+                "request %s: a hit without its state at its end cannot be used; it is recomputed", req.req_id
+            )
+            return None
+        blocks = {i: t[end_block - 1] for i, t in enumerate(tables) if len(t) >= end_block}
+        parts = self._geometry.state_pages(blocks)
+        if parts is None:
+            logger.warning(
+                "request %s: vLLM gave no block for the state at the hit's end; it is recomputed", req.req_id
+            )
+            return None
+        return SlotCopy(-1, (), 0, 0, parts)
 
     # -- stores --
 
@@ -390,7 +474,8 @@ class ChunkPlanner:
             req.stored += 1
             if slot is Reserve.PRESENT:
                 continue
-            self._store(plan, req, keys[c], SlotCopy(slot, tuple(tables[0][c * bpc : (c + 1) * bpc]), 0, 0, parts), c)
+            copy = SlotCopy(slot, tuple(tables[0][c * bpc : (c + 1) * bpc]), 0, 0, parts)
+            self._store(plan, req, keys[c], copy, g.chunk_bytes(bpc, c))
             if self._config.save_unfull_chunk:  # the full chunk replaces the partials it extends
                 self._directory.discard(self.partial_candidates(req, c, (c + 1) * self._config.chunk_size))
         if self._config.save_unfull_chunk and not req.prompt_partial and computed >= req.prompt_len:
@@ -419,12 +504,30 @@ class ChunkPlanner:
             return False
         if isinstance(slot, Reserve):
             return True
-        self._store(plan, req, partials[-1], SlotCopy(slot, tuple(ids), 0, 0, parts), c)
+        self._store(plan, req, partials[-1], SlotCopy(slot, tuple(ids), 0, 0, parts), g.chunk_bytes(blocks, c))
         self._directory.discard(partials[:-1])
         return True
 
-    def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, copy: SlotCopy, chunk: int) -> None:
-        nbytes = self._geometry.chunk_bytes(len(copy.block_ids), chunk)
+    def store_states(self, req: CachedRequest, states: dict[int, dict[int, int]], plan: StepPlan) -> None:
+        """Into `plan`, stores of the Mamba-type state that vLLM keeps at chunk ends, which
+        it handed over this step (`states`: tokens at the state's end -> group -> block
+        id; valid in this step only). A state with no free slot is not stored (a later
+        hit ends earlier)."""
+        chunk, g = self._config.chunk_size, self._geometry
+        limit = len(req.tokens) if self._config.save_decode_cache else req.prompt_len
+        for end, blocks in sorted(states.items()):
+            keys = self.keys(req, end) if end % chunk == 0 and end <= limit else []
+            parts = g.state_pages(blocks)
+            if len(keys) != end // chunk or not keys or parts is None:
+                continue
+            key = state_key(keys[-1])
+            if any(h.contains(key) for _, h in self._fetch_tiers):
+                continue
+            slot = self._directory.reserve_store(key)
+            if not isinstance(slot, Reserve):
+                self._store(plan, req, key, SlotCopy(slot, (), 0, 0, parts), g.state_bytes)
+
+    def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, copy: SlotCopy, nbytes: int) -> None:
         writes = tuple(name for name, h in self._holdings.items() if h.admit(key, nbytes))
         item = _Item(key, "store", writes=writes, writes_left=self._geometry.tp_size * len(writes), request=req)
         plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, copy, writes, nbytes))

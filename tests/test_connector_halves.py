@@ -3,6 +3,7 @@ stores, hits, partial and shared loads, TP ranks, failures. Fast and exact."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -37,10 +38,10 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry, rank_root
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import geometry_from_vllm
+from lmcache_ext.integration.vllm.shards import fit_to_groups, geometry_from_vllm
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import chunk_keys
-from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup
+from lmcache_ext.kv_groups import FULL, LOCAL, MAMBA, SLIDING, KVGroup
 from lmcache_ext.plans import SlotCopy, Source, TierTransfer
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 
@@ -237,6 +238,26 @@ def test_geometry_from_vllm_and_what_it_refuses():
         geometry_from_vllm(*fake_vllm([spec(48)], tp=2), config())
 
 
+def test_a_mamba_hybrid_fits_its_chunks_to_the_block_that_vllm_keeps_state_per():
+    from vllm.v1 import kv_cache_interface as spec
+
+    shapes = dict(shapes=((3, 768), (2, 128, 128)), dtypes=(torch.bfloat16, torch.float32), page_size_padded=196608)
+    mamba = spec.MambaSpec(block_size=384, mamba_cache_mode="align", **shapes)
+    full = spec.FullAttentionSpec(block_size=384, num_kv_heads=2, head_size=64, dtype=torch.bfloat16)
+    config = CacheConfig(chunk_size=256, max_local_cpu_size=0.001)
+    fitted, line = fit_to_groups(config, fake_vllm([mamba, full])[1])
+    assert (fitted.chunk_size, fitted.save_unfull_chunk) == (384, False)
+    assert line == (
+        "the model keeps Mamba-type state per 384-token block: chunk_size 256 -> 384, save_unfull_chunk off "
+        "(a hit ends where vLLM kept a state: at a chunk's end)"
+    )
+    g = geometry_from_vllm(*fake_vllm([mamba, full]), fitted)
+    assert g.keeps_state and g.groups[0] == KVGroup(MAMBA, ("l0", "l1"), 384, 135680)  # the state, not its padding
+    assert g.state_bytes == 2 * 135680 and g.blocks_per_chunk == 1 and g.namespace.kv_groups == "mamba135680Bx2+fullx2"
+    assert fit_to_groups(fitted, fake_vllm([mamba, full])[1]) == (fitted, None)
+    assert fit_to_groups(config, fake_vllm([full])[1]) == (config, None)
+
+
 def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():
     from vllm.v1 import kv_cache_interface as spec
 
@@ -258,9 +279,14 @@ def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():
     assert g is not None and g.groups[0].kind == LOCAL and g.groups[0].window == 512
     mamba = spec.MambaSpec(block_size=128, shapes=((4, 8), (2, 8, 8)), dtypes=(torch.float32, torch.float32))
     with pytest.raises(
-        ValueError, match=r"KV cache group 0 \(2 layers from l0\) has a MambaSpec: MambaSpec\(.*keeps full"
+        ValueError,
+        match=r"KV cache group 0 \(2 layers from l0\) has a MambaSpec: MambaSpec\(.*keeps full.*mamba_cache_mode "
+        r"is 'none': keep vLLM's prefix cache on",
     ):
         geometry_from_vllm(*fake_vllm([mamba, full]), config)
+    speculative = dataclasses.replace(mamba, mamba_cache_mode="align", num_speculative_blocks=1)
+    with pytest.raises(ValueError, match=r"has a MambaSpec: .* in vLLM's 'align' cache mode without speculative"):
+        geometry_from_vllm(*fake_vllm([speculative, full]), config)
     other = spec.FullAttentionSpec(block_size=64, **attn)
     with pytest.raises(ValueError, match=r"block sizes \[128, 64\]; lmcache_ext needs one block size"):
         geometry_from_vllm(*fake_vllm([full, other]), config)

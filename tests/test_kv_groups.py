@@ -1,7 +1,9 @@
 """Hybrid models' chunks: which blocks each KV cache group keeps (vLLM's own rule), the
 pages a store gathers and a load scatters per group, byte for byte through the executor
 on groups that share memory, and the planner's rules for hybrids (hits end where chunks
-end, loads run in the background, a chunk whose window blocks vLLM freed is not stored)."""
+end, loads run in the background, a chunk whose window blocks vLLM freed is not stored),
+and Mamba-type state: a record per state vLLM kept at a chunk's end, a hit ending only
+where one is stored, its load into the block vLLM gave the hit's last block."""
 
 from __future__ import annotations
 
@@ -15,15 +17,18 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.engine import CacheEngine
 from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.geometry import Geometry
-from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup, layout_of
+from lmcache_ext.keys import state_key
+from lmcache_ext.kv_groups import FULL, LOCAL, MAMBA, SLIDING, KVGroup, layout_of
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.planner import ChunkPlanner
-from lmcache_ext.plans import Plan, SlotCopy, StepPlan, WorkerReport
+from lmcache_ext.plans import GroupPages, Plan, SlotCopy, StepPlan, WorkerReport
 
 BS, PAGE, BLOCKS = 4, 64, 32  # tokens per block, bytes per page, blocks in the toy cache
 CHUNK = 2 * BS
 SLIDE = KVGroup(SLIDING, ("l0", "l2"), BS, PAGE, window=BS + 1)  # a hit reads one block back
 FULLG = KVGroup(FULL, ("l1", "l3"), BS, PAGE)
+STATE, PADDED = 48, 80  # a Mamba-type layer's state bytes, and its page in memory (vLLM pads it)
+MAMBAG = KVGroup(MAMBA, ("m0", "m2"), BS, STATE)
 
 
 def geometry(*groups: KVGroup) -> Geometry:
@@ -63,9 +68,11 @@ def test_a_chunk_keeps_the_blocks_that_vllm_keeps_real_after_a_hit_ending_there(
 
 
 def test_a_group_names_a_kind_and_a_window_that_fit():
-    with pytest.raises(ValueError, match=r"kind = 'mamba': expected one of full, sliding, local"):
-        KVGroup("mamba", ("a",), BS, PAGE)
-    with pytest.raises(ValueError, match=r"window = 0 for a sliding group: expected 0 for full, > 0 otherwise"):
+    with pytest.raises(ValueError, match=r"kind = 'ssm': expected one of full, sliding, local, mamba"):
+        KVGroup("ssm", ("a",), BS, PAGE)
+    with pytest.raises(ValueError, match=r"window = 4 for a mamba group: expected 0 for full and mamba"):
+        KVGroup(MAMBA, ("a",), BS, PAGE, 4)
+    with pytest.raises(ValueError, match=r"window = 0 for a sliding group: expected 0 for full and mamba, > 0"):
         KVGroup(SLIDING, ("a",), BS, PAGE)
     with pytest.raises(ValueError, match=r"window = 8 for a full group"):
         KVGroup(FULL, ("a",), BS, PAGE, 8)
@@ -225,3 +232,102 @@ def test_an_engine_takes_per_group_kv_and_a_fresh_one_loads_each_groups_pages_fr
         assert torch.equal(m[13:18], b[13:18])  # and nothing before it
     with pytest.raises(ValueError, match=r"the groups have block sizes \[4\]; expected block_size = 8"):
         CacheEngine(config, views, 8, groups=(SLIDE, FULLG))
+
+
+# -- Mamba-type state --
+
+
+def test_a_mamba_group_keeps_no_page_in_a_chunk_and_skips_what_vllm_skips():
+    managers = pytest.importorskip("vllm.v1.core.single_type_kv_cache_manager")
+    for computed in (1, 5, 8, 100):
+        assert MAMBAG.skipped_tokens(computed) == managers.MambaManager.get_num_skipped_tokens(None, computed)
+    assert MAMBAG.kept_blocks(6, 2) == 0 and MAMBAG.describe() == "mamba48Bx2"
+    g = geometry(MAMBAG, FULLG)
+    assert g.keeps_state and g.state_bytes == 2 * STATE and g.chunk_bytes(2) == 2 * 2 * PAGE
+    assert g.slot_bytes == 2 * 2 * PAGE and layout_of(g.groups) == "mamba48Bx2+fullx2"
+    assert g.state_pages({0: 9}) == (GroupPages(0, (9,), 0, 1),) and g.state_pages({1: 9}) is None
+
+
+def mamba_memory() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Views of two Mamba-type layers as vLLM lays them out (a padded page per block,
+    the state at its start) and of two full-attention layers; and the memory behind them."""
+    memory = {
+        name: torch.randint(0, 256, (BLOCKS, PADDED if name[0] == "m" else PAGE), dtype=torch.uint8)
+        for name in ("m0", "l1", "m2", "l3")
+    }
+    views = {name: m[:, :STATE] if name[0] == "m" else m for name, m in memory.items()}
+    return views, memory
+
+
+def test_a_mamba_hybrid_stores_the_state_vllm_hands_over_and_a_hit_ends_only_where_one_is_stored():
+    g = geometry(MAMBAG, FULLG)
+    p = planner(g)
+    tokens = list(range(100, 100 + 3 * CHUNK))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    # one step computed all three chunks: vLLM kept only the state at their end, in block 30
+    p.plan_stores(req, ([0, 0, 0, 0, 0, 30], [7, 8, 9, 10, 11, 12]), len(tokens), plan)
+    p.store_states(req, {3 * CHUNK: {0: 30}, 5 * BS: {0: 29}}, plan)  # 20 tokens: not a chunk's end
+    assert [item.nbytes for item in plan.stores] == [2 * 2 * PAGE] * 3 + [2 * STATE]
+    assert plan.stores[3].key == state_key(plan.stores[2].key)
+    assert plan.stores[3].copy.groups == (GroupPages(0, (30,), 0, 1),) and plan.stores[3].copy.block_ids == ()
+    stored(p, plan)
+    longer = tokens + [1, 2, 3]
+    assert p.find_hit(p.request("b", longer, len(longer)), 0, 3 * CHUNK - BS).tokens == 0  # no state at 16
+    hit = p.find_hit(p.request("c", longer, len(longer)), 0, 3 * CHUNK)
+    assert hit is not None and hit.tokens == 3 * CHUNK and hit.state == plan.stores[3].key and hit.load_async
+    p.plan_load(p.request("c", longer, len(longer)), hit, ([0, 0, 0, 0, 0, 40, 0], [41, 42, 43, 44, 45, 46, 47]), 24)
+    (load,) = p.take_plan().async_loads
+    assert load.failed_blocks == ()
+    assert [i.copy.groups[-1].block_ids for i in load.items] == [(40,), (41, 42), (43, 44), (45, 46)]
+
+
+def test_a_mamba_hit_without_a_block_for_its_state_is_recomputed_whole():
+    p = planner(geometry(MAMBAG, FULLG))
+    tokens = list(range(100, 100 + CHUNK))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    p.plan_stores(req, ([0, 30], [7, 8]), len(tokens), plan)
+    p.store_states(req, {CHUNK: {0: 30}}, plan)
+    stored(p, plan)
+    hit = p.find_hit(p.request("b", tokens + [5], CHUNK + 1), 0, CHUNK)
+    assert hit is not None and hit.tokens == CHUNK
+    p.plan_load(p.request("b", tokens + [5], CHUNK + 1), hit, ([0, 0, 50], [41, 42, 43]), CHUNK)
+    (load,) = p.take_plan().async_loads
+    assert load.failed_blocks == (0, 0)  # vLLM hears of a failed load of the request: it recomputes it
+
+
+def test_a_mamba_hybrids_chunks_and_state_round_trip_byte_exact_through_the_executor():
+    g = geometry(MAMBAG, FULLG)
+    views, memory = mamba_memory()
+    before = {name: m.clone() for name, m in memory.items()}
+    kv = ops.PagedGroups.from_groups(views, g.groups)
+    pool = HostSlotPool(g.slot_bytes, 8, pin="never")
+    executor = TransferExecutor(kv, pool, {})
+    p = planner(g)
+    tokens = list(range(100, 100 + 2 * CHUNK))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    p.plan_stores(req, ([0, 0, 0, 21], [1, 2, 3, 4]), len(tokens), plan)
+    p.store_states(req, {2 * CHUNK: {0: 21}}, plan)
+    assert all(executor.run(Plan(gathers=tuple(i.copy for i in plan.stores))).gathers)
+    stored(p, plan)
+    b = p.request("b", tokens + [9], len(tokens) + 1)
+    hit = p.find_hit(b, 0, 2 * CHUNK)
+    p.plan_load(b, hit, ([0, 0, 0, 22], [5, 6, 7, 8]), hit.tokens)
+    (load,) = p.take_plan().async_loads
+    assert all(executor.run(Plan(scatters=tuple(i.copy for i in load.items))).scatters)
+    others = [b for b in range(BLOCKS) if b != 22]
+    for name in ("m0", "m2"):
+        assert torch.equal(memory[name][22, :STATE], before[name][21, :STATE])  # the state at the hit's end
+        assert torch.equal(memory[name][22, STATE:], before[name][22, STATE:])  # not the padding
+        assert torch.equal(memory[name][others], before[name][others])
+    for name in ("l1", "l3"):
+        assert torch.equal(memory[name][5:9], before[name][1:5])
+    executor.close()
+
+
+def test_an_engine_refuses_mamba_type_groups(tmp_path):
+    config = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001)
+    with pytest.raises(ValueError, match=r"groups has Mamba-type groups \(from m0\): a CacheEngine keeps attention"):
+        CacheEngine(config, mamba_memory()[0], BS, groups=(MAMBAG, FULLG))

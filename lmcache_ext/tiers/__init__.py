@@ -221,7 +221,7 @@ def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage
     setup = TierSetup(config, geometry, geometry.namespace.fingerprint, rank)
     kinds = configured_tiers(config)
     return Storage(
-        HostSlotPool.for_config(config, geometry.chunk_bytes(geometry.blocks_per_chunk)),
+        HostSlotPool.for_config(config, geometry.slot_bytes),
         {kind.name: kind.open_io(setup) for kind in kinds},
         max([kind.read_threads(config) for kind in kinds], default=1),
     )

@@ -41,7 +41,7 @@ from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
-from lmcache_ext.integration.vllm.shards import geometry_from_vllm, idle_reason, uses_mla
+from lmcache_ext.integration.vllm.shards import fit_to_groups, geometry_from_vllm, idle_reason, uses_mla
 from lmcache_ext.integration.vllm.stats import LMCacheConnectorStats, LMCachePromMetrics
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.memory import HostSlotPool
@@ -68,7 +68,7 @@ def share_vllm_log() -> None:
 
 def startup_line(config: CacheConfig, geometry: Geometry) -> str:
     """What the connector is set up to do, in one line of vLLM's log."""
-    slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
+    slot_bytes = geometry.slot_bytes
     num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
     loads = "in the background" if config.loads_async(geometry.device_type) else "before the forward"
     return (
@@ -109,6 +109,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
         check_vllm_version()
         self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
         idle = idle_reason(vllm_config, kv_cache_config)
+        fitted = None
+        if not idle:
+            self._config, fitted = fit_to_groups(self._config, kv_cache_config)
         geometry = None if idle else geometry_from_vllm(vllm_config, kv_cache_config, self._config)
         self._scheduler: SchedulerSide | IdleSide | None = None
         self._lookups = Recorder()  # lookups, counted when vLLM admits the request
@@ -116,6 +119,8 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
         self._worker: WorkerSide | IdleSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self._config, geometry) if geometry else IdleSide()
+            if fitted:
+                logger.info("lmcache_ext: %s", fitted)
             if geometry is not None:
                 logger.info("%s", startup_line(self._config, geometry))
         elif geometry is not None:

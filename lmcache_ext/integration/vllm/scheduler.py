@@ -55,7 +55,7 @@ class SchedulerSide:
     def __init__(self, config: CacheConfig, geometry: Geometry) -> None:
         self._config = config
         self._geometry = geometry
-        slot_bytes = geometry.chunk_bytes(geometry.blocks_per_chunk)
+        slot_bytes = geometry.slot_bytes
         num_slots = HostSlotPool.slots_for_config(config, slot_bytes)
         self._slots = _C.HostSlotPool(1, num_slots, pin="never")  # the same slot ids, no bytes
         self._planner = ChunkPlanner(config, geometry, self._slots, open_holdings(config, geometry), new_plan=StepPlan)
@@ -124,8 +124,24 @@ class SchedulerSide:
                 for table, ids in zip(state.tables, new_blocks):
                     table.extend(ids)
             self._plan_stores(state, cached.num_computed_tokens[i], scheduled.get(req_id, 0), plan)
+        if self._geometry.keeps_state:
+            self._store_states(scheduler_output, plan)
         self._planner.add_evictions(plan)
         return plan
+
+    def _store_states(self, scheduler_output: Any, plan: StepPlan) -> None:
+        """Stores of the Mamba-type states vLLM kept this step ("align" mode): it names
+        each one's block only in the step that fills it (its block table alone cannot
+        say which block holds which state), and the block may be reused after it."""
+        block_state = getattr(scheduler_output, "kv_connector_block_state", None)
+        for req_id, handed in (block_state.boundary_state_offloads if block_state else {}).items():
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            states: dict[int, dict[int, int]] = {}
+            for group, block_id, end in handed:
+                states.setdefault(end, {})[group] = block_id
+            self._planner.store_states(state.cached, states, plan)
 
     def _plan_stores(self, state: _Request, computed_before: int, scheduled: int, plan: StepPlan) -> None:
         state.computed = computed_before + scheduled
@@ -181,7 +197,7 @@ class SchedulerSide:
         used = self._slots.num_slots - self._slots.num_free
         if used != self._host_used:
             self._host_used = used
-            rank_bytes = self._geometry.chunk_bytes(self._geometry.blocks_per_chunk) * self._geometry.tp_size
+            rank_bytes = self._geometry.slot_bytes * self._geometry.tp_size
             self._planner.metrics.usage("host", used * rank_bytes, self._slots.num_slots * rank_bytes)
         return self._planner.metrics.take()
 

