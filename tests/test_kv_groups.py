@@ -27,6 +27,14 @@ BS, PAGE, BLOCKS = 4, 64, 32  # tokens per block, bytes per page, blocks in the 
 CHUNK = 2 * BS
 SLIDE = KVGroup(SLIDING, ("l0", "l2"), BS, PAGE, window=BS + 1)  # a hit reads one block back
 FULLG = KVGroup(FULL, ("l1", "l3"), BS, PAGE)
+# The copies on the CPU twin, and on the CUDA kernels (a `gpu` test: benchmarks/gpu_check.sh)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.cuda_available(), reason="needs a CUDA device and build")],
+    ),
+]
 STATE, PADDED = 48, 80  # a Mamba-type layer's state bytes, and its page in memory (vLLM pads it)
 MAMBAG = KVGroup(MAMBA, ("m0", "m2"), BS, STATE)
 
@@ -124,12 +132,13 @@ def test_a_load_skips_null_blocks_and_refuses_a_real_block_the_chunk_does_not_ke
     assert g.group_pages(([0, 0, 10, 11], [12, 13, 14, 15]), 1, 2, 0, 2, load=True) is None
 
 
-def test_pages_of_groups_sharing_memory_round_trip_through_the_executor():
+@pytest.mark.parametrize("device", DEVICES)
+def test_pages_of_groups_sharing_memory_round_trip_through_the_executor(device):
     g = geometry(SLIDE, FULLG)
-    memory = [torch.randint(0, 256, (BLOCKS, PAGE), dtype=torch.uint8) for _ in range(2)]
+    memory = [torch.randint(0, 256, (BLOCKS, PAGE), dtype=torch.uint8, device=device) for _ in range(2)]
     kv = ops.PagedGroups(tuple(ops.PagedLayers.from_tensors(memory) for _ in g.groups))  # one memory, two tables
     before = [m.clone() for m in memory]
-    pool = HostSlotPool(g.chunk_bytes(2), 4, pin="never")
+    pool = HostSlotPool(g.chunk_bytes(2), 4, pin="never" if device == "cpu" else "always")
     executor = TransferExecutor(kv, pool, {})
     tables = ([1, 2, 3, 4], [5, 6, 7, 8])
     stores = [
@@ -142,6 +151,7 @@ def test_pages_of_groups_sharing_memory_round_trip_through_the_executor():
         SlotCopy(c, tuple(hit[0][2 * c : 2 * c + 2]), 2, 0, g.group_pages(hit, c, 2, 0, 2, load=True)) for c in (0, 1)
     ]
     assert all(executor.run(Plan(scatters=tuple(loads))).scatters)
+    synchronize(device)
     for layer in range(2):
         assert torch.equal(memory[layer][20], before[layer][4])  # the sliding group's last block
         assert torch.equal(memory[layer][21:25], before[layer][5:9])  # the full group's four
@@ -151,10 +161,17 @@ def test_pages_of_groups_sharing_memory_round_trip_through_the_executor():
     assert [kv.layer(i) for i in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # layerwise copies: group order
     pool.view(1).zero_()
     executor.copy_layer("gather", stores[1:], 2)  # the full group's first layer only
+    synchronize(device)
     slot = pool.view(1)
-    assert torch.equal(slot[2 * PAGE : 4 * PAGE], before[0][7:9].reshape(-1))
+    assert torch.equal(slot[2 * PAGE : 4 * PAGE], before[0][7:9].reshape(-1).cpu())
     assert not slot[: 2 * PAGE].any() and not slot[4 * PAGE :].any()
     executor.close()
+
+
+def synchronize(device: str) -> None:
+    """Wait for the executor's copies (on a CUDA cache they run on its stream)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # -- the planner's rules for hybrids --
@@ -248,11 +265,11 @@ def test_a_mamba_group_keeps_no_page_in_a_chunk_and_skips_what_vllm_skips():
     assert g.state_pages({0: 9}) == (GroupPages(0, (9,), 0, 1),) and g.state_pages({1: 9}) is None
 
 
-def mamba_memory() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def mamba_memory(device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Views of two Mamba-type layers as vLLM lays them out (a padded page per block,
     the state at its start) and of two full-attention layers; and the memory behind them."""
     memory = {
-        name: torch.randint(0, 256, (BLOCKS, PADDED if name[0] == "m" else PAGE), dtype=torch.uint8)
+        name: torch.randint(0, 256, (BLOCKS, PADDED if name[0] == "m" else PAGE), dtype=torch.uint8, device=device)
         for name in ("m0", "l1", "m2", "l3")
     }
     views = {name: m[:, :STATE] if name[0] == "m" else m for name, m in memory.items()}
@@ -297,12 +314,13 @@ def test_a_mamba_hit_without_a_block_for_its_state_is_recomputed_whole():
     assert load.failed_blocks == (0, 0)  # vLLM hears of a failed load of the request: it recomputes it
 
 
-def test_a_mamba_hybrids_chunks_and_state_round_trip_byte_exact_through_the_executor():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_mamba_hybrids_chunks_and_state_round_trip_byte_exact_through_the_executor(device):
     g = geometry(MAMBAG, FULLG)
-    views, memory = mamba_memory()
+    views, memory = mamba_memory(device)
     before = {name: m.clone() for name, m in memory.items()}
     kv = ops.PagedGroups.from_groups(views, g.groups)
-    pool = HostSlotPool(g.slot_bytes, 8, pin="never")
+    pool = HostSlotPool(g.slot_bytes, 8, pin="never" if device == "cpu" else "always")
     executor = TransferExecutor(kv, pool, {})
     p = planner(g)
     tokens = list(range(100, 100 + 2 * CHUNK))
@@ -311,12 +329,14 @@ def test_a_mamba_hybrids_chunks_and_state_round_trip_byte_exact_through_the_exec
     p.plan_stores(req, ([0, 0, 0, 21], [1, 2, 3, 4]), len(tokens), plan)
     p.store_states(req, {2 * CHUNK: {0: 21}}, plan)
     assert all(executor.run(Plan(gathers=tuple(i.copy for i in plan.stores))).gathers)
+    synchronize(device)
     stored(p, plan)
     b = p.request("b", tokens + [9], len(tokens) + 1)
     hit = p.find_hit(b, 0, 2 * CHUNK)
     p.plan_load(b, hit, ([0, 0, 0, 22], [5, 6, 7, 8]), hit.tokens)
     (load,) = p.take_plan().async_loads
     assert all(executor.run(Plan(scatters=tuple(i.copy for i in load.items))).scatters)
+    synchronize(device)
     others = [b for b in range(BLOCKS) if b != 22]
     for name in ("m0", "m2"):
         assert torch.equal(memory[name][22, :STATE], before[name][21, :STATE])  # the state at the hit's end

@@ -36,9 +36,10 @@ for metric in llm.get_metrics():
         by_source[metric.labels["source"]] = by_source.get(metric.labels["source"], 0) + metric.value
     if metric.name == "vllm:num_preemptions":
         preemptions += metric.value
-hma = not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+vllm_config = llm.llm_engine.vllm_config
+hma, block_size = not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager, vllm_config.cache_config.block_size
 del llm
-return {{"results": results, "by_source": by_source, "preemptions": preemptions, "hma": hma}}
+return {{"results": results, "by_source": by_source, "preemptions": preemptions, "hma": hma, "block_size": block_size}}
 """
 
 DOC = tokens(1000, seed=40)  # 3 full chunks and a partial one of a block
