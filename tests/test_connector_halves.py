@@ -256,6 +256,10 @@ def test_a_mamba_hybrid_fits_its_chunks_to_the_block_that_vllm_keeps_state_per()
     assert g.state_bytes == 2 * 135680 and g.blocks_per_chunk == 1 and g.namespace.kv_groups == "mamba135680Bx2+fullx2"
     assert fit_to_groups(fitted, fake_vllm([mamba, full])[1]) == (fitted, None)
     assert fit_to_groups(config, fake_vllm([full])[1]) == (config, None)
+    larger, _ = fit_to_groups(dataclasses.replace(config, chunk_size=1536), fake_vllm([mamba, full])[1])
+    assert larger.chunk_size == 384  # a hit may end at every block that vLLM keeps a state in
+    checkpointed = dataclasses.replace(mamba, num_prefill_checkpoint_blocks=1, prefill_checkpoint_alignment=1)
+    assert geometry_from_vllm(*fake_vllm([checkpointed, full]), fitted).keeps_state  # as vLLM 0.32's Mamba2 mixer
 
 
 def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():

@@ -46,21 +46,21 @@ def uses_mla(vllm_config: Any) -> bool:
 
 def fit_to_groups(config: CacheConfig, kv_cache_config: Any) -> tuple[CacheConfig, str | None]:
     """`config` as a model with Mamba-type groups needs it, and a line saying what
-    changed (None: nothing). vLLM keeps their state only at block boundaries of its
-    choosing (it unifies page sizes, so the block may be 640 tokens), so a chunk must
-    end on one: chunk_size rounds up to whole blocks. A partial chunk would need the
-    state at its own end, which vLLM keeps only where a step ended on a block, so
-    save_unfull_chunk is off."""
+    changed (None: nothing). vLLM keeps their state only at block boundaries (where a
+    step ends on one, or at a Mamba2 prefill checkpoint), and a hit ends only where a
+    state is stored, so a chunk is one block: then a hit ends wherever vLLM's own prefix
+    cache could end one (vLLM unifies page sizes, so the block is often 384 or 640
+    tokens). A partial chunk would need a state at its own end, which vLLM does not keep,
+    so save_unfull_chunk is off."""
     specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
     if not any(type(spec).__name__ in _MAMBA_SPECS for spec in specs):
         return config, None
-    block = specs[0].block_size
-    chunk = -(-config.chunk_size // block) * block
+    chunk = specs[0].block_size
     fitted = dataclasses.replace(config, chunk_size=chunk, save_unfull_chunk=False)
     if (chunk, False) == (config.chunk_size, config.save_unfull_chunk):
         return config, None
     return fitted, (
-        f"the model keeps Mamba-type state per {block}-token block: chunk_size {config.chunk_size} -> {chunk}, "
+        f"the model keeps Mamba-type state per {chunk}-token block: chunk_size {config.chunk_size} -> {chunk}, "
         "save_unfull_chunk off (a hit ends where vLLM kept a state: at a chunk's end)"
     )
 
@@ -127,7 +127,7 @@ def _group(index: int, group: Any) -> KVGroup:
                 f"{refuse}; its mamba_cache_mode is {spec.mamba_cache_mode!r}: keep vLLM's prefix cache on "
                 "(enable_prefix_caching) or set mamba_cache_mode='align', so that vLLM keeps a state per block"
             )
-        if spec.num_speculative_blocks or getattr(spec, "num_prefill_checkpoint_blocks", 0):
+        if spec.num_speculative_blocks:  # their states move between blocks as drafts are accepted
             raise ValueError(refuse)
         return KVGroup(MAMBA, names, spec.block_size, getattr(spec, "real_page_size_bytes", spec.page_size_bytes))
     raise ValueError(refuse)
