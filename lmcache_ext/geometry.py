@@ -35,6 +35,7 @@ class Geometry:
     tp_size: int
     device_type: str = "cuda"  # where the KV is computed: "cuda", "cpu", ...
     groups: tuple[KVGroup, ...] = ()  # a hybrid model's groups; () for one full-attention group
+    replicated: bool = False  # every rank holds the same KV (MLA): rank 0's records serve them all
 
     @classmethod
     def of_cache(
@@ -53,11 +54,14 @@ class Geometry:
         ranks: int | None = None,
         device_type: str = "cuda",
         groups: tuple[KVGroup, ...] = (),
+        replicated: bool = False,
     ) -> Geometry:
         """The geometry of a cache of `num_layers` layers of `page_bytes`-byte pages for
         `model`; `ranks` execute its plans (default `tp_size`; a `CacheEngine` is one
         rank of its tensor-parallel group, and its keys name that rank). `groups`: a
-        hybrid model's KV cache groups; their layout enters the namespace."""
+        hybrid model's KV cache groups; their layout enters the namespace. `replicated`:
+        every rank holds the same KV (MLA's latent is not split across ranks), so the TP
+        size leaves the namespace and an engine at any TP size reads the same chunks."""
         hybrid = groups if layout_of(groups) else ()
         namespace = Namespace(
             model=model,
@@ -67,7 +71,7 @@ class Geometry:
             block_size=block_size,
             page_bytes=page_bytes,
             num_layers=num_layers,
-            tp_size=tp_size,
+            tp_size=1 if replicated else tp_size,
             tp_rank=tp_rank,
             chunk_size=chunk_size,
             kv_groups=layout_of(groups),
@@ -81,7 +85,13 @@ class Geometry:
             tp_size if ranks is None else ranks,
             device_type,
             hybrid,
+            replicated,
         )
+
+    @property
+    def writers(self) -> int:
+        """Ranks whose records the lower tiers keep: rank 0 alone for a replicated cache."""
+        return 1 if self.replicated else self.tp_size
 
     @property
     def hybrid(self) -> bool:

@@ -29,7 +29,8 @@ PAGE = HEADS * BLOCK * WIDTH * 2
 LAYER_NAMES = [f"layer.{i}" for i in range(LAYERS)]
 
 
-def geometry(tp_size: int = 1) -> Geometry:
+def geometry(tp_size: int = 1, replicated: bool = False) -> Geometry:
+    """`replicated`: every rank holds the same KV (MLA), so the TP size leaves the namespace."""
     ns = Namespace(
         model="m",
         revision="",
@@ -38,11 +39,11 @@ def geometry(tp_size: int = 1) -> Geometry:
         block_size=BLOCK,
         page_bytes=PAGE,
         num_layers=LAYERS,
-        tp_size=tp_size,
+        tp_size=1 if replicated else tp_size,
         tp_rank=0,
         chunk_size=CHUNK,
     )
-    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size)
+    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size, replicated=replicated)
 
 
 def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
@@ -51,14 +52,19 @@ def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
 
 
 class Rig:
-    """A scheduler half and `tp` worker halves, each worker with its own random cache."""
+    """A scheduler half and `tp` worker halves, each worker with its own random cache
+    (`replicated`: the same on every rank, as an MLA cache is)."""
 
-    def __init__(self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, **kw: object) -> None:
-        self.scheduler = SchedulerSide(config(tmp_path, **kw), geometry(tp))
+    def __init__(
+        self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, replicated: bool = False, **kw: object
+    ) -> None:
+        g = geometry(tp, replicated)
+        self.scheduler = SchedulerSide(config(tmp_path, **kw), g)
         self.caches = [
-            make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r) for r in range(tp)
+            make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + (not replicated) * r)
+            for r in range(tp)
         ]
-        self.workers = [WorkerSide(config(tmp_path, **kw), geometry(tp), r) for r in range(tp)]
+        self.workers = [WorkerSide(config(tmp_path, **kw), g, r) for r in range(tp)]
         for w, cache in zip(self.workers, self.caches):
             w.register(dict(zip(LAYER_NAMES, cache)))
 

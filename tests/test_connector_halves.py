@@ -4,6 +4,7 @@ stores, hits, partial and shared loads, TP ranks, failures. Fast and exact."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -140,6 +141,35 @@ def test_tp_ranks_store_their_own_shards_and_a_chunk_waits_for_every_rank(tmp_pa
     assert (
         rank_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
     ).exists()  # each rank's shard in its own directory
+
+
+def chunk_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and len(p.name) == 32] if root.exists() else []
+
+
+def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_size_reads(tmp_path):
+    """MLA: every rank holds the same latent, so rank 0 alone writes and the TP size
+    leaves the namespace."""
+    assert geometry(2, replicated=True).namespace == geometry(1, replicated=True).namespace
+    assert geometry(2, replicated=True).namespace != geometry(2).namespace
+    rig = Rig(tmp_path, tp=2, replicated=True)
+    tokens = prompt(2 * CHUNK + 1, seed=6)
+    rig.step([(request("a", tokens), list(range(9)), 0)])
+    rig.flush()
+    assert hit(rig.scheduler, request("b", tokens), 0) == 2 * CHUNK  # every rank reported: a host hit
+    for w in rig.workers:
+        w.close()
+    assert len(chunk_files(rank_root(tmp_path / "kv", 0))) == 2 and not chunk_files(rank_root(tmp_path / "kv", 1))
+    for tp in (1, 2):  # a fresh engine at either TP size: every rank reads rank 0's files
+        fresh = Rig(tmp_path, tp=tp, replicated=True, seed=30 + tp)
+        c = request("c", tokens)
+        plan = fresh.step([(c, list(range(10, 19)), 0)])
+        assert c.external == 2 * CHUNK and len(reads_of(plan)) == 2 and fresh.recved == {"c"}
+        for cache in fresh.caches:
+            assert same_pages(cache, list(range(10, 18)), rig.caches[0], list(range(8)))
+        assert not chunk_files(rank_root(tmp_path / "kv", 1))  # rank 1 neither rewrote nor deleted anything
+        for w in fresh.workers:
+            w.close()
 
 
 def test_report_aggregation_sums_ranks():

@@ -1,7 +1,7 @@
 """The connector's halves with a remote tier on a real server: a lookup answers None while
 its probe is out and while the chunks are fetched into host slots, then promises host
 hits of what another instance stored, and loads them byte for byte; under TP every
-rank's shard must be there; a record deleted between the probe and the fetch is a
+rank's shard must be there (a replicated cache's one record serves every rank at any TP size); a record deleted between the probe and the fetch is a
 miss, never a failed load, and is not promised later."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from connector_rig import CHUNK, Rig, hit, loads_of, prompt, reads_of, request, 
 from lmcache_ext.plans import Source
 
 
-def stored_remotely(url: str, tokens: list[int], tp: int = 1) -> Rig:
-    writer = Rig(tp=tp, remote_url=url)
+def stored_remotely(url: str, tokens: list[int], tp: int = 1, replicated: bool = False) -> Rig:
+    writer = Rig(tp=tp, replicated=replicated, remote_url=url)
     plan = writer.step([(request("writer", tokens), list(range(len(tokens) // 16 + 1)), 0)])
     assert {item.writes for item in plan.stores} == {(Source.REMOTE,)}
     writer.flush()
@@ -69,6 +69,20 @@ def test_under_tp_every_rank_shard_must_be_in_the_store(redis):
     redis.cli("DEL", manifests[1])
     other = Rig(tp=2, seed=30, remote_url=redis.url)
     assert other.matched(request("b", tokens)) == 0
+
+
+def test_a_replicated_cache_at_tp2_writes_one_record_that_an_engine_at_tp1_or_tp2_loads(redis):
+    tokens = prompt(CHUNK + 1, seed=6)
+    writer = stored_remotely(redis.url, tokens, tp=2, replicated=True)
+    manifests = [k for k in redis.cli("KEYS", "*").split() if k.endswith("}")]
+    assert [m.split(":")[-2] for m in manifests] == ["0"]  # MLA: rank 0's record serves every rank
+    for tp in (1, 2):
+        reader = Rig(tp=tp, seed=60 + tp, replicated=True, remote_url=redis.url)
+        a = request(f"a{tp}", tokens)
+        assert reader.matched(a) == CHUNK
+        reader.step([(a, list(range(30, 35)), 0)])
+        for cache in reader.caches:
+            assert same_pages(cache, list(range(30, 34)), writer.caches[0], list(range(4)))
 
 
 def test_a_record_deleted_between_the_probe_and_the_fetch_is_a_miss_not_a_failed_load(redis):

@@ -116,17 +116,55 @@ class TierHoldings(abc.ABC):
 class TierSetup:
     """What a tier is opened with: the config, the cache's geometry, the fingerprint its
     records carry (16 bytes: the cache that writes them), and the rank whose shards a
-    `TierIO` reads and writes."""
+    `TierIO` reads and writes (with `reads_only`, reads: a replica of rank 0's)."""
 
     config: CacheConfig
     geometry: Geometry
     namespace: bytes
     rank: int = 0
-    ranks: Sequence[int] = ()  # whose records a `TierHoldings` sees (default: every rank of the geometry)
+    ranks: Sequence[int] = ()  # whose records a `TierHoldings` sees (default: every writer of the geometry)
+    reads_only: bool = False
 
     @property
     def holders(self) -> Sequence[int]:
-        return self.ranks or range(self.geometry.tp_size)
+        return self.ranks or range(self.geometry.writers)
+
+
+class ReplicaIO:
+    """A replicated cache's rank other than 0 (MLA: every rank holds the same KV): it
+    reads rank 0's records and writes, deletes and clears nothing, reporting each write
+    done, so one record per chunk serves every rank. Its usage is rank 0's. A tier
+    opened `reads_only` returns one: around its own I/O for rank 0, or a subclass that
+    reads without it (`tiers.disk.DiskReader`)."""
+
+    def __init__(self, reader: TierIO | None = None) -> None:
+        self._reader = reader
+
+    def read_into(self, key: bytes, out: Any) -> bool:
+        return self._reader is not None and self._reader.read_into(key, out)
+
+    def submit_write(self, key: bytes, payload: Any, on_done: Callable[[bool], None] | None = None) -> Future[bool]:
+        done: Future[bool] = Future()
+        done.set_result(True)
+        if on_done is not None:
+            on_done(True)
+        return done
+
+    def remove(self, key: bytes) -> bool:
+        return False
+
+    def clear(self) -> int:
+        return 0
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -217,8 +255,10 @@ def record_tier_stats(
 
 def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage:
     """The host pool that `config` asks for, with slots of one chunk, and the I/O of
-    every configured lower tier for TP rank `rank`."""
-    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, rank)
+    every configured lower tier for TP rank `rank` (of a replicated cache: rank 0's
+    records, read only, on every other rank: `ReplicaIO`)."""
+    replica = geometry.replicated and rank != 0
+    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, 0 if replica else rank, reads_only=replica)
     kinds = configured_tiers(config)
     return Storage(
         HostSlotPool.for_config(config, geometry.slot_bytes),
@@ -235,6 +275,7 @@ def open_holdings(config: CacheConfig, geometry: Geometry, ranks: Sequence[int] 
 
 
 __all__ = [
+    "ReplicaIO",
     "Storage",
     "TierHoldings",
     "TierIO",

@@ -70,7 +70,7 @@ from lmcache_ext.about import format_bytes
 from lmcache_ext.geometry import rank_root
 from lmcache_ext.keys import KEY_BYTES
 from lmcache_ext.plans import Source
-from lmcache_ext.tiers import TierHoldings, TierKind, TierSetup
+from lmcache_ext.tiers import ReplicaIO, TierHoldings, TierIO, TierKind, TierSetup
 from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
 from lmcache_ext.tiers.record import (
@@ -653,12 +653,40 @@ def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryv
     check_payload(out, header)
 
 
-def _open_io(setup: TierSetup) -> DiskTier:
+class DiskReader(ReplicaIO):
+    """Reads the chunk files another process's `DiskTier` owns (a replicated cache's
+    ranks read rank 0's): no index, no lock on the root, no writes; the planner's ledger
+    says what is there, and the owner deletes a file that fails a check."""
+
+    def __init__(self, root: str | os.PathLike[str], namespace: bytes) -> None:
+        super().__init__()
+        self._root = Path(root)
+        self._namespace = namespace
+
+    def read_into(self, key: bytes, out: Any) -> bool:
+        """Read the payload of `key` into `out`; False when it is missing or fails a check."""
+        view = byte_view(out, "out", writable=True)
+        try:
+            fd = os.open(chunk_path(self._root, key), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            _read_payload(fd, os.fstat(fd).st_size, key, self._namespace, view, False)
+            return True
+        except (BadRecord, OSError):
+            return False
+        finally:
+            os.close(fd)
+
+
+def _open_io(setup: TierSetup) -> TierIO:
     config = setup.config
     assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
+    if setup.reads_only:
+        return DiskReader(rank_root(config.local_disk, setup.rank), setup.namespace)
     return DiskTier(
         rank_root(config.local_disk, setup.rank),
-        max(config.disk_bytes // setup.geometry.tp_size, 1),
+        max(config.disk_bytes // setup.geometry.writers, 1),
         threads=config.disk_io_threads,
         o_direct=config.disk_o_direct,
         namespace=setup.namespace,
@@ -671,7 +699,7 @@ def _open_holdings(setup: TierSetup) -> TierHoldings:
     config = setup.config
     assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
     roots = [rank_root(config.local_disk, rank) for rank in setup.holders]
-    return DiskLedger(roots, max(config.disk_bytes // setup.geometry.tp_size, 1), padded=config.disk_o_direct)
+    return DiskLedger(roots, max(config.disk_bytes // setup.geometry.writers, 1), padded=config.disk_o_direct)
 
 
 TIER = TierKind(

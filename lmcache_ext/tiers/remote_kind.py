@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from lmcache_ext.plans import Source
 from lmcache_ext.remote_url import mask_password
-from lmcache_ext.tiers import TierHoldings, TierIO, TierKind, TierSetup
+from lmcache_ext.tiers import ReplicaIO, TierHoldings, TierIO, TierKind, TierSetup
 
 
 def _open_io(setup: TierSetup) -> TierIO:
     from lmcache_ext.tiers.remote import RemoteStore, RemoteTier
 
-    return RemoteTier(RemoteStore(setup.config, setup.namespace), setup.rank, owns_store=True)
+    io = RemoteTier(RemoteStore(setup.config, setup.namespace), setup.rank, owns_store=True)
+    return ReplicaIO(io) if setup.reads_only else io
 
 
 def _open_holdings(setup: TierSetup) -> TierHoldings:

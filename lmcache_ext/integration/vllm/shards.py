@@ -93,6 +93,7 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         device_type=vllm_config.device_config.device_type,
         groups=kv_groups,
+        replicated=uses_mla(vllm_config),
     )
 
 
