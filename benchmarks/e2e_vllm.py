@@ -26,7 +26,16 @@ Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
 --layerwise measures only the warm TTFT (from host memory) with use_layerwise against
 whole-step loads, each pair in both orders of engine processes.
-Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round [--repeats 2]]
+--hybrid runs only the hybrid case, on the tiny gpt-oss shape (128-token sliding windows
+beside full attention) in float32 with vLLM's hybrid KV cache manager (HMA) on:
+- warm TTFT from host memory and, after a restart, from disk (O_DIRECT, then after
+  another restart through the page cache), against the cold TTFT without a connector
+  and against a cold request in the same engine process;
+- HMA on against HMA off (vLLM's disable_hybrid_kv_cache_manager, which it honours with
+  our connector: every layer then keeps every block), both with the connector on the
+  same KV space: bytes loaded per hit, vLLM's bound on concurrent requests of one
+  length, and how many of a batch of them actually ran at once.
+Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round [--repeats 2] | --hybrid]
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
 from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
+from lmcache_ext.testing.model_shapes import build_tiny_model
 from lmcache_ext.testing.remote_servers import Server, redis_binary
-from lmcache_ext.tiny_llama import BENCH, build_tiny_llama
+from lmcache_ext.tiny_llama import BENCH, SMALL, build_tiny_llama
 
 # Runs in the engine process before vLLM starts: adds up the time spent inside the
 # connector's hooks, the part of the store overhead that sits on the request's path.
@@ -231,6 +241,138 @@ def multi_round_figures(
         )
 
 
+HYBRID_DOC_TOKENS = 1536  # six full chunks: a whole-chunk hit in the hybrid case
+# The same KV space with and without HMA, as pages of one layer's 128-token block: the
+# gpt-oss shape's 4 layers make a block of 4 pages with HMA off, and with HMA on its two
+# groups of 2 layers share one pool of 2-page blocks. 130 blocks of 4 pages hold 10
+# requests of the hybrid case's length at full attention (9 once vLLM takes its null block).
+HYBRID_KV_PAGES = 4 * 130
+HYBRID_BATCH = 40  # requests of one length submitted at once, more than fit with HMA on or off
+HYBRID_DECODE = 24  # tokens each decodes, while the batch holds its KV space
+
+# One engine with a KV space of a given size (num_gpu_blocks_override) and the
+# connector: the bytes it loads per hit (its lmcache_ext: counters, which
+# LLM.get_metrics() leaves out since it keeps only vllm: series), vLLM's own bound on
+# concurrent requests of the batch's length (the "Maximum concurrency" of its start-up
+# log), and how many of the batch were running at once, stepped by hand. The KV space is
+# the largest tensor's: with HMA on, the groups' tensors alias one allocation.
+HMA_ENGINE = """
+import prometheus_client
+from vllm import LLM, SamplingParams
+from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+llm = LLM(model={model!r}, dtype="float32", seed=0, disable_log_stats=False, enable_prefix_caching=False,
+          max_model_len={max_len}, **{kwargs!r})
+one = SamplingParams(temperature=0, max_tokens=1)
+hits = [llm.generate([{{"prompt_token_ids": {doc!r}}}], one, use_tqdm=False)[0].num_cached_tokens
+        for _ in range({repeats})]
+engine, scheduler = llm.llm_engine, llm.llm_engine.engine_core.engine_core.scheduler
+decode = SamplingParams(temperature=0, max_tokens={decode}, ignore_eos=True)
+for i, prompt in enumerate({batch!r}):
+    engine.add_request(f"b{{i}}", {{"prompt_token_ids": prompt}}, decode)
+running = 0
+while engine.has_unfinished_requests():
+    engine.step()
+    running = max(running, len(scheduler.running))
+loaded = sum(s.value for m in prometheus_client.REGISTRY.collect() for s in m.samples
+             if s.name == "lmcache_ext:loaded_bytes_total")
+preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+config, kv = llm.llm_engine.vllm_config, scheduler.kv_cache_config
+out = {{"hma": not config.scheduler_config.disable_hybrid_kv_cache_manager,
+       "groups": [[type(g.kv_cache_spec).__name__, len(g.layer_names)] for g in kv.kv_cache_groups],
+       "num_blocks": kv.num_blocks, "kv_bytes": max(t.size for t in kv.kv_cache_tensors),
+       "vllm_max_concurrency": get_max_concurrency_for_kv_cache_config(config, kv),
+       "hits": hits, "loaded_bytes": loaded, "max_running": running, "preemptions": preemptions}}
+del llm
+return out
+"""
+
+
+def random_tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    """Tokens that share no prefix with any other draw (ids 0-2 are the tokenizer's specials)."""
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def hybrid_figures(work: Path, rng: random.Random, docs: int, doc_tokens: int) -> None:
+    """The tiny gpt-oss shape (2 sliding-window layers of 128 tokens, 2 full), float32,
+    with vLLM's hybrid KV cache manager (HMA) on: TTFT cold, warm and from disk, then
+    what HMA buys against the same model with HMA off, on the same KV space."""
+    model = build_tiny_model(work / "gpt_oss", "gpt-oss")
+    asks = [("ask", random_tokens(rng, doc_tokens + 40, SMALL.vocab)) for _ in range(docs)]
+    common = {"model": "tiny gpt-oss shape (2 sliding-window + 2 full layers)", "doc_tokens": doc_tokens, "docs": docs}
+    hybrid_ttft_figures(model, asks, rng, work, common)
+    batch = [random_tokens(rng, doc_tokens + 40, SMALL.vocab) for _ in range(HYBRID_BATCH)]
+    runs = {hma: hma_engine(model, asks[0][1], batch, work, hma) for hma in (True, False)}
+    for hma, out in runs.items():
+        emit({**common, "figure": f"hybrid_kv_space:hma_{'on' if hma else 'off'}", **out})
+    on, off = runs[True], runs[False]
+    assert on["kv_bytes"] == off["kv_bytes"], f"HMA on and off must get the same KV space: {on} {off}"
+    emit(
+        {
+            **common,
+            "figure": "hybrid:hma_on_vs_off",
+            "loaded_bytes_per_hit": [bytes_per_hit(on), bytes_per_hit(off)],
+            "loaded_bytes_ratio": round(bytes_per_hit(on) / bytes_per_hit(off), 3),
+            "max_running_ratio": round(on["max_running"] / off["max_running"], 3),
+            "vllm_max_concurrency_ratio": round(on["vllm_max_concurrency"] / off["vllm_max_concurrency"], 3),
+        }
+    )
+
+
+def hybrid_ttft_figures(
+    model: Path, asks: list[tuple[str, list[int]]], rng: random.Random, work: Path, common: dict
+) -> None:
+    """Main's cold/warm/disk measurement on the hybrid, HMA on by request (vLLM refuses to
+    start rather than turn it off). Each hit is also set against a cold request of its
+    own engine process (fresh documents after a restart), steadier than across processes
+    while other engines share this VM's cores (each step then takes 10x or more). The disk is read with O_DIRECT (the default)
+    after one restart and through the page cache after another. The floor of a hit is
+    the TTFT of the part past its last chunk alone (`tail`): on this tiny model a step's
+    fixed cost is much of a cold prefill."""
+    hma_on = {"dtype": "float32", "disable_hybrid_kv_cache_manager": False}
+    disk = work / "kv_hybrid"
+    chunk = connector_config(disk)["kv_connector_extra_config"]["chunk_size"]
+    tails = [("tail", p[len(p) // chunk * chunk :]) for _, p in asks]
+    none = serve(model, asks + tails, hma_on)
+    cold = summary(none, "ask")["ttft_ms"]
+    emit({**common, "figure": "hybrid:cold_no_connector", **summary(none, "ask")})
+    emit_phases(common, "hybrid:no_connector", none, ("tail",), cold)
+    warm = [("warm", p) for _ in range(WARM_REPEATS) for _, p in asks]
+    first = serve(model, asks + warm, {**hma_on, "kv_transfer_config": connector_config(disk)})
+    emit_phases(common, "hybrid:ours", first, ("ask", "warm"), cold, same_process_cold=summary(first, "ask")["ttft_ms"])
+    for engine, extra in (("ours_restarted", {}), ("ours_restarted_buffered_disk", {"disk_o_direct": False})):
+        fresh = [("cold", random_tokens(rng, len(p), SMALL.vocab)) for _, p in asks]
+        kwargs = {**hma_on, "kv_transfer_config": connector_config(disk, **extra)}
+        rows = serve(model, [("disk", p) for _, p in asks] + fresh, kwargs)
+        own_cold = summary(rows, "cold")["ttft_ms"]
+        emit_phases(common, f"hybrid:{engine}", rows, ("disk", "cold"), cold, same_process_cold=own_cold)
+
+
+def hma_engine(model: Path, doc: list[int], batch: list[list[int]], work: Path, hma: bool) -> dict:
+    """HMA_ENGINE with the connector on both sides, so that only HMA differs; HMA on or off
+    by request (vLLM honours either with our connector), on HYBRID_KV_PAGES."""
+    blocks = HYBRID_KV_PAGES // (2 if hma else 4)
+    kwargs = {
+        "disable_hybrid_kv_cache_manager": not hma,
+        "num_gpu_blocks_override": blocks,
+        "kv_transfer_config": connector_config(work / f"kv_hma_{hma}"),
+    }
+    code = HMA_ENGINE.format(
+        model=str(model),
+        max_len=len(doc) + HYBRID_DECODE,
+        kwargs=kwargs,
+        doc=doc,
+        repeats=WARM_REPEATS + 1,
+        batch=batch,
+        decode=HYBRID_DECODE,
+    )
+    return run_vllm_script(code, env_extra=fair_cpu_binding(), timeout=600)
+
+
+def bytes_per_hit(out: dict) -> int:
+    """Loaded bytes over the hits of HMA_ENGINE's repeated document (the batch never hits)."""
+    return int(out["loaded_bytes"]) // sum(1 for h in out["hits"] if h)
+
+
 def emit(figure: dict) -> None:
     print(json.dumps(figure), flush=True)
 
@@ -244,16 +386,44 @@ def summary(rows: list[dict], name: str) -> dict:
     }
 
 
+def emit_phases(
+    common: dict, engine: str, rows: list[dict], phases: tuple[str, ...], cold_ms: float, **baselines_ms: float
+) -> None:
+    """One figure per phase of an engine's rows: its TTFT as a ratio to the cold TTFT
+    without a connector and to each named baseline (`ratio_vs_<name>`), such as a cold
+    request in the same engine process, which this VM's speed drift between processes
+    does not touch."""
+    for phase in phases:
+        s = summary(rows, phase)
+        ratios = {f"ratio_vs_{name}": round(s["ttft_ms"] / ms, 3) for name, ms in baselines_ms.items()}
+        emit(
+            {
+                **common,
+                "figure": f"{engine}:{phase}",
+                **s,
+                "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold_ms, 3),
+                **ratios,
+            }
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4)
-    parser.add_argument("--doc-tokens", type=int, default=4096)
+    parser.add_argument("--doc-tokens", type=int, help=f"default 4096; {HYBRID_DOC_TOKENS} with --hybrid")
     parser.add_argument("--layerwise", action="store_true", help="only the layerwise vs whole-step warm TTFT")
     parser.add_argument("--multi-round", action="store_true", help="run only the multi-round chat case")
     parser.add_argument("--repeats", type=int, default=2, help="multi-round: turns each engine kind takes")
     parser.add_argument("--remote", action="store_true", help="only the warm TTFT from the remote tier")
+    parser.add_argument("--hybrid", action="store_true", help="only the hybrid model (gpt-oss shape) case")
     args = parser.parse_args()
+    if args.doc_tokens is None:
+        args.doc_tokens = HYBRID_DOC_TOKENS if args.hybrid else 4096
     rng = random.Random(0)
+    if args.hybrid:
+        with tempfile.TemporaryDirectory(prefix="lmcache_ext_e2e_") as tmp:
+            hybrid_figures(Path(tmp), rng, args.docs, args.doc_tokens)
+        return
     if args.multi_round:
         with tempfile.TemporaryDirectory(prefix="lmcache_ext_e2e_") as tmp:
             model = build_tiny_llama(Path(tmp) / "model", **dataclasses.asdict(BENCH))
@@ -345,16 +515,7 @@ def main() -> None:
         ("example_connector", theirs, ("ask", "warm", "other")),
         *([("ours_fresh_engine", remote_rows, ("remote",))] if remote_rows else []),
     ):
-        for phase in phases:
-            s = summary(rows, phase)
-            emit(
-                {
-                    **common,
-                    "figure": f"{engine}:{phase}",
-                    **s,
-                    "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold, 3),
-                }
-            )
+        emit_phases(common, engine, rows, phases, cold)
 
 
 def remote_only(model: Path, asks: list[tuple[str, list[int]]], work: Path, args: argparse.Namespace) -> None:
@@ -367,17 +528,7 @@ def remote_only(model: Path, asks: list[tuple[str, list[int]]], work: Path, args
     emit({**common, "figure": "cold_no_connector", "ttft_ms": cold})
     rows = remote_figures(model, asks, work)
     host = summary(rows, "host_after_remote")["ttft_ms"]
-    for phase in ("remote", "host_after_remote"):
-        s = summary(rows, phase)
-        emit(
-            {
-                **common,
-                "figure": f"ours_fresh_engine:{phase}",
-                **s,
-                "ratio_vs_cold_no_connector": round(s["ttft_ms"] / cold, 3),
-                "ratio_vs_host_hit_same_engine": round(s["ttft_ms"] / host, 3),
-            }
-        )
+    emit_phases(common, "ours_fresh_engine", rows, ("remote", "host_after_remote"), cold, host_hit_same_engine=host)
 
 
 def remote_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path) -> list[dict]:
