@@ -71,8 +71,8 @@ def test_qwen3_next_under_kv_pressure_preempts_and_hits_with_vllms_first_tokens(
     changes the first ones."""
     mixed = [tokens(730, seed=70 + i) for i in range(6)]
     small = {**BF16, "num_gpu_blocks_override": 24, "max_model_len": 1536}
-    plain = generate(qwen3_next, [(mixed, 200), (mixed, 200)], small)
-    ours = generate(qwen3_next, [(mixed, 200), (mixed, 200, "reset")], {**small, **connector(tmp_path / "kv")})
+    plain = generate(qwen3_next, [(mixed, 80), (mixed, 80)], small)
+    ours = generate(qwen3_next, [(mixed, 80), (mixed, 80, "reset")], {**small, **connector(tmp_path / "kv")})
     assert ours["preemptions"] > 0 and sum(cached_of(ours["results"])[1]) >= len(mixed) * ours["block_size"]
     first = [[answer[:FIRST] for answer in batch] for batch in tokens_of(ours["results"])]
     assert first == [[answer[:FIRST] for answer in batch] for batch in tokens_of(plain["results"])]
