@@ -25,7 +25,10 @@ llm = LLM(model={model!r}, seed=0, disable_log_stats=False,
           **{{"dtype": "float32", "enable_prefix_caching": False, "max_model_len": 4096, **{kwargs!r}}})
 results = []
 for batch, max_tokens, *reset in {batches!r}:
-    if reset:  # vLLM's own prefix cache only (the next hit is ours), or ours too ("connector")
+    if reset == ["sleep"]:  # sleep mode: both caches reset, the KV cache's memory released and back
+        llm.sleep(level=1)
+        llm.wake_up()
+    elif reset:  # vLLM's own prefix cache only (the next hit is ours), or ours too ("connector")
         assert llm.reset_prefix_cache(reset_connector=reset == ["connector"])
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     outs = llm.generate([{{"prompt_token_ids": p}} for p in batch], params, use_tqdm=False)
