@@ -35,7 +35,7 @@ class Geometry:
     tp_size: int
     device_type: str = "cuda"  # where the KV is computed: "cuda", "cpu", ...
     groups: tuple[KVGroup, ...] = ()  # a hybrid model's groups; () for one full-attention group
-    replicated: bool = False  # every rank holds the same KV (MLA): rank 0's records serve them all
+    replicas: int = 1  # ranks holding the same KV: the first one's records serve them all (`shard_of`)
 
     @classmethod
     def of_cache(
@@ -54,14 +54,18 @@ class Geometry:
         ranks: int | None = None,
         device_type: str = "cuda",
         groups: tuple[KVGroup, ...] = (),
-        replicated: bool = False,
+        replicas: int = 1,
     ) -> Geometry:
         """The geometry of a cache of `num_layers` layers of `page_bytes`-byte pages for
         `model`; `ranks` execute its plans (default `tp_size`; a `CacheEngine` is one
         rank of its tensor-parallel group, and its keys name that rank). `groups`: a
-        hybrid model's KV cache groups; their layout enters the namespace. `replicated`:
-        every rank holds the same KV (MLA's latent is not split across ranks), so the TP
-        size leaves the namespace and an engine at any TP size reads the same chunks."""
+        hybrid model's KV cache groups; their layout enters the namespace. `replicas`:
+        how many consecutive ranks hold the same KV (every rank of an MLA model, whose
+        latent is not split across ranks; `tp_size` / KV heads where vLLM replicates KV
+        heads). The namespace counts shards, not ranks, so engines whose ranks hold the
+        same shards (MLA at any TP size; 2 KV heads at TP 2 and 4) read the same chunks."""
+        if replicas < 1 or tp_size % replicas:
+            raise ValueError(f"replicas = {replicas}: expected a divisor of tp_size = {tp_size}")
         hybrid = groups if layout_of(groups) else ()
         namespace = Namespace(
             model=model,
@@ -71,7 +75,7 @@ class Geometry:
             block_size=block_size,
             page_bytes=page_bytes,
             num_layers=num_layers,
-            tp_size=1 if replicated else tp_size,
+            tp_size=tp_size // replicas,
             tp_rank=tp_rank,
             chunk_size=chunk_size,
             kv_groups=layout_of(groups),
@@ -85,13 +89,17 @@ class Geometry:
             tp_size if ranks is None else ranks,
             device_type,
             hybrid,
-            replicated,
+            replicas,
         )
 
     @property
     def writers(self) -> int:
-        """Ranks whose records the lower tiers keep: rank 0 alone for a replicated cache."""
-        return 1 if self.replicated else self.tp_size
+        """Shards whose records the lower tiers keep: one per group of replicas."""
+        return self.tp_size // self.replicas
+
+    def shard_of(self, rank: int) -> int:
+        """The shard whose records rank `rank` reads; the first of its replicas writes them."""
+        return rank // self.replicas
 
     @property
     def hybrid(self) -> bool:

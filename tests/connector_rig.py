@@ -29,8 +29,8 @@ PAGE = HEADS * BLOCK * WIDTH * 2
 LAYER_NAMES = [f"layer.{i}" for i in range(LAYERS)]
 
 
-def geometry(tp_size: int = 1, replicated: bool = False) -> Geometry:
-    """`replicated`: every rank holds the same KV (MLA), so the TP size leaves the namespace."""
+def geometry(tp_size: int = 1, replicas: int = 1) -> Geometry:
+    """`replicas`: consecutive ranks holding the same KV (MLA: all), so the namespace counts shards."""
     ns = Namespace(
         model="m",
         revision="",
@@ -39,11 +39,11 @@ def geometry(tp_size: int = 1, replicated: bool = False) -> Geometry:
         block_size=BLOCK,
         page_bytes=PAGE,
         num_layers=LAYERS,
-        tp_size=1 if replicated else tp_size,
+        tp_size=tp_size // replicas,
         tp_rank=0,
         chunk_size=CHUNK,
     )
-    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size, replicated=replicated)
+    return Geometry(ns, BLOCK, CHUNK // BLOCK, LAYERS, PAGE, tp_size, replicas=replicas)
 
 
 def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
@@ -53,15 +53,15 @@ def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
 
 class Rig:
     """A scheduler half and `tp` worker halves, each worker with its own random cache
-    (`replicated`: the same on every rank, as an MLA cache is)."""
+    (the same on each group of `replicas` ranks, as an MLA cache is on all)."""
 
     def __init__(
-        self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, replicated: bool = False, **kw: object
+        self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, replicas: int = 1, **kw: object
     ) -> None:
-        g = geometry(tp, replicated)
+        g = geometry(tp, replicas)
         self.scheduler = SchedulerSide(config(tmp_path, **kw), g)
         self.caches = [
-            make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + (not replicated) * r)
+            make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r // replicas)
             for r in range(tp)
         ]
         self.workers = [WorkerSide(config(tmp_path, **kw), g, r) for r in range(tp)]

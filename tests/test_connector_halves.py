@@ -150,9 +150,9 @@ def chunk_files(root: Path) -> list[Path]:
 def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_size_reads(tmp_path):
     """MLA: every rank holds the same latent, so rank 0 alone writes and the TP size
     leaves the namespace."""
-    assert geometry(2, replicated=True).namespace == geometry(1, replicated=True).namespace
-    assert geometry(2, replicated=True).namespace != geometry(2).namespace
-    rig = Rig(tmp_path, tp=2, replicated=True)
+    assert geometry(2, replicas=2).namespace == geometry(1).namespace == geometry(4, replicas=4).namespace
+    assert geometry(2, replicas=2).namespace != geometry(2).namespace == geometry(4, replicas=2).namespace
+    rig = Rig(tmp_path, tp=2, replicas=2)
     tokens = prompt(2 * CHUNK + 1, seed=6)
     rig.step([(request("a", tokens), list(range(9)), 0)])
     rig.flush()
@@ -161,7 +161,7 @@ def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_
         w.close()
     assert len(chunk_files(rank_root(tmp_path / "kv", 0))) == 2 and not chunk_files(rank_root(tmp_path / "kv", 1))
     for tp in (1, 2):  # a fresh engine at either TP size: every rank reads rank 0's files
-        fresh = Rig(tmp_path, tp=tp, replicated=True, seed=30 + tp)
+        fresh = Rig(tmp_path, tp=tp, replicas=tp, seed=30 + tp)
         c = request("c", tokens)
         plan = fresh.step([(c, list(range(10, 19)), 0)])
         assert c.external == 2 * CHUNK and len(reads_of(plan)) == 2 and fresh.recved == {"c"}
@@ -170,6 +170,27 @@ def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_
         assert not chunk_files(rank_root(tmp_path / "kv", 1))  # rank 1 neither rewrote nor deleted anything
         for w in fresh.workers:
             w.close()
+
+
+def test_replicated_kv_heads_are_written_once_per_shard_and_read_at_another_tp_size(tmp_path):
+    """2 KV heads at TP=4: vLLM gives ranks 0 and 1 one head, ranks 2 and 3 the other.
+    The first of each pair writes its shard, and an engine at TP=2 (a head per rank)
+    reads the same two shards."""
+    rig = Rig(tmp_path, tp=4, replicas=2)
+    tokens = prompt(CHUNK + 1, seed=7)
+    rig.step([(request("a", tokens), list(range(5)), 0)])
+    rig.flush()
+    for w in rig.workers:
+        w.close()
+    assert [len(chunk_files(rank_root(tmp_path / "kv", r))) for r in range(4)] == [1, 1, 0, 0]
+    fresh = Rig(tmp_path, tp=2, seed=40)
+    b = request("b", tokens)
+    fresh.step([(b, list(range(10, 15)), 0)])
+    assert b.external == CHUNK
+    for rank in (0, 1):  # shard r: rank r here, ranks 2r and 2r + 1 there
+        assert same_pages(fresh.caches[rank], list(range(10, 14)), rig.caches[2 * rank], list(range(4)))
+    for w in fresh.workers:
+        w.close()
 
 
 def test_report_aggregation_sums_ranks():
@@ -266,6 +287,31 @@ def test_geometry_from_vllm_and_what_it_refuses():
     assert (g.namespace.layout, g.namespace.dtype, g.namespace.tp_rank) == ("LBHNC", "bfloat16", 0)
     with pytest.raises(ValueError, match=r"chunk_size = 64 is not a multiple of block_size = 48"):
         geometry_from_vllm(*fake_vllm([spec(48)], tp=2), config())
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "tp", "mla", "replicas"), [(2, 4, False, 2), (1, 2, False, 2), (4, 2, False, 1), (8, 4, True, 4)]
+)
+def test_ranks_that_vllm_gives_the_same_kv_are_replicas(kv_heads, tp, mla, replicas):
+    vllm_config, kv_cache_config = fake_vllm([spec(BLOCK)], tp=tp)
+    vllm_config.model_config.get_total_num_kv_heads = lambda: kv_heads
+    vllm_config.model_config.use_mla = mla
+    g = geometry_from_vllm(vllm_config, kv_cache_config, config())
+    assert (g.replicas, g.writers, g.namespace.tp_size) == (replicas, tp // replicas, tp // replicas)
+    assert [g.shard_of(r) for r in range(tp)] == [r // replicas for r in range(tp)]
+    with pytest.raises(ValueError, match=r"replicas = 3: expected a divisor of tp_size = 4"):
+        Geometry.of_cache(
+            model="m",
+            revision="",
+            dtype="bfloat16",
+            layout="x",
+            block_size=16,
+            page_bytes=64,
+            num_layers=2,
+            chunk_size=64,
+            tp_size=4,
+            replicas=3,
+        )
 
 
 def test_a_mamba_hybrid_fits_its_chunks_to_the_block_that_vllm_keeps_state_per():

@@ -19,8 +19,8 @@ from connector_rig import CHUNK, Rig, hit, loads_of, prompt, reads_of, request, 
 from lmcache_ext.plans import Source
 
 
-def stored_remotely(url: str, tokens: list[int], tp: int = 1, replicated: bool = False) -> Rig:
-    writer = Rig(tp=tp, replicated=replicated, remote_url=url)
+def stored_remotely(url: str, tokens: list[int], tp: int = 1, replicas: int = 1) -> Rig:
+    writer = Rig(tp=tp, replicas=replicas, remote_url=url)
     plan = writer.step([(request("writer", tokens), list(range(len(tokens) // 16 + 1)), 0)])
     assert {item.writes for item in plan.stores} == {(Source.REMOTE,)}
     writer.flush()
@@ -73,11 +73,11 @@ def test_under_tp_every_rank_shard_must_be_in_the_store(redis):
 
 def test_a_replicated_cache_at_tp2_writes_one_record_that_an_engine_at_tp1_or_tp2_loads(redis):
     tokens = prompt(CHUNK + 1, seed=6)
-    writer = stored_remotely(redis.url, tokens, tp=2, replicated=True)
+    writer = stored_remotely(redis.url, tokens, tp=2, replicas=2)
     manifests = [k for k in redis.cli("KEYS", "*").split() if k.endswith("}")]
     assert [m.split(":")[-2] for m in manifests] == ["0"]  # MLA: rank 0's record serves every rank
     for tp in (1, 2):
-        reader = Rig(tp=tp, seed=60 + tp, replicated=True, remote_url=redis.url)
+        reader = Rig(tp=tp, seed=60 + tp, replicas=tp, remote_url=redis.url)
         a = request(f"a{tp}", tokens)
         assert reader.matched(a) == CHUNK
         reader.step([(a, list(range(30, 35)), 0)])

@@ -131,11 +131,12 @@ class TierSetup:
 
 
 class ReplicaIO:
-    """A replicated cache's rank other than 0 (MLA: every rank holds the same KV): it
-    reads rank 0's records and writes, deletes and clears nothing, reporting each write
-    done, so one record per chunk serves every rank. Its usage is rank 0's. A tier
-    opened `reads_only` returns one: around its own I/O for rank 0, or a subclass that
-    reads without it (`tiers.disk.DiskReader`)."""
+    """A rank that holds the same KV as an earlier one (`Geometry.replicas`: every rank of
+    an MLA model; KV heads vLLM replicates): it reads that rank's records and writes,
+    deletes and clears nothing, reporting each write done, so one record per chunk and
+    shard serves every replica. Its usage is the writer's. A tier opened `reads_only`
+    returns one: around its own I/O for the shard, or a subclass that reads without it
+    (`tiers.disk.DiskReader`)."""
 
     def __init__(self, reader: TierIO | None = None) -> None:
         self._reader = reader
@@ -255,10 +256,10 @@ def record_tier_stats(
 
 def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage:
     """The host pool that `config` asks for, with slots of one chunk, and the I/O of
-    every configured lower tier for TP rank `rank` (of a replicated cache: rank 0's
-    records, read only, on every other rank: `ReplicaIO`)."""
-    replica = geometry.replicated and rank != 0
-    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, 0 if replica else rank, reads_only=replica)
+    every configured lower tier for TP rank `rank`: its shard's records (`Geometry.
+    shard_of`), read only on every replica but the first (`ReplicaIO`)."""
+    replica = rank % geometry.replicas != 0
+    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, geometry.shard_of(rank), reads_only=replica)
     kinds = configured_tiers(config)
     return Storage(
         HostSlotPool.for_config(config, geometry.slot_bytes),

@@ -654,8 +654,8 @@ def _read_payload(fd: int, size: int, key: bytes, namespace: bytes, out: memoryv
 
 
 class DiskReader(ReplicaIO):
-    """Reads the chunk files another process's `DiskTier` owns (a replicated cache's
-    ranks read rank 0's): no index, no lock on the root, no writes; the planner's ledger
+    """Reads the chunk files another process's `DiskTier` owns (a replica reads its
+    shard's writer's): no index, no lock on the root, no writes; the planner's ledger
     says what is there, and the owner deletes a file that fails a check."""
 
     def __init__(self, root: str | os.PathLike[str], namespace: bytes) -> None:

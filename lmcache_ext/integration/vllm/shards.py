@@ -93,8 +93,21 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
         tp_size=vllm_config.parallel_config.tensor_parallel_size,
         device_type=vllm_config.device_config.device_type,
         groups=kv_groups,
-        replicated=uses_mla(vllm_config),
+        replicas=replicas(vllm_config, kv_groups),
     )
+
+
+def replicas(vllm_config: Any, groups: tuple[KVGroup, ...]) -> int:
+    """How many consecutive TP ranks hold the same KV: all of an MLA model's (one latent,
+    not split), and tp / KV heads where vLLM replicates KV heads across ranks (fewer KV
+    heads than ranks). 1 with Mamba-type groups, whose state vLLM splits by its own heads."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if uses_mla(vllm_config):
+        return tp
+    total = getattr(vllm_config.model_config, "get_total_num_kv_heads", None)
+    if total is None or any(g.kind == MAMBA for g in groups) or total() >= tp:
+        return 1
+    return tp // total()
 
 
 def _dtypes(specs: list[Any]) -> str:
