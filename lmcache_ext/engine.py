@@ -73,8 +73,11 @@ class CacheEngine:
                     "Mamba-type state is cached through the vLLM connector, which vLLM tells where each state is"
                 )
             sizes = {g.block_size for g in groups}
-            if sizes != {block_size}:
-                raise ValueError(f"the groups have block sizes {sorted(sizes)}; expected block_size = {block_size}")
+            if max(sizes) != block_size or any(block_size % size for size in sizes):
+                raise ValueError(
+                    f"the groups have block sizes {sorted(sizes)}; expected the largest to be block_size = "
+                    f"{block_size} and each to divide it"
+                )
             self._kv = ops.PagedGroups.from_groups(kv_caches, groups)
             first = self._kv.groups[0]
         else:
@@ -340,16 +343,18 @@ class CacheEngine:
         if isinstance(block_ids, torch.Tensor) or len(block_ids) != len(self._kv.groups):
             raise ValueError(f"{what}: block_ids must be {len(self._kv.groups)} lists, one per KV cache group")
         return [
-            self._block_list(kv, ids, need, what, f"block_ids[{g}]")
-            for g, (kv, ids) in enumerate(zip(self._kv.groups, block_ids))
+            self._block_list(kv, ids, need * self._geometry.ratio(group), what, f"block_ids[{g}]", group.block_size)
+            for g, (kv, ids, group) in enumerate(zip(self._kv.groups, block_ids, self._geometry.groups))
         ]
 
-    def _block_list(self, kv: ops.PagedLayers, block_ids: Any, need: int, what: str, name: str) -> list[int]:
+    def _block_list(
+        self, kv: ops.PagedLayers, block_ids: Any, need: int, what: str, name: str, block_size: int = 0
+    ) -> list[int]:
         ids = block_ids.tolist() if isinstance(block_ids, torch.Tensor) else list(block_ids)
         if len(ids) < need:
             raise ValueError(
                 f"{what}: len({name}) = {len(ids)} is too short: the tokens fill {need} blocks "
-                f"of {self._block_size} tokens"
+                f"of {block_size or self._block_size} tokens"
             )
         ids = ops.check_block_ids(kv, ids[:need]).tolist()
         seen: dict[int, int] = {}

@@ -160,11 +160,23 @@ class Geometry:
             len(p.block_ids) * self.groups[p.group].num_layers * self.groups[p.group].page_bytes for p in copy.groups
         )
 
+    @property
+    def base_group(self) -> int:
+        """The group whose block is the geometry's (the largest): its table counts a
+        copy's tokens. vLLM grows a group's block to unify page sizes, so the blocks of
+        the others divide it."""
+        return next((i for i, g in enumerate(self.groups) if g.block_size == self.block_size), 0)
+
+    def ratio(self, group: KVGroup) -> int:
+        """The group's blocks per block of the geometry."""
+        return self.block_size // group.block_size
+
     def _kept(self, group: KVGroup, blocks: int, chunk: int | None) -> int:
+        r = self.ratio(group)
         if chunk is not None:
-            return group.kept_blocks(chunk * self.blocks_per_chunk + blocks, blocks)
-        reach = -(-max(group.window, 1) // group.block_size) + 1  # past it the kept count repeats
-        return max(group.kept_blocks(end, blocks) for end in range(blocks, blocks + reach + 1))
+            return group.kept_blocks((chunk * self.blocks_per_chunk + blocks) * r, blocks * r)
+        reach = -(-max(group.window, 1) // group.block_size) + r  # past it the kept count repeats
+        return max(group.kept_blocks(end, blocks * r) for end in range(blocks * r, blocks * r + reach + 1))
 
     def group_pages(
         self, tables: BlockTables, chunk: int, blocks: int, lo: int, hi: int, *, load: bool, computed: int = 0
@@ -175,23 +187,26 @@ class Geometry:
         there). None when a load meets a real block that the chunk does not keep (it
         would stay unwritten), or when a store's kept block is gone: null, not listed, or
         freed by vLLM once `computed` tokens were computed (it frees a group's blocks
-        that no later token reads, at the start of the step)."""
-        base, parts, section = chunk * self.blocks_per_chunk, [], 0
+        that no later token reads, at the start of the step). Blocks are the geometry's;
+        a group with smaller blocks has `ratio` of its own in each."""
+        parts, section = [], 0
         for index, group in enumerate(self.groups):
             if group.kind == MAMBA:
                 continue  # its state is a record of its own
-            table, kept = tables[index], group.kept_blocks(base + blocks, blocks)
-            first_kept = blocks - kept  # the chunk's kept blocks are its last `kept`
+            r = self.ratio(group)
+            base, size, g_lo, g_hi = chunk * self.blocks_per_chunk * r, blocks * r, lo * r, hi * r
+            table, kept = tables[index], group.kept_blocks(base + size, size)
+            first_kept = size - kept  # the chunk's kept blocks are its last `kept`
             if not load and kept and base + first_kept < group.skipped_tokens(computed) // group.block_size:
                 return None
-            ids = [table[base + p] if base + p < len(table) else NULL_BLOCK for p in range(lo, hi)]
-            unkept_real = any(b != NULL_BLOCK for p, b in enumerate(ids, start=lo) if p < first_kept)
-            kept_gone = any(b == NULL_BLOCK for p, b in enumerate(ids, start=lo) if p >= first_kept)
+            ids = [table[base + p] if base + p < len(table) else NULL_BLOCK for p in range(g_lo, g_hi)]
+            unkept_real = any(b != NULL_BLOCK for p, b in enumerate(ids, start=g_lo) if p < first_kept)
+            kept_gone = any(b == NULL_BLOCK for p, b in enumerate(ids, start=g_lo) if p >= first_kept)
             if unkept_real if load else kept_gone:
                 return None
-            start = max(lo, first_kept)  # the kept real blocks: runs between null ones
+            start = max(g_lo, first_kept)  # the kept real blocks: runs between null ones
             for is_real, run in itertools.groupby(
-                enumerate(ids[start - lo :], start=start), lambda pb: pb[1] != NULL_BLOCK
+                enumerate(ids[start - g_lo :], start=start), lambda pb: pb[1] != NULL_BLOCK
             ):
                 pages = list(run)
                 if is_real:

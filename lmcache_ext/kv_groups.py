@@ -81,7 +81,9 @@ class KVGroup:
 
 def layout_of(groups: tuple[KVGroup, ...]) -> str:
     """The groups' layout in the key namespace ("" for one full-attention group, as
-    chunks were keyed before groups existed, so a model without HMA keeps its chunks)."""
+    chunks were keyed before groups existed, so a model without HMA keeps its chunks);
+    a group whose block is smaller than the largest says its own ("@64")."""
     if len(groups) == 1 and groups[0].kind == FULL:
         return ""
-    return "+".join(g.describe() for g in groups)
+    block = max((g.block_size for g in groups), default=0)
+    return "+".join(g.describe() + (f"@{g.block_size}" if g.block_size != block else "") for g in groups)

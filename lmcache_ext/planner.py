@@ -393,12 +393,12 @@ class ChunkPlanner:
             state = None
         for c, (load, (blocks, lo, hi, parts)) in enumerate(zip(loads, copies), start=hit.first_chunk):
             base = c * g.blocks_per_chunk
-            copy = SlotCopy(load.slot, tuple(tables[0][lo:hi]), blocks, lo - base, parts)
+            copy = SlotCopy(load.slot, tuple(tables[g.base_group][lo:hi]), blocks, lo - base, parts)
             items.append(self._load_item(req, load, copy, g.chunk_bytes(blocks, c)))
             covered = hi
         if g.keeps_state and state is None:  # without its state no block of the hit is usable
             covered = first_block
-        failed = list(tables[0][covered:end_block])
+        failed = list(tables[g.base_group][covered:end_block])
         if failed:  # a file vanished behind our back since the lookup
             logger.info(
                 "request %s: %d promised blocks are no longer cached; they are recomputed", req.req_id, len(failed)
@@ -456,7 +456,7 @@ class ChunkPlanner:
         keys = self.keys(req, min(computed, limit))
         while req.stored < len(keys):
             c = req.stored
-            if len(tables[0]) < (c + 1) * g.blocks_per_chunk:
+            if len(tables[g.base_group]) < (c + 1) * g.blocks_per_chunk:
                 return True
             if any(h.contains(keys[c]) for _, h in self._fetch_tiers):
                 req.stored += 1  # fetched when a request wants it
@@ -474,7 +474,7 @@ class ChunkPlanner:
             req.stored += 1
             if slot is Reserve.PRESENT:
                 continue
-            copy = SlotCopy(slot, tuple(tables[0][c * bpc : (c + 1) * bpc]), 0, 0, parts)
+            copy = SlotCopy(slot, tuple(tables[g.base_group][c * bpc : (c + 1) * bpc]), 0, 0, parts)
             self._store(plan, req, keys[c], copy, g.chunk_bytes(bpc, c))
             if self._config.save_unfull_chunk:  # the full chunk replaces the partials it extends
                 self._directory.discard(self.partial_candidates(req, c, (c + 1) * self._config.chunk_size))
@@ -495,7 +495,7 @@ class ChunkPlanner:
         if not blocks or req.stored != c:
             return True
         partials = self.partial_candidates(req, c, c * chunk + blocks * g.block_size)
-        ids = tables[0][c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
+        ids = tables[g.base_group][c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
         parts = g.group_pages(tables, c, blocks, 0, blocks, load=False, computed=computed_before)
         if len(partials) != blocks or len(ids) != blocks or parts is None:
             return True  # an extra key that cannot be encoded, or blocks no longer listed or held

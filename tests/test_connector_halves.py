@@ -367,6 +367,12 @@ def test_vllms_groups_become_ours_and_what_cannot_be_kept_exactly_is_refused():
     speculative = dataclasses.replace(mamba, mamba_cache_mode="align", num_speculative_blocks=1)
     with pytest.raises(ValueError, match=r"has a MambaSpec: .* in vLLM's 'align' cache mode without speculative"):
         geometry_from_vllm(*fake_vllm([speculative, full]), config)
-    other = spec.FullAttentionSpec(block_size=64, **attn)
-    with pytest.raises(ValueError, match=r"block sizes \[128, 64\]; lmcache_ext needs one block size"):
-        geometry_from_vllm(*fake_vllm([full, other]), config)
+    smaller = spec.SlidingWindowSpec(block_size=64, sliding_window=128, **attn)
+    g = geometry_from_vllm(*fake_vllm([full, smaller]), config)  # vLLM grew the full group's block 2x
+    assert (g.block_size, g.blocks_per_chunk, g.base_group, g.ratio(g.groups[1])) == (128, 2, 0, 2)
+    assert g.namespace.kv_groups == "fullx2+sliding128x2@64"
+    odd = spec.FullAttentionSpec(block_size=96, **attn)
+    with pytest.raises(ValueError, match=r"block sizes \[128, 96\]; lmcache_ext needs each to divide the largest"):
+        geometry_from_vllm(*fake_vllm([full, odd]), config)
+    with pytest.raises(ValueError, match=r"block sizes \[128, 64\]; .* one block size beside Mamba-type groups"):
+        geometry_from_vllm(*fake_vllm([dataclasses.replace(mamba, mamba_cache_mode="align"), smaller]), config)

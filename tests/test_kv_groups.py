@@ -177,8 +177,8 @@ def synchronize(device: str) -> None:
 # -- the planner's rules for hybrids --
 
 
-def planner(g: Geometry) -> ChunkPlanner:
-    config = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001)
+def planner(g: Geometry, chunk: int = CHUNK) -> ChunkPlanner:
+    config = CacheConfig(chunk_size=chunk, max_local_cpu_size=0.001)
     return ChunkPlanner(config, g, _C.HostSlotPool(1, 8, pin="never"), {})
 
 
@@ -247,7 +247,9 @@ def test_an_engine_takes_per_group_kv_and_a_fresh_one_loads_each_groups_pages_fr
         assert torch.equal(m[19:25], b[7:13])  # the full group: every block
         assert torch.equal(m[18], b[6])  # the sliding group: the block its window reads at the hit's end
         assert torch.equal(m[13:18], b[13:18])  # and nothing before it
-    with pytest.raises(ValueError, match=r"the groups have block sizes \[4\]; expected block_size = 8"):
+    with pytest.raises(
+        ValueError, match=r"the groups have block sizes \[4\]; expected the largest to be block_size = 8"
+    ):
         CacheEngine(config, views, 8, groups=(SLIDE, FULLG))
 
 
@@ -351,3 +353,53 @@ def test_an_engine_refuses_mamba_type_groups(tmp_path):
     config = CacheConfig(chunk_size=CHUNK, max_local_cpu_size=0.001)
     with pytest.raises(ValueError, match=r"groups has Mamba-type groups \(from m0\): a CacheEngine keeps attention"):
         CacheEngine(config, mamba_memory()[0], BS, groups=(MAMBAG, FULLG))
+
+
+# -- groups of different block sizes --
+
+
+def test_groups_of_different_block_sizes_store_and_load_each_groups_own_blocks_byte_exact():
+    """vLLM unifies page sizes by growing a block: here the full group's blocks hold 8
+    tokens and the sliding group's 4, in pages of the same size. Chunks and hits follow
+    the larger block; each group moves its own blocks."""
+    full = KVGroup(FULL, ("f0", "f1"), 2 * BS, PAGE)
+    slide = KVGroup(SLIDING, ("s0", "s1"), BS, PAGE, window=BS + 1)
+    g = Geometry.of_cache(
+        model="m",
+        revision="",
+        dtype="uint8",
+        layout="toy",
+        block_size=2 * BS,
+        page_bytes=PAGE,
+        num_layers=4,
+        chunk_size=4 * BS,
+        groups=(full, slide),
+    )
+    assert (g.blocks_per_chunk, g.ratio(slide), g.namespace.kv_groups) == (2, 2, "fullx2+sliding5x2@4")
+    assert g.chunk_bytes(2) == 2 * 2 * PAGE + 2 * 1 * PAGE  # the sliding group keeps its last 4-token block
+    views = {name: torch.randint(0, 256, (BLOCKS, PAGE), dtype=torch.uint8) for name in ("f0", "f1", "s0", "s1")}
+    before = {name: v.clone() for name, v in views.items()}
+    executor = TransferExecutor(
+        ops.PagedGroups.from_groups(views, g.groups), HostSlotPool(g.slot_bytes, 4, pin="never"), {}
+    )
+    p = planner(g, chunk=4 * BS)
+    tokens = list(range(100, 100 + 8 * BS))
+    req = p.request("a", tokens, len(tokens))
+    plan = StepPlan()
+    p.plan_stores(req, ([1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12]), len(tokens), plan)
+    assert [item.copy.groups[1].block_ids for item in plan.stores] == [(8,), (12,)]
+    assert all(executor.run(Plan(gathers=tuple(i.copy for i in plan.stores))).gathers)
+    stored(p, plan)
+    b = p.request("b", tokens + [1], len(tokens) + 1)
+    hit = p.find_hit(b, 0, 8 * BS)
+    assert hit is not None and hit.tokens == 8 * BS
+    p.plan_load(b, hit, ([13, 14, 15, 16], [0] * 7 + [17]), hit.tokens)
+    (load,) = p.take_plan().async_loads
+    assert all(executor.run(Plan(scatters=tuple(i.copy for i in load.items))).scatters)
+    for name in ("f0", "f1"):
+        assert torch.equal(views[name][13:17], before[name][1:5])
+    for name in ("s0", "s1"):
+        assert torch.equal(views[name][17], before[name][12])
+        untouched = [b for b in range(BLOCKS) if b != 17]
+        assert torch.equal(views[name][untouched], before[name][untouched])
+    executor.close()

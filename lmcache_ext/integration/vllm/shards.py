@@ -69,14 +69,16 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
     """The cache's geometry, for an engine `idle_reason` leaves to the connector."""
     groups = kv_cache_config.kv_cache_groups
     kv_groups = tuple(_group(i, g) for i, g in enumerate(groups))
-    sizes = {g.block_size for g in kv_groups}
-    if len(sizes) != 1:
+    block = max(g.block_size for g in kv_groups)
+    mamba = any(g.kind == MAMBA for g in kv_groups)
+    if any(block % g.block_size for g in kv_groups) or (mamba and any(g.block_size != block for g in kv_groups)):
         raise ValueError(
-            f"the KV cache groups have block sizes {[g.block_size for g in kv_groups]}; "
-            "lmcache_ext needs one block size for every group"
+            f"the KV cache groups have block sizes {[g.block_size for g in kv_groups]}; lmcache_ext needs each "
+            "to divide the largest (vLLM grows a block by whole factors to unify page sizes), and one block size "
+            "beside Mamba-type groups"
         )
     spec = groups[0].kv_cache_spec
-    config.check_block_size(spec.block_size)
+    config.check_block_size(block)
     model = vllm_config.model_config
     layout = getattr(kv_cache_config, "kv_cache_layout", None) or getattr(
         vllm_config.cache_config, "kv_cache_layout", None
@@ -86,7 +88,7 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
         revision=str(model.revision or ""),
         dtype=_dtypes([g.kv_cache_spec for g in groups]),
         layout=str(layout or "default"),
-        block_size=spec.block_size,
+        block_size=block,
         page_bytes=spec.page_size_bytes,
         num_layers=sum(g.num_layers for g in kv_groups),
         chunk_size=config.chunk_size,
