@@ -54,6 +54,7 @@ from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import (
     AsyncLoad,
     FetchItem,
+    GroupPages,
     LoadItem,
     SlotCopy,
     Source,
@@ -102,7 +103,6 @@ class Hit:
     tokens: int
     load_async: bool  # some of them come from a lower tier and background loads are on
     state: ChunkKey | None = None  # the Mamba-type state at the hit's end (`Geometry.keeps_state`)
-    state_source: TierName = Source.HOST
 
     def by_source(self, num_tokens: int) -> dict[TierName, int]:
         """Tokens [start, start + num_tokens), by the tier that holds their chunk."""
@@ -262,13 +262,12 @@ class ChunkPlanner:
                 hit_keys = [*hit_keys, partials[partial[0]]]
                 tiers.append(partial[1])
                 ends.append((first + len(found)) * chunk + (partial[0] + 1) * self._geometry.block_size)
-        state: tuple[int, TierName] | None = None
+        with_state = False
         if self._geometry.keeps_state:
             taken = self._state_end(req, first, hit_keys, start, limit, wait)
             if taken is None:
                 return None
-            hit_keys, tiers, ends = hit_keys[: taken[0]], tiers[: taken[0]], ends[: taken[0]]
-            state = taken if taken[0] else None
+            hit_keys, tiers, ends, with_state = hit_keys[:taken], tiers[:taken], ends[:taken], taken > 0
         end = min(ends[-1], limit) if ends else start
         if self._geometry.hybrid:  # a group's kept pages are those of a hit ending where its chunk ends
             end = max((e for e in ends if e <= limit), default=start)
@@ -277,23 +276,21 @@ class ChunkPlanner:
         sources = [req.held.get(key, tier) for key, tier in zip(hit_keys, tiers)]  # a fetched chunk: its tier's hit
         # A hybrid model's loads all run in the background: vLLM hears of a failed one only per request then.
         load_async = bool(tokens) and (lower and self._async_load or self._geometry.hybrid)
-        hit = Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async)
-        if state is not None:
-            hit = dataclasses.replace(hit, state=state_key(hit_keys[-1]), state_source=state[1])
-        return hit
+        state = state_key(hit_keys[-1]) if with_state else None
+        return Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async, state)
 
     def _state_end(
         self, req: CachedRequest, first: int, keys: Sequence[ChunkKey], start: int, limit: int, wait: bool
-    ) -> tuple[int, TierName] | None:
+    ) -> int | None:
         """How many of `keys` (chunks `first`, `first + 1`, ..., loadable) a hit takes: the
         most that end in (`start`, `limit`] at a chunk whose Mamba-type state one load
-        could pin with them, and that state's tier ((0, host) for none). None: ask
-        again (a tier's answer is out, a state is being filled, or one is fetched)."""
+        could pin with them (0: none). None: ask again (a tier's answer is out, a state
+        is being filled, or one is fetched)."""
         chunk = self._config.chunk_size
         lengths = [n for n in range(1, len(keys) + 1) if start < (first + n) * chunk <= limit]
         states = [state_key(keys[n - 1]) for n in lengths]
         if not states:
-            return 0, Source.HOST
+            return 0
         if not self._answered(states, wait) or (not wait and any(self._directory.filling(k) for k in states)):
             return None
         taken = self._directory.lookup_last([(keys[:n], key) for n, key in zip(lengths, states)])
@@ -304,7 +301,7 @@ class ChunkPlanner:
                 if fetched:
                     return None
                 break
-        return (0, Source.HOST) if taken is None else (lengths[taken[0]], taken[1])
+        return 0 if taken is None else lengths[taken[0]]
 
     def _answered(self, keys: Sequence[ChunkKey], wait: bool) -> bool:
         """Whether every tier knows about `keys` now (with `wait`: after asking)."""
@@ -382,13 +379,13 @@ class ChunkPlanner:
                 )
                 break
             copies.append((blocks, lo, hi, parts))
-        state = self._state_copy(req, hit, tables, end_block, len(copies))
+        state = self._state_pages(req, hit, tables, end_block, len(copies))
         covered, items = first_block, []
-        wanted = [*hit.keys[: len(copies)], *([hit.state] if state and hit.state else [])]
+        wanted = [*hit.keys[: len(copies)], *([hit.state] if hit.state and state else [])]
         loads = self._directory.reserve_loads(wanted)
         if state is not None and len(loads) == len(wanted):
             last = loads.pop()
-            items.append(self._load_item(req, last, dataclasses.replace(state, slot=last.slot), g.state_bytes))
+            items.append(self._load_item(req, last, SlotCopy(last.slot, (), 0, 0, state), g.state_bytes))
         else:
             state = None
         for c, (load, (blocks, lo, hi, parts)) in enumerate(zip(loads, copies), start=hit.first_chunk):
@@ -419,11 +416,11 @@ class ChunkPlanner:
         origin = req.held.get(load.key, load.source)  # a fetched chunk counts as its tier's hit
         return LoadItem(self._new_item(item), load.key, copy, read, origin)
 
-    def _state_copy(
+    def _state_pages(
         self, req: CachedRequest, hit: Hit, tables: BlockTables, end_block: int, chunks: int
-    ) -> SlotCopy | None:
-        """The copy of the hit's Mamba-type state into the blocks vLLM gave its last block,
-        when the load takes every chunk of the hit up to its end (slot filled in later)."""
+    ) -> tuple[GroupPages, ...] | None:
+        """Where the hit's Mamba-type state goes: the blocks vLLM gave its last block, when
+        the load takes every chunk of the hit up to its end."""
         if hit.state is None:
             return None
         if chunks < len(hit.keys) or end_block * self._geometry.block_size != hit.ends[-1]:
@@ -437,8 +434,7 @@ class ChunkPlanner:
             logger.warning(
                 "request %s: vLLM gave no block for the state at the hit's end; it is recomputed", req.req_id
             )
-            return None
-        return SlotCopy(-1, (), 0, 0, parts)
+        return parts
 
     # -- stores --
 

@@ -567,3 +567,22 @@ def test_bad_arguments_raise_before_anything_is_written(make_tier, root):
     with pytest.raises(ValueError, match="out is read-only; expected a writable buffer"):
         tier.read_into(key(0), bytes(10))
     assert chunk_files(root) == [] and tier.stats()["writes_ok"] == 0
+
+
+def test_a_replicas_reader_reads_the_owners_files_while_it_runs_and_misses_bad_ones_without_deleting(make_tier, root):
+    owner = make_tier(namespace=b"A" * 16)  # holds the root's lock: the reader takes none
+    payload = slot(5000, seed=3)
+    store(owner, key(0), payload)
+    reader = disk.DiskReader(root, b"A" * 16)
+    out = slot(5000)
+    assert reader.read_into(key(0), out) and torch.equal(out, payload)
+    assert reader.read_into(key(1), slot(5000)) is False  # never written
+    assert disk.DiskReader(root, b"B" * 16).read_into(key(0), slot(5000)) is False  # another cache's
+    path = owner.path_of(key(0))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert reader.read_into(key(0), slot(5000)) is False and path.exists()  # the owner deletes bad files
+    assert reader.submit_write(key(2), payload).result() and not owner.path_of(key(2)).exists()
+    assert reader.remove(key(0)) is False and reader.clear() == 0 and path.exists()
+    owner.close()

@@ -403,3 +403,9 @@ def test_groups_of_different_block_sizes_store_and_load_each_groups_own_blocks_b
         untouched = [b for b in range(BLOCKS) if b != 17]
         assert torch.equal(views[name][untouched], before[name][untouched])
     executor.close()
+
+
+def test_a_state_key_names_one_chunk_key_and_refuses_anything_else():
+    assert state_key(b"k" * 16) != state_key(b"j" * 16) and len(state_key(b"k" * 16)) == 16
+    with pytest.raises(ValueError, match=r"key = b'short': expected a 16-byte chunk key"):
+        state_key(b"short")

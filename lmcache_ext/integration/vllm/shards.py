@@ -56,10 +56,9 @@ def fit_to_groups(config: CacheConfig, kv_cache_config: Any) -> tuple[CacheConfi
     if not any(type(spec).__name__ in _MAMBA_SPECS for spec in specs):
         return config, None
     chunk = specs[0].block_size
-    fitted = dataclasses.replace(config, chunk_size=chunk, save_unfull_chunk=False)
     if (chunk, False) == (config.chunk_size, config.save_unfull_chunk):
         return config, None
-    return fitted, (
+    return dataclasses.replace(config, chunk_size=chunk, save_unfull_chunk=False), (
         f"the model keeps Mamba-type state per {chunk}-token block: chunk_size {config.chunk_size} -> {chunk}, "
         "save_unfull_chunk off (a hit ends where vLLM kept a state: at a chunk's end)"
     )
