@@ -8,7 +8,8 @@
   takes the directory's lock, so it refuses a directory a running cache holds.
 
 DIR is a ``local_disk`` directory: one tier's root (sub-directories 00..ff), or the
-connector's, which holds one root per TP rank (``rank0/``, ``rank1/``, ...). Files are
+connector's, which holds one root per shard (``shard0/``, ``shard1/``, ...: a KV head,
+or a TP rank's KV where it is not kept per head). Files are
 read with the disk tier's own code (`lmcache_ext.tiers.disk`). Bad input exits with
 status 2 and a line naming the value and what was expected.
 """
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmcache_ext.about import build_line, devices, format_bytes
-from lmcache_ext.tiers.disk import DiskTier, is_tier_root, read_file_header, scan_root
+from lmcache_ext.tiers.disk import DiskTier, is_tier_root, numbered_roots, read_file_header, scan_root
 from lmcache_ext.tiers.record import BadRecord
 
 
@@ -31,21 +32,20 @@ class UsageError(Exception):
 
 
 def tier_roots(directory: str) -> list[Path]:
-    """The disk tier roots under `directory`: itself, or its ``rank<N>`` sub-directories."""
+    """The disk tier roots under `directory`: itself, or its ``shard<N>`` sub-directories
+    (and the ``rank<N>`` ones of an older format)."""
     root = Path(directory)
     if not root.is_dir():
         raise UsageError(f"DIR = '{root}' is not a directory: expected a disk cache's directory (local_disk)")
     if is_tier_root(root):
         return [root]
-    ranks = sorted(
-        (p for p in root.glob("rank*") if p.name[4:].isdigit() and is_tier_root(p)), key=lambda p: int(p.name[4:])
-    )
-    if not ranks:
+    roots = numbered_roots(root, "shard") + numbered_roots(root, "rank")
+    if not roots:
         raise UsageError(
             f"DIR = '{root}' holds no disk cache: expected the local_disk directory of lmcache_ext "
-            "(sub-directories 00..ff, or one such rank<N>/ directory per TP rank)"
+            "(sub-directories 00..ff, or one such shard<N>/ directory per shard)"
         )
-    return ranks
+    return roots
 
 
 def info() -> list[str]:

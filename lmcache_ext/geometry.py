@@ -21,7 +21,10 @@ BlockTables = Sequence[Sequence[int]]
 @dataclass(frozen=True)
 class Geometry:
     """Chunks of `blocks_per_chunk` blocks of `num_layers` pages of `page_bytes` bytes;
-    `tp_size` ranks execute each plan, each on its own shard. A hybrid model (`groups`:
+    `tp_size` ranks execute each plan, each on its own shard. The lower tiers keep a
+    chunk as one record per shard (`writers`): per KV head where the namespace is
+    per-head (`heads` set in `of_cache`: any TP size reads them), else per group of
+    `replicas` ranks. A hybrid model (`groups`:
     vLLM's KV cache groups, with HMA) keeps in each chunk, per group, a section of the
     pages a hit ending at the chunk's end reads (`KVGroup.kept_blocks`), in group order;
     its Mamba-type groups' state at a chunk's end is a record of its own, a section per
@@ -35,7 +38,9 @@ class Geometry:
     tp_size: int
     device_type: str = "cuda"  # where the KV is computed: "cuda", "cpu", ...
     groups: tuple[KVGroup, ...] = ()  # a hybrid model's groups; () for one full-attention group
-    replicas: int = 1  # ranks holding the same KV: the first one's records serve them all (`shard_of`)
+    replicas: int = 1  # ranks holding the same KV: the first one's records serve them all (`shards_of`)
+    heads: int = 1  # KV heads in a rank's page, each a shard of its own (1: the page is one shard)
+    head_runs: int = 1  # runs of one head's bytes in a page: 1 where a page is head-major (HND), else its tokens
 
     @classmethod
     def of_cache(
@@ -55,6 +60,8 @@ class Geometry:
         device_type: str = "cuda",
         groups: tuple[KVGroup, ...] = (),
         replicas: int = 1,
+        heads: int | None = None,
+        head_runs: int = 1,
     ) -> Geometry:
         """The geometry of a cache of `num_layers` layers of `page_bytes`-byte pages for
         `model`; `ranks` execute its plans (default `tp_size`; a `CacheEngine` is one
@@ -63,22 +70,34 @@ class Geometry:
         how many consecutive ranks hold the same KV (every rank of an MLA model, whose
         latent is not split across ranks; `tp_size` / KV heads where vLLM replicates KV
         heads). The namespace counts shards, not ranks, so engines whose ranks hold the
-        same shards (MLA at any TP size; 2 KV heads at TP 2 and 4) read the same chunks."""
+        same shards (MLA at any TP size; 2 KV heads at TP 2 and 4) read the same chunks.
+        `heads`: the KV heads in each rank's page, in `head_runs` runs each; then every
+        head is a shard, and the namespace names the heads and one head's page instead
+        of the TP size, so an engine at any TP size reads every head it owns."""
         if replicas < 1 or tp_size % replicas:
             raise ValueError(f"replicas = {replicas}: expected a divisor of tp_size = {tp_size}")
+        per_head = heads is not None
+        heads = 1 if heads is None else heads
+        if heads < 1 or head_runs < 1 or page_bytes % (heads * head_runs) or (heads > 1 and replicas > 1):
+            raise ValueError(
+                f"heads = {heads} in {head_runs} runs each, replicas = {replicas}: expected a page of "
+                f"{page_bytes} bytes to split into heads * head_runs equal runs, and replicated ranks to hold one head"
+            )
         hybrid = groups if layout_of(groups) else ()
+        shards = tp_size // replicas * heads
         namespace = Namespace(
             model=model,
             revision=revision,
             dtype=dtype.removeprefix("torch."),
             layout=layout,
             block_size=block_size,
-            page_bytes=page_bytes,
+            page_bytes=page_bytes // heads,
             num_layers=num_layers,
-            tp_size=tp_size // replicas,
-            tp_rank=tp_rank,
+            tp_size=1 if per_head else shards,
+            tp_rank=0 if per_head else tp_rank,
             chunk_size=chunk_size,
             kv_groups=layout_of(groups),
+            kv_heads=shards if per_head else 0,
         )
         return cls(
             namespace,
@@ -90,16 +109,23 @@ class Geometry:
             device_type,
             hybrid,
             replicas,
+            heads,
+            head_runs,
         )
 
     @property
     def writers(self) -> int:
-        """Shards whose records the lower tiers keep: one per group of replicas."""
-        return self.tp_size // self.replicas
+        """Shards whose records the lower tiers keep: each head of each group of replicas."""
+        return self.tp_size // self.replicas * self.heads
 
-    def shard_of(self, rank: int) -> int:
-        """The shard whose records rank `rank` reads; the first of its replicas writes them."""
-        return rank // self.replicas
+    def shards_of(self, rank: int) -> range:
+        """The shards whose records rank `rank` reads; the first of its replicas writes them."""
+        first = rank // self.replicas * self.heads
+        return range(first, first + self.heads)
+
+    def shard_bytes(self, nbytes: int) -> int:
+        """Bytes of one shard's record of a rank's `nbytes`-byte payload."""
+        return nbytes // self.heads
 
     @property
     def hybrid(self) -> bool:
@@ -216,6 +242,6 @@ class Geometry:
         return tuple(parts)
 
 
-def rank_root(root: str | Path, rank: int) -> Path:
-    """Each rank's own directory under a disk tier's `local_disk` (a disk tier owns its root)."""
-    return Path(root) / f"rank{rank}"
+def shard_root(root: str | Path, shard: int) -> Path:
+    """Each shard's own directory under a disk tier's `local_disk` (a disk tier owns its root)."""
+    return Path(root) / f"shard{shard}"

@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 ChunkKey = bytes
 """A chunk key: the 16-byte xxh3-128 digest (big-endian canonical form)."""
 
-FORMAT_VERSION = 1
-"""Version of the stored chunk format; bump it when the bytes stored for a key change meaning."""
+FORMAT_VERSION = 2
+"""Version of the stored chunk format; bump it when the bytes stored for a key change meaning
+(2: a chunk's records hold KV heads, not a TP rank's shard)."""
 
 KEY_BYTES = 16
 TOKEN_LIMIT = 2**32
@@ -63,7 +64,8 @@ _FINGERPRINT_DOMAIN = b"lmcache_ext.namespace.v1\n"
 _PARTIAL_TAG = b"P"
 _EXTRA_TAG = b"X"
 _STATE_TAG = b"S"
-_OPTIONAL_FIELDS = ("cache_namespace", "epoch", "kv_groups")
+_OPTIONAL_STRS = ("cache_namespace", "epoch", "kv_groups")
+_OPTIONAL_FIELDS = (*_OPTIONAL_STRS, "kv_heads")
 _digest = xxhash.xxh3_128_digest
 
 Tokens = Union[Sequence[int], np.ndarray, "torch.Tensor"]
@@ -116,12 +118,14 @@ class Namespace:
     cache_namespace: str = ""
     epoch: str = ""
     kv_groups: str = ""  # the KV cache groups of a hybrid model (kv_groups.layout_of); "" for one full group
+    kv_heads: int = 0  # KV heads, for records kept per head (any TP size reads them); 0: per TP shard
 
     def __post_init__(self) -> None:
         for name in ("model", "dtype", "layout"):
             _check_str(name, getattr(self, name), allow_empty=False)
-        for name in ("revision", *_OPTIONAL_FIELDS):
+        for name in ("revision", *_OPTIONAL_STRS):
             _check_str(name, getattr(self, name), allow_empty=True)
+        _check_int("kv_heads", self.kv_heads, minimum=0)
         for name in ("block_size", "page_bytes", "num_layers", "tp_size", "chunk_size", "format_version"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("tp_rank", self.tp_rank, minimum=0)

@@ -181,6 +181,16 @@ class PagedGroups:
         raise ValueError(f"layer = {index} is out of range: the cache has {self.num_layers} layers")
 
 
+def head_order(kv: PagedLayers) -> tuple[int, int]:
+    """(KV heads, runs of one head's bytes per page) of a cache viewed [blocks, H, N, C]:
+    one run where its pages are head-major, N where they are token-major."""
+    view = kv.tensors[0]
+    if view.dim() != 4:
+        return 1, 1
+    heads, tokens = view.shape[1], view.shape[2]
+    return heads, 1 if heads == 1 or view.stride(1) > view.stride(2) else tokens
+
+
 def check_block_ids(kv: PagedLayers, block_ids: BlockIds) -> torch.Tensor:
     """block_ids as a CPU int64 tensor, each checked against the cache size."""
     if isinstance(block_ids, torch.Tensor):

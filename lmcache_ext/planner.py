@@ -524,7 +524,8 @@ class ChunkPlanner:
                 self._store(plan, req, key, SlotCopy(slot, (), 0, 0, parts), g.state_bytes)
 
     def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, copy: SlotCopy, nbytes: int) -> None:
-        writes = tuple(name for name, h in self._holdings.items() if h.admit(key, nbytes))
+        shard = self._geometry.shard_bytes(nbytes)
+        writes = tuple(name for name, h in self._holdings.items() if h.admit(key, shard))
         item = _Item(key, "store", writes=writes, writes_left=self._geometry.tp_size * len(writes), request=req)
         plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, copy, writes, nbytes))
 

@@ -54,30 +54,39 @@ def test_the_module_runs_as_a_command():
     assert proc.returncode == 0 and proc.stdout.startswith("lmcache_ext "), proc.stderr
 
 
-def test_disk_stats_counts_chunks_and_bytes_per_rank_and_namespace(tmp_path, capsys):
-    write_chunks(tmp_path / "rank0", NS_A, 3, seed=1)
-    write_chunks(tmp_path / "rank1", NS_A, 2, seed=2)
-    write_chunks(tmp_path / "rank1", NS_B, 1, seed=3)  # an older cache's chunk, say
-    (tmp_path / "rank1" / "ab" / "stray.tmp").write_bytes(b"x")
+def test_disk_stats_counts_chunks_and_bytes_per_shard_and_namespace(tmp_path, capsys):
+    write_chunks(tmp_path / "shard0", NS_A, 3, seed=1)
+    write_chunks(tmp_path / "shard1", NS_A, 2, seed=2)
+    write_chunks(tmp_path / "shard1", NS_B, 1, seed=3)  # an older cache's chunk, say
+    (tmp_path / "shard1" / "ab" / "stray.tmp").write_bytes(b"x")
     rc, out, _ = run(capsys, "disk-stats", str(tmp_path))
     sizes = {
-        r: sum(p.stat().st_size for p in (tmp_path / r).rglob("*") if len(p.name) == 32) for r in ("rank0", "rank1")
+        r: sum(p.stat().st_size for p in (tmp_path / r).rglob("*") if len(p.name) == 32) for r in ("shard0", "shard1")
     }
     lines = out.splitlines()
     assert rc == 0
     assert (
-        lines[0].startswith(f"{tmp_path / 'rank0'}: 3 chunks, ")
-        and f"({sizes['rank0']} bytes); 0 other files" in lines[0]
+        lines[0].startswith(f"{tmp_path / 'shard0'}: 3 chunks, ")
+        and f"({sizes['shard0']} bytes); 0 other files" in lines[0]
     )
-    assert lines[1] == f"  namespace {NS_A.hex()}: 3 chunks, {sizes['rank0'] / 1024:.1f} KiB"
+    assert lines[1] == f"  namespace {NS_A.hex()}: 3 chunks, {sizes['shard0'] / 1024:.1f} KiB"
     assert (
-        lines[2].startswith(f"{tmp_path / 'rank1'}: 3 chunks, ")
-        and f"({sizes['rank1']} bytes); 1 other files" in lines[2]
+        lines[2].startswith(f"{tmp_path / 'shard1'}: 3 chunks, ")
+        and f"({sizes['shard1']} bytes); 1 other files" in lines[2]
     )
     assert lines[3].startswith(f"  namespace {NS_A.hex()}: 2 chunks") and lines[4].startswith(
         f"  namespace {NS_B.hex()}: 1 chunks"
     )
-    assert (tmp_path / "rank1" / "ab" / "stray.tmp").exists()  # read-only
+    assert (tmp_path / "shard1" / "ab" / "stray.tmp").exists()  # read-only
+
+
+def test_disk_stats_lists_the_shards_then_the_per_rank_directories_of_format_1(tmp_path, capsys):
+    write_chunks(tmp_path / "rank0", NS_B, 1, seed=6)
+    write_chunks(tmp_path / "shard10", NS_A, 1, seed=7)
+    write_chunks(tmp_path / "shard2", NS_A, 2, seed=8)
+    rc, out, _ = run(capsys, "disk-stats", str(tmp_path))
+    roots = [line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert rc == 0 and roots == [str(tmp_path / name) for name in ("shard2", "shard10", "rank0")]
 
 
 def test_verify_deletes_bad_files_reports_them_and_keeps_the_good_ones(tmp_path, capsys):
@@ -117,7 +126,7 @@ def test_verify_refuses_a_directory_a_running_cache_holds(tmp_path, capsys):
 def test_a_dir_that_is_no_disk_cache_is_named_with_what_was_expected(tmp_path, capsys, command):
     rc, _, err = run(capsys, command, str(tmp_path / "missing"))
     assert rc == 2 and f"DIR = '{tmp_path / 'missing'}' is not a directory: expected a disk cache's directory" in err
-    (tmp_path / "rank0").mkdir()
+    (tmp_path / "shard0").mkdir()
     rc, _, err = run(capsys, command, str(tmp_path))
     assert rc == 2 and f"DIR = '{tmp_path}' holds no disk cache: expected the local_disk directory" in err
     with pytest.raises(SystemExit) as exit_info:

@@ -40,7 +40,7 @@ from connector_rig import (
 )
 from lmcache_ext.config import STAGING_SLOTS
 from lmcache_ext.epoch import EPOCH_FILE
-from lmcache_ext.geometry import rank_root
+from lmcache_ext.geometry import shard_root
 from lmcache_ext.integration.vllm.connector import LMCacheConnectorV1Dynamic
 from lmcache_ext.integration.vllm.metadata import StepPlan
 from lmcache_ext.integration.vllm.request_keys import UnkeyableRequest, encode_extra_keys
@@ -191,7 +191,7 @@ def test_chunks_inside_vllms_own_hit_need_not_be_cached(tmp_path):
     from lmcache_ext.keys import chunk_keys
 
     key0 = chunk_keys(tokens, first)[0]
-    (rank_root(tmp_path / "kv", 0) / key0.hex()[:2] / key0.hex()).unlink()
+    (shard_root(tmp_path / "kv", 0) / key0.hex()[:2] / key0.hex()).unlink()
     rig = Rig(tmp_path, seed=32)
     assert hit(rig.scheduler, request("a", tokens), 0) == 0
     assert hit(rig.scheduler, request("b", tokens), CHUNK) == 3 * CHUNK
@@ -402,7 +402,7 @@ def test_a_promised_disk_hit_is_never_evicted_before_it_is_read(tmp_path):
     assert plan.evictions == {Source.DISK: [key_y]} and rig.recved == {"promised"}
     assert rig.workers[0].take_load_errors() == set()
     assert same_pages(rig.caches[0], list(range(20, 24)), writer.caches[0], list(range(4)))
-    assert (rank_root(tmp_path / "kv", 0) / key_x.hex()[:2] / key_x.hex()).exists()
+    assert (shard_root(tmp_path / "kv", 0) / key_x.hex()[:2] / key_x.hex()).exists()
 
 
 def test_a_disk_file_gone_when_vllm_asks_is_not_promised(tmp_path):

@@ -36,7 +36,7 @@ from connector_rig import (
     step_output,
 )
 from lmcache_ext.config import CacheConfig
-from lmcache_ext.geometry import Geometry, rank_root
+from lmcache_ext.geometry import Geometry, shard_root
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, LoadItem, StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.shards import fit_to_groups, geometry_from_vllm
@@ -104,7 +104,7 @@ def test_a_bad_disk_file_becomes_load_errors_then_is_stored_again(tmp_path):
     for w in rig.workers:
         w.close()
     key = chunk_keys(tokens, geometry().namespace)[1]
-    path = rank_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
+    path = shard_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
@@ -136,10 +136,10 @@ def test_tp_ranks_store_their_own_shards_and_a_chunk_waits_for_every_rank(tmp_pa
         w.close()
     restarted = SchedulerSide(config(tmp_path), geometry(2))  # sees the disk only
     assert hit(restarted, request("d", tokens), 0) == CHUNK
-    (rank_root(tmp_path / "kv", 1) / key.hex()[:2] / key.hex()).unlink()
+    (shard_root(tmp_path / "kv", 1) / key.hex()[:2] / key.hex()).unlink()
     assert hit(restarted, request("e", tokens), 0) == 0  # one rank's shard is gone
     assert (
-        rank_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
+        shard_root(tmp_path / "kv", 0) / key.hex()[:2] / key.hex()
     ).exists()  # each rank's shard in its own directory
 
 
@@ -159,7 +159,7 @@ def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_
     assert hit(rig.scheduler, request("b", tokens), 0) == 2 * CHUNK  # every rank reported: a host hit
     for w in rig.workers:
         w.close()
-    assert len(chunk_files(rank_root(tmp_path / "kv", 0))) == 2 and not chunk_files(rank_root(tmp_path / "kv", 1))
+    assert len(chunk_files(shard_root(tmp_path / "kv", 0))) == 2 and not chunk_files(shard_root(tmp_path / "kv", 1))
     for tp in (1, 2):  # a fresh engine at either TP size: every rank reads rank 0's files
         fresh = Rig(tmp_path, tp=tp, replicas=tp, seed=30 + tp)
         c = request("c", tokens)
@@ -167,7 +167,7 @@ def test_a_replicated_cache_writes_one_file_per_chunk_that_every_rank_at_any_tp_
         assert c.external == 2 * CHUNK and len(reads_of(plan)) == 2 and fresh.recved == {"c"}
         for cache in fresh.caches:
             assert same_pages(cache, list(range(10, 18)), rig.caches[0], list(range(8)))
-        assert not chunk_files(rank_root(tmp_path / "kv", 1))  # rank 1 neither rewrote nor deleted anything
+        assert not chunk_files(shard_root(tmp_path / "kv", 1))  # rank 1 neither rewrote nor deleted anything
         for w in fresh.workers:
             w.close()
 
@@ -182,7 +182,7 @@ def test_replicated_kv_heads_are_written_once_per_shard_and_read_at_another_tp_s
     rig.flush()
     for w in rig.workers:
         w.close()
-    assert [len(chunk_files(rank_root(tmp_path / "kv", r))) for r in range(4)] == [1, 1, 0, 0]
+    assert [len(chunk_files(shard_root(tmp_path / "kv", r))) for r in range(4)] == [1, 1, 0, 0]
     fresh = Rig(tmp_path, tp=2, seed=40)
     b = request("b", tokens)
     fresh.step([(b, list(range(10, 15)), 0)])
@@ -297,8 +297,11 @@ def test_ranks_that_vllm_gives_the_same_kv_are_replicas(kv_heads, tp, mla, repli
     vllm_config.model_config.get_total_num_kv_heads = lambda: kv_heads
     vllm_config.model_config.use_mla = mla
     g = geometry_from_vllm(vllm_config, kv_cache_config, config())
-    assert (g.replicas, g.writers, g.namespace.tp_size) == (replicas, tp // replicas, tp // replicas)
-    assert [g.shard_of(r) for r in range(tp)] == [r // replicas for r in range(tp)]
+    shards = 1 if mla else max(kv_heads, tp // replicas)
+    assert (g.replicas, g.writers, g.namespace.tp_size, g.namespace.kv_heads) == (replicas, shards, 1, shards)
+    assert [list(g.shards_of(r)) for r in range(tp)] == [
+        list(range(r // replicas * g.heads, (r // replicas + 1) * g.heads)) for r in range(tp)
+    ]
     with pytest.raises(ValueError, match=r"replicas = 3: expected a divisor of tp_size = 4"):
         Geometry.of_cache(
             model="m",

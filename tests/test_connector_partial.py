@@ -21,7 +21,7 @@ from connector_rig import (
     same_pages,
     step_output,
 )
-from lmcache_ext.geometry import rank_root
+from lmcache_ext.geometry import shard_root
 from lmcache_ext.keys import chunk_keys, partial_keys
 from lmcache_ext.testing.kv_layouts import page_view
 
@@ -160,7 +160,7 @@ def test_a_partial_on_disk_is_hit_after_a_restart_by_every_tp_rank(tmp_path):
         tokens, geometry(2).namespace, start=CHUNK, prev_key=chunk_keys(tokens, geometry(2).namespace)[0]
     )[1]
     for r in range(2):  # each rank wrote its shard of the partial: two blocks' bytes
-        path = rank_root(tmp_path / "kv", r) / key.hex()[:2] / key.hex()
+        path = shard_root(tmp_path / "kv", r) / key.hex()[:2] / key.hex()
         assert path.exists()
     fresh = Rig(tmp_path, tp=2, seed=20, save_unfull_chunk=True)
     grown = request("b", tokens + prompt(50, seed=10))

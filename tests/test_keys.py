@@ -51,6 +51,7 @@ OTHER_VALUES = dict(
     cache_namespace="weights-v2",
     epoch="0123456789abcdef0123456789abcdef",
     kv_groups="sliding128x2+fullx2",
+    kv_heads=8,
 )
 
 TOKENS = [1000 + 37 * i for i in range(4 * CHUNK + 3)]  # four full chunks and three tokens
@@ -73,7 +74,7 @@ def test_keys_follow_the_documented_chain():
 
 def test_fingerprint_is_pinned():
     # Keys live on disk and in shared stores: an encoding change must be a deliberate format bump.
-    assert NS.fingerprint.hex() == "b6503d3b28b9b4f4b8008119957d04d6"
+    assert NS.fingerprint.hex() == "9259d3c6020678b74c073197907df54d"
 
 
 # A realistic namespace (chunk 256, block 16) with a salt and a LoRA id; 1000 tokens: 3 full chunks + 1 partial.

@@ -13,11 +13,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 
 from lmcache_ext.integration.vllm.offline import run_vllm_script
 from lmcache_ext.testing.hidden_modules import hiding_env
-from lmcache_ext.tiny_llama import build_tiny_llama
+from lmcache_ext.tiny_llama import SMALL, build_tiny_llama
 
 pytestmark = pytest.mark.vllm
 
 CHUNK = 256  # two of vLLM's 128-token CPU blocks
+KV_HEADS = SMALL.kv_heads  # the tiny Llama's: the disk keeps a file per chunk and KV head
 
 GENERATE = """
 from vllm import LLM, SamplingParams
@@ -120,8 +121,9 @@ def test_hits_in_one_engine_then_after_a_restart_with_identical_outputs(model, b
     assert cached_of(first["results"]) == [[0], [896, 896, 0], [0], [384]]
     assert tokens_of(first["results"]) == baseline[0]
     assert first["by_source"] == {"host": 7 * CHUNK + 384}
-    # a's 3 chunks and its partial one, b's 4th, other's 2, exact's 2: each stored once, and on disk
-    assert len(chunk_files(disk)) == 9
+    # a's 3 chunks and its partial one, b's 4th, other's 2, exact's 2: each stored once, on
+    # disk one file per KV head
+    assert len(chunk_files(disk)) == 9 * KV_HEADS
 
     second = run(model, RESTART_RUN, connector(disk))
     assert cached_of(second["results"]) == [[4 * CHUNK, 896, 384, 2 * CHUNK]]
@@ -150,7 +152,7 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     disk = tmp_path / "kv"
     generate(model, [[ASK_A]], connector(disk))
     files = chunk_files(disk)
-    assert len(files) == 4  # 3 chunks and a partial one
+    assert len(files) == 4 * KV_HEADS  # 3 chunks and a partial one, a file per KV head
     for victim in files:
         data = bytearray(victim.read_bytes())
         data[-7] ^= 0xFF
@@ -159,7 +161,7 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     recompute["kv_transfer_config"]["kv_load_failure_policy"] = "recompute"  # vLLM's "fail" would fail them
     outs = generate(model, CORRUPT_RUN, recompute, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     assert tokens_of(outs) == baseline[2]
-    assert len(chunk_files(disk)) == 4 + 2  # the bad files were dropped and stored again, plus other's
+    assert len(chunk_files(disk)) == (4 + 2) * KV_HEADS  # the bad files were dropped and stored again, plus other's
 
 
 TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}

@@ -73,7 +73,7 @@ def test_on_amx_mla_at_tp2_rank_0_alone_writes_and_an_engine_at_tp1_hits_it(deep
     tp2 = generate(deepseek, [([DOC], 30), ([DOC], 30, "reset"), ([GROWN], 30, "reset")], ours, **TP2_ENV)
     assert cached_of(tp2["results"]) == cached_of(plain_tp2["results"])
     assert tokens_of(tp2["results"]) == tokens_of(plain_tp2["results"])
-    files = [len(chunk_files(tmp_path / "kv" / f"rank{rank}")) for rank in (0, 1)]
+    files = [len(chunk_files(tmp_path / "kv" / f"shard{rank}")) for rank in (0, 1)]
     records = [key for key in redis.cli("KEYS", "*").split() if key.endswith("}")]
     assert files == [len(records), 0] and len(records) == 4 + 1 + 1  # GROWN's 4 chunks, DOC's partial, GROWN's
     # An engine at TP=1 hits what TP=2 stored. Its answer is not compared: TP=2 computes

@@ -64,7 +64,7 @@ def test_tensor_parallel_ranks_keep_their_own_shards_on_disk_and_share_them_remo
     first = run(model, batches, {**remote(disk, redis.url, use_layerwise=True), **TP2}, **TP2_ENV)
     assert cached_of(first["results"]) == [[0], [3 * CHUNK + 128, 0]]
     assert tokens_of(first["results"]) == plain[:2]
-    ranks = {rank: {p.name: p.read_bytes() for p in chunk_files(disk / f"rank{rank}")} for rank in (0, 1)}
+    ranks = {rank: {p.name: p.read_bytes() for p in chunk_files(disk / f"shard{rank}")} for rank in (0, 1)}
     assert len(ranks[0]) == 6 and set(ranks[0]) == set(ranks[1])  # the same chunks, one shard each
     assert all(ranks[0][name] != ranks[1][name] for name in ranks[0])  # each rank's own heads
     restarted = generate(model, batches[1:], {**connector(disk), **TP2}, **TP2_ENV)

@@ -24,7 +24,7 @@ def test_one_kv_head_at_tp2_is_written_once_and_an_engine_at_tp1_hits_it_with_vl
     assert cached_of(ours["results"]) == [[0], [hit]]
     assert tokens_of(ours["results"]) == tokens_of(plain_tp2["results"])
     files = [
-        len(chunk_files(tmp_path / "kv" / f"rank{rank}")) if (tmp_path / "kv" / f"rank{rank}").exists() else 0
+        len(chunk_files(tmp_path / "kv" / f"shard{rank}")) if (tmp_path / "kv" / f"shard{rank}").exists() else 0
         for rank in (0, 1)
     ]
     assert files == [4, 0]  # 3 chunks and a partial one, written by rank 0 alone

@@ -14,6 +14,7 @@ config asks for the remote tier). One record format (`record`) serves them all.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -256,16 +257,36 @@ def record_tier_stats(
 
 def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage:
     """The host pool that `config` asks for, with slots of one chunk, and the I/O of
-    every configured lower tier for TP rank `rank`: its shard's records (`Geometry.
-    shard_of`), read only on every replica but the first (`ReplicaIO`)."""
-    replica = rank % geometry.replicas != 0
-    setup = TierSetup(config, geometry, geometry.namespace.fingerprint, geometry.shard_of(rank), reads_only=replica)
+    every configured lower tier for TP rank `rank`: its shards' records (`Geometry.
+    shards_of`; one per KV head it owns, `heads.HeadShards`, which share the tier's
+    threads and connections), read only on every replica but the first (`ReplicaIO`)."""
     kinds = configured_tiers(config)
     return Storage(
         HostSlotPool.for_config(config, geometry.slot_bytes),
-        {kind.name: kind.open_io(setup) for kind in kinds},
+        {kind.name: _open_shards(kind, config, geometry, rank) for kind in kinds},
         max([kind.read_threads(config) for kind in kinds], default=1),
     )
+
+
+def _open_shards(kind: TierKind, config: CacheConfig, geometry: Geometry, rank: int) -> TierIO:
+    from lmcache_ext.tiers.heads import HeadShards
+
+    shards = geometry.shards_of(rank)
+    if len(shards) > 1:  # each head's tier gets its share of the threads and connections
+        config = dataclasses.replace(
+            config,
+            disk_io_threads=max(config.disk_io_threads // len(shards), 1),
+            remote_connections=max(config.remote_connections // len(shards), 1),
+        )
+    ios = [
+        kind.open_io(
+            TierSetup(config, geometry, geometry.namespace.fingerprint, shard, reads_only=rank % geometry.replicas != 0)
+        )
+        for shard in shards
+    ]
+    if len(ios) == 1:
+        return ios[0]
+    return HeadShards(ios, geometry.page_bytes // (geometry.heads * geometry.head_runs))
 
 
 def open_holdings(config: CacheConfig, geometry: Geometry, ranks: Sequence[int] = ()) -> dict[TierName, TierHoldings]:

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from lmcache_ext.about import format_bytes
-from lmcache_ext.geometry import rank_root
+from lmcache_ext.geometry import shard_root
 from lmcache_ext.keys import KEY_BYTES
 from lmcache_ext.plans import Source
 from lmcache_ext.tiers import ReplicaIO, TierHoldings, TierIO, TierKind, TierSetup
@@ -173,6 +173,13 @@ def chunk_path(root: Path, key: bytes) -> Path:
 def is_tier_root(root: Path) -> bool:
     """Whether `root` is laid out as a disk tier's directory (its 256 sub-directories)."""
     return all((root / sub).is_dir() for sub in _FANOUT)
+
+
+def numbered_roots(root: Path, prefix: str) -> list[Path]:
+    """The tier roots `<prefix><N>` under `root`, by N: "shard" for a cache's shards,
+    "rank" for the per-rank directories of format 1."""
+    found = [p for p in root.glob(f"{prefix}*") if p.name[len(prefix) :].isdigit() and is_tier_root(p)]
+    return sorted(found, key=lambda p: int(p.name[len(prefix) :]))
 
 
 def scan_root(root: Path) -> tuple[list[tuple[int, bytes, int]], list[Path]]:
@@ -683,9 +690,9 @@ def _open_io(setup: TierSetup) -> TierIO:
     config = setup.config
     assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
     if setup.reads_only:
-        return DiskReader(rank_root(config.local_disk, setup.rank), setup.namespace)
+        return DiskReader(shard_root(config.local_disk, setup.rank), setup.namespace)
     return DiskTier(
-        rank_root(config.local_disk, setup.rank),
+        shard_root(config.local_disk, setup.rank),
         max(config.disk_bytes // setup.geometry.writers, 1),
         threads=config.disk_io_threads,
         o_direct=config.disk_o_direct,
@@ -698,8 +705,22 @@ def _open_holdings(setup: TierSetup) -> TierHoldings:
 
     config = setup.config
     assert config.local_disk is not None, "the disk tier is opened only when local_disk is set"
-    roots = [rank_root(config.local_disk, rank) for rank in setup.holders]
+    _note_old_format(Path(config.local_disk))
+    roots = [shard_root(config.local_disk, rank) for rank in setup.holders]
     return DiskLedger(roots, max(config.disk_bytes // setup.geometry.writers, 1), padded=config.disk_o_direct)
+
+
+def _note_old_format(root: Path) -> None:
+    """One log line for the per-rank directories of format 1 (`keys.FORMAT_VERSION`):
+    their keys name another format, so they are never read, and never deleted here."""
+    old = [p.name for p in numbered_roots(root, "rank")]
+    if old:
+        log.warning(
+            "lmcache_ext: %s holds chunks of an older format in %s (one directory per TP rank); they are "
+            "ignored, and the space is the operator's to free",
+            root,
+            ", ".join(old),
+        )
 
 
 TIER = TierKind(

