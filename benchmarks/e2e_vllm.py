@@ -22,6 +22,9 @@ One JSON line per figure:
   of ours (with and without partial chunks, without the disk tier, with buffered disk
   writes) against vLLM's prefix cache with a KV space large enough for every user
   (the limit; bar: ours <= 1.1x).
+--cross-tp measures only warm TTFT across TP sizes: from disk, an engine at TP=1 after
+one at TP=2 stored the documents against one at TP=1 after another at TP=1 stored them,
+and the reverse (TP=2 after TP=1 against TP=2 after TP=2); the ratio cross / same TP.
 Every engine runs on the same CPU threads, with or without a connector
 (`offline.fair_cpu_binding`).
 --layerwise measures only the warm TTFT (from host memory) with use_layerwise against
@@ -35,7 +38,8 @@ beside full attention) in float32 with vLLM's hybrid KV cache manager (HMA) on:
   our connector: every layer then keeps every block), both with the connector on the
   same KV space: bytes loaded per hit, vLLM's bound on concurrent requests of one
   length, and how many of a batch of them actually ran at once.
-Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round [--repeats 2] | --hybrid]
+Run: python benchmarks/e2e_vllm.py [--docs 4] [--doc-tokens 4096] [--layerwise | --multi-round [--repeats 2] | --hybrid
+| --cross-tp]
 """
 
 from __future__ import annotations
@@ -174,6 +178,40 @@ def layerwise_figures(
             "ratio": round(statistics.mean(ratios), 3),
         }
     )
+
+
+TP_ENGINES = {
+    1: ({}, {}),
+    2: (
+        {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+        {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},  # a core per rank
+    ),
+}
+
+
+def cross_tp_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path, common: dict) -> None:
+    """For each reader TP size, warm TTFT from a disk that an engine at the other TP size
+    filled, against one filled at the same TP size; each reader starts fresh (its host
+    pool empty: each document is a disk hit), and the same documents go through both pairs."""
+    for reader, writer in ((1, 2), (2, 1)):
+        ttft = {}
+        for name, stored_at in (("same_tp", reader), ("cross_tp", writer)):
+            disk = work / f"kv_tp{reader}_{name}"
+            kwargs, env = TP_ENGINES[stored_at]
+            serve(model, asks, {**kwargs, "kv_transfer_config": connector_config(disk)}, env=env)
+            kwargs, env = TP_ENGINES[reader]
+            rows = serve(model, [("warm", p) for _, p in asks], {**kwargs, "kv_transfer_config": connector_config(disk)},
+                         env=env)  # fmt: skip
+            ttft[name] = summary(rows, "warm")
+        emit(
+            {
+                **common,
+                "figure": f"warm_ttft_from_disk:tp{reader}_after_tp{writer}_vs_after_tp{reader}",
+                "same_tp": ttft["same_tp"],
+                "cross_tp": ttft["cross_tp"],
+                "ratio": round(ttft["cross_tp"]["ttft_ms"] / ttft["same_tp"]["ttft_ms"], 3),
+            }
+        )
 
 
 def multi_round_figures(
@@ -416,6 +454,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="multi-round: turns each engine kind takes")
     parser.add_argument("--remote", action="store_true", help="only the warm TTFT from the remote tier")
     parser.add_argument("--hybrid", action="store_true", help="only the hybrid model (gpt-oss shape) case")
+    parser.add_argument("--cross-tp", action="store_true", help="only warm TTFT across TP sizes against the same TP")
     args = parser.parse_args()
     if args.doc_tokens is None:
         args.doc_tokens = HYBRID_DOC_TOKENS if args.hybrid else 4096
@@ -441,6 +480,14 @@ def main() -> None:
         model = build_tiny_llama(work / "model", **dataclasses.asdict(BENCH))
         if args.remote:
             remote_only(model, asks, work, args)
+            return
+        if args.cross_tp:
+            common = {
+                "model": f"tiny Llama {BENCH.layers}x{BENCH.hidden}",
+                "doc_tokens": args.doc_tokens,
+                "docs": args.docs,
+            }
+            cross_tp_figures(model, asks, work, common)
             return
         if args.layerwise:
             layerwise_figures(

@@ -62,15 +62,26 @@ def connector_config(disk: Path, chunk_size: int = 256, **extra: object) -> dict
 NO_TIMER = "connector_seconds = None"
 
 
-def serve(model: Path, prompts: list[tuple[str, list[int]]], kwargs: dict, prelude: str = NO_TIMER) -> list[dict]:
+def serve(
+    model: Path,
+    prompts: list[tuple[str, list[int]]],
+    kwargs: dict,
+    prelude: str = NO_TIMER,
+    env: dict[str, str] | None = None,
+) -> list[dict]:
     """Run the prompts one at a time in a fresh engine process, after a warm-up prompt
     as long as the longest of them (its first long prefill is slower). `prelude` runs
     first and defines `connector_seconds`: None, or a function whose value each row
-    reports as `connector_s`."""
+    reports as `connector_s`. `env` overrides the engine's variables (a TP engine's
+    thread binding)."""
     warmup = [3 + i % 997 for i in range(max(len(p) for _, p in prompts))]
     code = ENGINE.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup, prelude=prelude)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **fair_cpu_binding()}  # the same threads with and without us
-    return run_vllm_script(code, env_extra=env, timeout=600)["rows"]
+    engine_env = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        **fair_cpu_binding(),
+        **(env or {}),
+    }  # the same threads with and without us
+    return run_vllm_script(code, env_extra=engine_env, timeout=600)["rows"]
 
 
 def print_table(rows: list[dict]) -> None:

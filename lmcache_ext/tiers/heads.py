@@ -10,11 +10,14 @@ joining are strided copies on the host, where the payload already is.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+ALIGN = 4096
 
 if TYPE_CHECKING:
     from lmcache_ext.tiers import TierIO
@@ -30,17 +33,23 @@ class HeadShards:
             raise ValueError(f"{len(ios)} heads in runs of {run_bytes} bytes: expected at least 2 heads and 1 byte")
         self._ios = list(ios)
         self._run = run_bytes
+        self._buffers = threading.local()
+        self._readers = ThreadPoolExecutor(len(self._ios), thread_name_prefix="lmcache-heads")
 
     def heads(self, payload: Any) -> list[torch.Tensor]:
         return head_views(payload, len(self._ios), self._run)
 
     def read_into(self, key: bytes, out: Any) -> bool:
-        parts = self.heads(out)
-        record = torch.empty(parts[0].numel(), dtype=torch.uint8)
-        for io, part in zip(self._ios, parts):
-            if not io.read_into(key, record):
-                return False
-            part.copy_(record.view(part.shape))
+        """Every head's record at once (each from its own tier, on a thread of this
+        object's), each joined into its runs of `out`."""
+        reads = [self._readers.submit(self._read_head, io, key, part) for io, part in zip(self._ios, self.heads(out))]
+        return all([read.result() for read in reads])
+
+    def _read_head(self, io: TierIO, key: bytes, part: torch.Tensor) -> bool:
+        record = self._record(part.numel())
+        if not io.read_into(key, record):
+            return False
+        part.copy_(record.view(part.shape))
         return True
 
     def submit_write(self, key: bytes, payload: Any, on_done: Callable[[bool], None] | None = None) -> Future[bool]:
@@ -57,8 +66,19 @@ class HeadShards:
                     on_done(not failed[0])
 
         for io, part in zip(self._ios, self.heads(payload)):
-            io.submit_write(key, part.contiguous().view(-1), one_done)
+            record = aligned_bytes(part.numel())
+            record.view(part.shape).copy_(part)
+            io.submit_write(key, record, one_done)
         return done
+
+    def _record(self, nbytes: int) -> torch.Tensor:
+        """This thread's buffer for one head's record, kept between reads (a read thread
+        reads one record at a time) so that reads neither fault in fresh pages nor miss
+        O_DIRECT's alignment."""
+        held = getattr(self._buffers, "record", None)
+        if held is None or held.numel() < nbytes:
+            held = self._buffers.record = aligned_bytes(nbytes)
+        return held[:nbytes]
 
     def remove(self, key: bytes) -> bool:
         return any([io.remove(key) for io in self._ios])
@@ -71,6 +91,7 @@ class HeadShards:
             io.flush()
 
     def close(self) -> None:
+        self._readers.shutdown()
         for io in self._ios:
             io.close()
 
@@ -101,6 +122,13 @@ def head_views(payload: Any, heads: int, run_bytes: int) -> list[torch.Tensor]:
         )
     runs = flat.view(-1, heads, run_bytes)
     return [runs[:, i, :] for i in range(heads)]
+
+
+def aligned_bytes(nbytes: int) -> torch.Tensor:
+    """`nbytes` uint8 on the host starting on a 4 KiB boundary (what O_DIRECT I/O needs)."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = -raw.data_ptr() % ALIGN
+    return raw[skip : skip + nbytes]
 
 
 def _bytes_of(payload: Any) -> torch.Tensor:
