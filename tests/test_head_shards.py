@@ -239,3 +239,35 @@ def test_head_shards_sum_their_heads_counters_and_gauges(tmp_path):
     assert (stats["writes_ok"], stats["reads_miss"]) == (HEADS, HEADS)  # every head's record, read at once
     assert stats["usage_bytes"] >= payload.numel() and isinstance(stats["writes_failed"], dict)
     shards.close()
+
+
+def test_a_chunks_write_is_done_once_when_its_heads_end_together_on_other_threads():
+    """Each head's tier calls back on its own thread: the chunk's write ends exactly once,
+    after the last head, and fails when any head failed."""
+    import threading
+    from concurrent.futures import Future
+
+    class Slow:
+        def __init__(self, gate: threading.Barrier, ok: bool) -> None:
+            self.gate, self.ok = gate, ok
+
+        def submit_write(self, key, payload, on_done):
+            def finish() -> None:
+                self.gate.wait()
+                on_done(self.ok)
+
+            threading.Thread(target=finish).start()
+            return Future()
+
+        def close(self) -> None:
+            return None
+
+    for failing in (None, 5):
+        for _ in range(50):
+            gate = threading.Barrier(8)
+            shards = HeadShards([Slow(gate, i != failing) for i in range(8)], 4)  # type: ignore[list-item]
+            calls: list[bool] = []
+            done = shards.submit_write(KEY, torch.zeros(64, dtype=torch.uint8), calls.append)
+            assert done.result(timeout=10) is (failing is None)
+            assert calls == [failing is None]
+            shards.close()

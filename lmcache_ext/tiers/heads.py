@@ -55,15 +55,19 @@ class HeadShards:
     def submit_write(self, key: bytes, payload: Any, on_done: Callable[[bool], None] | None = None) -> Future[bool]:
         """Each head's record, copied out of `payload` now, written by its shard's tier."""
         done: Future[bool] = Future()
-        left, failed = [len(self._ios)], [False]
+        left, failed, lock = [len(self._ios)], [False], threading.Lock()
 
-        def one_done(ok: bool) -> None:
-            failed[0] |= not ok
-            left[0] -= 1
-            if left[0] == 0:
-                done.set_result(not failed[0])
-                if on_done is not None:
-                    on_done(not failed[0])
+        def one_done(ok: bool) -> None:  # on each head's tier's own threads
+            with lock:
+                failed[0] |= not ok
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                try:
+                    if on_done is not None:
+                        on_done(not failed[0])
+                finally:
+                    done.set_result(not failed[0])
 
         for io, part in zip(self._ios, self.heads(payload)):
             record = aligned_bytes(part.numel())
