@@ -54,7 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmcache_ext.demo import connector_config, serve
-from lmcache_ext.integration.vllm.offline import fair_cpu_binding, run_vllm_script
+from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV, fair_cpu_binding, run_vllm_script
 from lmcache_ext.testing.model_shapes import build_tiny_model
 from lmcache_ext.testing.remote_servers import Server, redis_binary
 from lmcache_ext.tiny_llama import BENCH, SMALL, build_tiny_llama
@@ -180,13 +180,7 @@ def layerwise_figures(
     )
 
 
-TP_ENGINES = {
-    1: ({}, {}),
-    2: (
-        {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
-        {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},  # a core per rank
-    ),
-}
+TP_ENGINES = {1: ({}, {}), 2: (TP2, TP2_ENV)}
 
 
 def cross_tp_figures(model: Path, asks: list[tuple[str, list[int]]], work: Path, common: dict) -> None:

@@ -76,11 +76,8 @@ def serve(
     thread binding)."""
     warmup = [3 + i % 997 for i in range(max(len(p) for _, p in prompts))]
     code = ENGINE.format(model=str(model), kwargs=kwargs, prompts=prompts, warmup=warmup, prelude=prelude)
-    engine_env = {
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-        **fair_cpu_binding(),
-        **(env or {}),
-    }  # the same threads with and without us
+    # the same threads with and without us
+    engine_env = {"VLLM_CPU_KVCACHE_SPACE": "2", **fair_cpu_binding(), **(env or {})}
     return run_vllm_script(code, env_extra=engine_env, timeout=600)["rows"]
 
 

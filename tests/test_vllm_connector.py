@@ -164,10 +164,6 @@ def test_a_corrupt_file_is_recomputed_in_multiprocess_mode(model, baseline, tmp_
     assert len(chunk_files(disk)) == (4 + 2) * KV_HEADS  # the bad files were dropped and stored again, plus other's
 
 
-TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
-TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # one core per rank
-
-
 def test_with_vllms_prefix_cache_on_only_tokens_beyond_its_hit_are_loaded(model, tmp_path):
     """vLLM's own prefix cache holds b's first 7 blocks (a's document) after a, as far
     as our partial chunk of a reaches; after a restart ours loads only the 8th block,

@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
+from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.tiny_llama import build_tiny_llama
-from test_vllm_connector import CHUNK, TP2, TP2_ENV, cached_of, chunk_files, connector, tokens_of
+from test_vllm_connector import CHUNK, cached_of, chunk_files, connector, tokens_of
 from test_vllm_hybrid import DOC, GROWN, generate
 
 pytestmark = pytest.mark.vllm

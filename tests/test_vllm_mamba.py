@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
+from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.testing.model_shapes import build_tiny_model
-from test_vllm_connector import TP2, TP2_ENV, cached_of, connector, tokens, tokens_of
+from test_vllm_connector import cached_of, connector, tokens, tokens_of
 from test_vllm_hybrid import generate
 
 pytestmark = pytest.mark.vllm

@@ -14,8 +14,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 
 import torch
 
+from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.testing.model_shapes import build_tiny_model
-from test_vllm_connector import TP2, TP2_ENV, cached_of, connector, tokens_of
+from test_vllm_connector import cached_of, connector, tokens_of
 from test_vllm_hybrid import DOC, GROWN, generate
 
 pytestmark = pytest.mark.vllm

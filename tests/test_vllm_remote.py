@@ -14,14 +14,13 @@ pytest.importorskip(
     "glide_sync", reason="valkey-glide-sync is not installed: the remote tier needs it (lmcache_ext[remote])"
 )
 
+from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.tiny_llama import build_tiny_llama
 from test_vllm_connector import (
     ASK_A,
     ASK_B,
     CHUNK,
     OTHER,
-    TP2,
-    TP2_ENV,
     cached_of,
     chunk_files,
     connector,

@@ -14,6 +14,9 @@ import textwrap
 from pathlib import Path
 
 RESULT_MARKER = "VLLM_SCRIPT_RESULT "
+# An engine at TP=2 on this 2-core machine: its engine arguments and variables (a core per rank)
+TP2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
 
 def offline_vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:

@@ -381,8 +381,8 @@ class PlanRunner:
 def _check_heads(kv: ops.PagedLayers, g: Geometry) -> None:
     """Records kept per KV head split pages as the layout vLLM named says; raise if the
     views vLLM handed over are ordered otherwise (a record would mix heads)."""
-    if g.heads > 1 and ops.head_order(kv) != (g.heads, g.head_runs):
-        heads, runs = ops.head_order(kv)
+    heads, runs = ops.head_order(kv)
+    if g.heads > 1 and (heads, runs) != (g.heads, g.head_runs):
         raise ValueError(
             f"register_kv_caches got views {tuple(kv.tensors[0].shape)} with strides {kv.tensors[0].stride()}: "
             f"{heads} KV heads in {runs} runs per page; the KV cache layout says {g.heads} heads in {g.head_runs} runs"
