@@ -66,6 +66,8 @@ DIRECT_SOURCE = "CacheConfig()"
 SECRET_KEYS = ("remote_password", "remote_integrity_key")
 """Settings never shown: in messages, logs, to_dict() and repr() they read ``***``."""
 CACHE_POLICIES = ("LRU",)
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+"""vLLM's kv_role: both (an ordinary instance), a prefill instance, a decode instance."""
 PIN_HOST_MEMORY_MODES = ("auto", "never", "always")
 CUDA_COPY_PATHS = ("kernel", "dma")
 """How a CUDA cache's pages move to and from host slots: SM copy kernels, or the copy
@@ -326,6 +328,11 @@ class CacheConfig:
     ``save_unfull_chunk`` is on by default (LMCache's is off): a grown prompt then
     hits its predecessor's last partial chunk too, as vLLM's prefix cache does
     (a chat's later rounds: benchmarks/RESULTS.md).
+    ``kv_role`` is vLLM's (the connector sets it): a ``kv_producer`` (prefill
+    instance) stores and never loads, a ``kv_consumer`` (decode instance) loads and
+    stores only with ``save_decode_cache``, waiting up to ``pd_wait_ms`` for chunks a
+    producer has marked in flight in the remote tier (its markers expire after
+    ``pd_marker_ttl_ms``: a crashed producer's cost a bounded wait).
     """
 
     chunk_size: int = field(default=256, metadata={"parse": _int_parser(1, " (tokens per chunk)")})
@@ -365,6 +372,9 @@ class CacheConfig:
     )
     pin_host_memory: str = field(default="auto", metadata={"parse": _choice_parser(PIN_HOST_MEMORY_MODES)})
     cache_namespace: str = field(default="", metadata={"parse": _parse_cache_namespace})
+    kv_role: str = field(default="kv_both", metadata={"parse": _choice_parser(KV_ROLES)})
+    pd_wait_ms: int = field(default=5000, metadata={"parse": _int_parser(0, " (milliseconds; 0 = never wait)")})
+    pd_marker_ttl_ms: int = field(default=30000, metadata={"parse": _int_parser(1, " (milliseconds)")})
     sources: InitVar[Mapping[str, str] | None] = None
 
     def __post_init__(self, sources: Mapping[str, str] | None) -> None:
@@ -412,6 +422,28 @@ class CacheConfig:
                 f"{have} from {source_of[have]} is set without its pair: expected both remote_tls_cert_file "
                 "and remote_tls_key_file, or neither"
             )
+
+    @property
+    def loads(self) -> bool:
+        """Whether hits are looked up and loaded: not on a prefill instance (kv_producer)."""
+        return self.kv_role != "kv_producer"
+
+    @property
+    def stores(self) -> bool:
+        """Whether computed chunks are stored: not on a decode instance (kv_consumer)
+        unless it keeps its decode caches (save_decode_cache)."""
+        return self.kv_role != "kv_consumer" or self.save_decode_cache
+
+    @property
+    def announces_stores(self) -> bool:
+        """A prefill instance with a remote tier marks its chunks in flight there, so a
+        decode instance waits for them instead of missing."""
+        return self.kv_role == "kv_producer" and self.remote_url is not None
+
+    @property
+    def pd_wait_s(self) -> float:
+        """How long a decode instance waits for chunks in flight (0 elsewhere)."""
+        return self.pd_wait_ms / 1000 if self.kv_role == "kv_consumer" and self.remote_url else 0.0
 
     @property
     def host_bytes(self) -> int:

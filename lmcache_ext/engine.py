@@ -148,6 +148,7 @@ class CacheEngine:
                 self._housekeep(plan)  # the records evicted to make room go before the writes
             if not room:
                 self._stats.failed("no_free_slot")
+            self._planner.wait_announced()  # a producer's marks are out before any record is written
             try:  # outside the lock: the slots are pinned, and lookups go on meanwhile
                 gathered = self._executor.run(Plan(gathers=tuple(item.copy for item in plan.stores))).gathers
             except BaseException:
@@ -163,7 +164,8 @@ class CacheEngine:
             self._storage.record(self._stats)  # here, not in a write's callback: a tier may hold its lock there
             chunk = self._config.chunk_size
             cached = req.stored * chunk
-            if room and self._config.save_unfull_chunk and cached == len(tokens) // chunk * chunk:
+            whole = cached == len(tokens) // chunk * chunk
+            if room and self._config.stores and self._config.save_unfull_chunk and whole:
                 cached = len(tokens) // self._block_size * self._block_size
             return cached
 

@@ -74,6 +74,11 @@ METRICS: dict[str, Metric] = {
         Metric("usage_bytes", Kind.GAUGE, "Bytes held in a tier (all TP ranks)", "tier"),
         Metric("capacity_bytes", Kind.GAUGE, "Bytes a tier may hold (all TP ranks)", "tier"),
         Metric(
+            "lookup_wait_seconds",
+            Kind.HISTOGRAM,
+            "How long a request's lookup answered 'not yet': a remote probe or fetch, or a prefill instance's chunks in flight",
+        ),
+        Metric(
             "transfer_seconds",
             Kind.HISTOGRAM,
             "Latency of transfers: store (paged cache to host), load (to the paged cache), <tier>_write",

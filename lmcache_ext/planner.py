@@ -83,6 +83,7 @@ class CachedRequest:
     keyable: bool = True  # False: an extra key could not be encoded; never hit nor stored
     stored: int = 0  # chunks [0, stored) are stored or were found present
     prompt_partial: bool = False  # the prompt's partial chunk was planned (or had nothing to store)
+    partial: tuple[int, ChunkKey] | None = None  # the partial chunk stored or found present: (its end, key)
     # Chunks fetched for it (and the tier they came from), pinned until its load is planned.
     held: dict[ChunkKey, TierName] = field(default_factory=dict)
     done: bool = False
@@ -220,7 +221,7 @@ class ChunkPlanner:
             return
         keys = self.keys(req, len(req.tokens))
         first_missing = len(self._directory.lookup(keys))
-        wanted = keys + self.partial_candidates(req, first_missing, limit)
+        wanted = keys + self.partial_candidates(req, first_missing, self._partial_end(req, limit))
         if self._geometry.keeps_state:
             wanted += [state_key(key) for key in keys]
         for holdings in self._holdings.values():
@@ -234,6 +235,8 @@ class ChunkPlanner:
         `wait` the tiers are asked at once and only fetches answer None."""
         chunk = self._config.chunk_size
         first = start // chunk
+        if not self._config.loads:  # a prefill instance computes every prompt
+            return Hit(start, first, (), (), (), chunk, 0, False)
         keys = self.keys(req, len(req.tokens))[first:]
         found = self._directory.lookup(keys)
         if len(found) < len(keys):
@@ -249,7 +252,7 @@ class ChunkPlanner:
                 return None
         hit_keys, tiers = keys[: len(found)], list(found)
         ends = [(first + c + 1) * chunk for c in range(len(hit_keys))]
-        partials = self.partial_candidates(req, first + len(found), limit)
+        partials = self.partial_candidates(req, first + len(found), self._partial_end(req, limit))
         if partials:
             if not self._answered(partials, wait):
                 return None
@@ -278,6 +281,16 @@ class ChunkPlanner:
         load_async = bool(tokens) and (lower and self._async_load or self._geometry.hybrid)
         state = state_key(hit_keys[-1]) if with_state else None
         return Hit(start, first, tuple(hit_keys), tuple(sources), tuple(ends), chunk, tokens, load_async, state)
+
+    def _partial_end(self, req: CachedRequest, limit: int) -> int:
+        """Where the partial chunks a hit may take end at the latest: on the request's
+        last full block, since a load may take the first blocks of a longer partial
+        (a prompt of whole blocks then hits the partial chunk its producer stored);
+        `limit` for a hybrid model, whose kept pages are those of a hit ending where
+        its chunk ends."""
+        if self._geometry.hybrid:
+            return limit
+        return len(req.tokens) // self._geometry.block_size * self._geometry.block_size
 
     def _state_end(
         self, req: CachedRequest, first: int, keys: Sequence[ChunkKey], start: int, limit: int, wait: bool
@@ -447,6 +460,8 @@ class ChunkPlanner:
         the full blocks of its last partial chunk. A hybrid model's chunk whose kept
         blocks vLLM has freed is skipped. False when a chunk found no free host slot
         (the rest waits for a later call)."""
+        if not self._config.stores:  # a decode instance without save_decode_cache
+            return True
         g = self._geometry
         limit = len(req.tokens) if self._config.save_decode_cache else req.prompt_len
         keys = self.keys(req, min(computed, limit))
@@ -488,7 +503,7 @@ class ChunkPlanner:
         no free host slot."""
         g, chunk = self._geometry, self._config.chunk_size
         c, blocks = upto // chunk, upto % chunk // g.block_size
-        if not blocks or req.stored != c:
+        if not blocks or req.stored != c or not self._config.stores:
             return True
         partials = self.partial_candidates(req, c, c * chunk + blocks * g.block_size)
         ids = tables[g.base_group][c * g.blocks_per_chunk : c * g.blocks_per_chunk + blocks]
@@ -498,6 +513,7 @@ class ChunkPlanner:
         slot = self._directory.reserve_store(partials[-1])
         if slot is Reserve.NO_SLOT:
             return False
+        req.partial = (c * chunk + blocks * g.block_size, partials[-1])
         if isinstance(slot, Reserve):
             return True
         self._store(plan, req, partials[-1], SlotCopy(slot, tuple(ids), 0, 0, parts), g.chunk_bytes(blocks, c))
@@ -511,6 +527,8 @@ class ChunkPlanner:
         hit ends earlier)."""
         chunk, g = self._config.chunk_size, self._geometry
         limit = len(req.tokens) if self._config.save_decode_cache else req.prompt_len
+        if not self._config.stores:
+            return
         for end, blocks in sorted(states.items()):
             keys = self.keys(req, end) if end % chunk == 0 and end <= limit else []
             parts = g.state_pages(blocks)
@@ -526,8 +544,53 @@ class ChunkPlanner:
     def _store(self, plan: StepPlan, req: CachedRequest, key: ChunkKey, copy: SlotCopy, nbytes: int) -> None:
         shard = self._geometry.shard_bytes(nbytes)
         writes = tuple(name for name, h in self._holdings.items() if h.admit(key, shard))
+        for name in writes:
+            self._holdings[name].announce(key)
         item = _Item(key, "store", writes=writes, writes_left=self._geometry.tp_size * len(writes), request=req)
         plan.stores.append(StoreItem(self._new_item(item), req.req_id, key, copy, writes, nbytes))
+
+    # -- disaggregated prefill --
+
+    def stored_extent(self, req: CachedRequest) -> tuple[int, ChunkKey | None]:
+        """How many leading tokens of the request its stores cover (planned, or found
+        already held), and the key of the last chunk among them: what a prefill
+        instance tells its decode instance (`expect`)."""
+        chunk = self._config.chunk_size
+        keys = req.keys[: req.stored]
+        if req.partial is not None and req.partial[0] // chunk == req.stored:  # it follows the full chunks
+            return req.partial
+        return (len(keys) * chunk, keys[-1]) if keys else (0, None)
+
+    def expect(self, req: CachedRequest, tokens: int, last_key: str) -> bool:
+        """A prefill instance stored the request's first `tokens` (whose last chunk's key
+        is `last_key`, in hex): the tiers wait for those chunks as for chunks in flight.
+        False, waiting for nothing, when this request's own keys of those tokens end
+        elsewhere (another model, tokenization or salt: they would never arrive)."""
+        chunk, block = self._config.chunk_size, self._geometry.block_size
+        if tokens <= 0 or tokens % block or tokens > len(req.tokens):
+            return False
+        wanted = list(self.keys(req, tokens))
+        if tokens % chunk:
+            partials = self.partial_candidates(req, tokens // chunk, tokens)
+            if len(partials) != tokens % chunk // block:
+                return False
+            wanted.append(partials[-1])
+        if not wanted or wanted[-1].hex() != last_key:
+            logger.info(
+                "request %s: the prefill instance's chunks are keyed apart from this instance's; not waited for",
+                req.req_id,
+            )
+            return False
+        for holdings in self._holdings.values():
+            holdings.expect(wanted)
+        return True
+
+    def wait_announced(self) -> None:
+        """Wait (at most `remote_timeout_ms`) until every store planned so far is marked
+        in flight where other instances look: a prefill instance calls it before its
+        answer leaves, so its decode instance never looks before the marks are there."""
+        for holdings in self._holdings.values():
+            holdings.wait_announced(self._config.remote_timeout_ms / 1000)
 
     # -- plans and reports --
 

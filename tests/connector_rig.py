@@ -195,6 +195,13 @@ def first_step(scheduler: SchedulerSide, req: SimpleNamespace, blocks: list[int]
     )
 
 
+def finish(scheduler: SchedulerSide, rid: str) -> bool:
+    """vLLM's request_finished for request `rid`: whether the connector keeps its blocks."""
+    kept, params = scheduler.finished(SimpleNamespace(request_id=rid, kv_transfer_params=None))
+    assert params is None  # no proxy asked for transfer params
+    return kept
+
+
 def hit(scheduler: SchedulerSide, req: SimpleNamespace, local: int = 0) -> int | None:
     """The tokens a hit query promises (None: ask again later)."""
     return scheduler.num_new_matched_tokens(req, local)[0]
@@ -229,6 +236,6 @@ def fake_vllm(
         scheduler_config=SimpleNamespace(enable_chunked_prefill=True),
         cache_config=SimpleNamespace(),
         device_config=SimpleNamespace(device_type="cpu"),
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {}),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra or {}, kv_role="kv_both"),
     )
     return vllm_config, SimpleNamespace(kv_cache_groups=groups, kv_cache_layout="LBHNC")

@@ -65,6 +65,9 @@ DEFAULTS = {
     "cpu_copy_threads": 0,
     "pin_host_memory": "auto",
     "cache_namespace": "",
+    "kv_role": "kv_both",
+    "pd_wait_ms": 5000,
+    "pd_marker_ttl_ms": 30000,
 }
 
 
@@ -482,7 +485,8 @@ def test_unknown_extra_config_key_suggests_and_lists_the_keys(key, hint):
         "remote_ttl_s, remote_connections, remote_key_prefix, remote_max_value_bytes, remote_write_backlog, "
         "remote_integrity_key, async_save, async_load, save_unfull_chunk, "
         "save_decode_cache, use_layerwise, cross_layer_blocks, cuda_copy_path, cache_policy, disk_o_direct, disk_io_threads, cpu_copy_threads, "
-        "pin_host_memory, cache_namespace, or an LMCache key that lmcache_ext ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
+        "pin_host_memory, cache_namespace, kv_role, pd_wait_ms, pd_marker_ttl_ms, or an LMCache key that lmcache_ext "
+        "ignores (lmcache_ext.config.IGNORED_LMCACHE_KEYS)"
     ):
         load_config({key: 1}, environ=NO_ENV)
 

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 
-from connector_rig import CHUNK, Rig, config, first_step, hit, prompt, request, same_pages, step_output
+from connector_rig import CHUNK, Rig, config, finish, first_step, hit, prompt, request, same_pages, step_output
 from lmcache_ext import ops
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.testing.kv_layouts import page_view
@@ -45,7 +45,7 @@ def test_a_store_returns_at_once_and_the_next_step_waits_for_it_before_reusing_t
     w.load(plan)
     w.save(plan)
     assert time.monotonic() - begun < 0.2 and started.wait(5)  # wait_for_save did not wait for the gather
-    assert rig.scheduler.finished("a") is False  # vLLM frees a's blocks at once, its gathers still running
+    assert finish(rig.scheduler, "a") is False  # vLLM frees a's blocks at once, its gathers still running
     assert rig.scheduler.has_pending_work()
     assert w.get_finished({"a"}) == (None, None)  # nothing for vLLM to wait for
     assert hit(rig.scheduler, request("b", tokens)) is None  # being stored: not loadable yet
@@ -70,7 +70,7 @@ def test_a_request_whose_stores_were_reported_is_not_released_again():
     rig = Rig()
     tokens = prompt(2 * CHUNK + 1, seed=6)
     rig.step([(request("a", tokens), list(range(9)), 0)])  # gathered and reported within the step
-    assert rig.scheduler.finished("a") is False
+    assert finish(rig.scheduler, "a") is False
     assert rig.scheduler.build_plan(step_output()).released == []
 
 
@@ -78,7 +78,7 @@ def test_a_request_without_stores_is_not_held():
     rig = Rig()
     tokens = prompt(CHUNK // 2, seed=2)  # no full chunk
     first_step(rig.scheduler, request("a", tokens), [0], len(tokens))
-    assert rig.scheduler.finished("a") is False
+    assert finish(rig.scheduler, "a") is False
     assert rig.workers[0].get_finished({"a"}) == (None, None)
     assert rig.scheduler.build_plan(step_output()).released == []
 
@@ -165,7 +165,7 @@ def test_a_storm_of_aborted_requests_leaks_no_slot_pin_or_report(tmp_path, monke
     for w in rig.workers:
         w.load(plan)
         w.save(plan)
-    assert not any(rig.scheduler.finished(rid) for rid in ids)  # every one aborted right away, none held
+    assert not any(finish(rig.scheduler, rid) for rid in ids)  # every one aborted right away, none held
     following = rig.scheduler.build_plan(step_output())
     assert sorted(following.released) == sorted(ids)
     for step in range(50):  # idle steps until every rank has reported every store

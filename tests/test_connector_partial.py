@@ -13,6 +13,7 @@ from connector_rig import (
     CHUNK,
     Rig,
     cached_step,
+    finish,
     geometry,
     hit,
     loads_of,
@@ -129,7 +130,7 @@ def test_with_save_decode_cache_the_generated_blocks_are_stored_when_the_request
         rig.run(rig.scheduler.build_plan(cached_step("a", computed, None, 1)))
         computed += 1
     tokens.append(3)  # the last sampled token: no KV computed for it
-    assert rig.scheduler.finished("a") is False  # vLLM frees its blocks now ...
+    assert finish(rig.scheduler, "a") is False  # vLLM frees its blocks now ...
     plan = rig.scheduler.build_plan(cached_step("b", 0, None, 0))
     assert plan.released == ["a"] and [i.copy.block_ids for i in plan.stores] == [(4, 5, 6)]  # 3 past the chunk
     original = [page_view(t)[[0, 1, 2, 3, 4, 5, 6]].clone() for t in rig.caches[0]]
@@ -168,3 +169,17 @@ def test_a_partial_on_disk_is_hit_after_a_restart_by_every_tp_rank(tmp_path):
     fresh.step([(grown, blocks_for(len(grown.all_token_ids), 30), 0)])
     for cache, source in zip(fresh.caches, sources):
         assert same_pages(cache, list(range(30, 36)), source, list(range(6)))
+
+
+def test_a_prompt_of_whole_blocks_hits_the_first_blocks_of_its_own_longer_partial():
+    """A decode instance gets the very prompt its prefill instance stored: when that ends
+    on a block, its partial chunk ends past the hit's limit (a token must be left), and
+    the hit takes the partial's first blocks instead of none of it."""
+    rig = Rig(save_unfull_chunk=True)
+    tokens = prompt(CHUNK + 3 * BLOCK, seed=7)  # a full chunk and a partial of three whole blocks
+    rig.step([(request("p", tokens), blocks_for(len(tokens), 0), 0)])
+    again = request("d", tokens)
+    assert hit(rig.scheduler, again) == CHUNK + 2 * BLOCK  # every block but the last, which vLLM computes
+    plan = rig.step([(again, blocks_for(len(tokens), 20), 0)])
+    assert sum(len(i.copy.block_ids) for i in loads_of(plan)) == CHUNK // BLOCK + 2
+    assert same_pages(rig.caches[0], list(range(20, 26)), rig.caches[0], list(range(6)))

@@ -149,7 +149,7 @@ def test_the_connector_asks_for_cross_layer_blocks_and_piecewise_graphs_by_setti
     def vllm_config(mla=False, **extra):
         return SimpleNamespace(
             model_config=SimpleNamespace(use_mla=mla),
-            kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra),
+            kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra, kv_role="kv_both"),
         )
 
     assert Connector.get_required_kvcache_layout(vllm_config()) == "BLNHC"

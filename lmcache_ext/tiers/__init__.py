@@ -89,6 +89,19 @@ class TierHoldings(abc.ABC):
         """Every rank's write of `key` ended (not necessarily well)."""
         return None
 
+    def announce(self, key: bytes) -> None:
+        """A store of `key` into this tier is planned (a shared tier marks it in flight
+        for the consumers of a prefill instance: lmcache_ext.tiers.in_flight)."""
+        return None
+
+    def wait_announced(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until what `announce` was told is visible to others."""
+        return None
+
+    def expect(self, keys: Sequence[bytes]) -> None:
+        """A prefill instance says it stores `keys` here: wait for them as for chunks in flight."""
+        return None
+
     def pin(self, key: bytes) -> None:
         """A load of `key` is planned: keep it until `unpin`."""
         return None

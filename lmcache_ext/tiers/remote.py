@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from struct import Struct
 from typing import Any
 
@@ -50,6 +51,7 @@ from lmcache_ext.remote_url import RemoteEndpoint, mask_password, parse_remote_u
 from lmcache_ext.tiers import TierHoldings
 from lmcache_ext.tiers.faults import FaultLog
 from lmcache_ext.tiers.host_buffer import byte_view
+from lmcache_ext.tiers.in_flight import POLL_S, PendingChunks
 from lmcache_ext.tiers.record import (
     FLAG_MAC,
     FLAG_PARTS,
@@ -178,6 +180,10 @@ class RemoteStore:
     def manifest_key(self, shard_key: bytes, rank: int) -> bytes:
         return self._prefix + f"{rank}:{{{shard_key.hex()}}}".encode()
 
+    def marker_key(self, chunk_key: bytes) -> bytes:
+        """Where a producer marks a chunk it is writing (lmcache_ext.tiers.in_flight)."""
+        return self._prefix + b"inflight:{" + chunk_key.hex().encode() + b"}"
+
     @staticmethod
     def part_key(manifest_key: bytes, index: int) -> bytes:
         return manifest_key + f":{index}".encode()
@@ -302,7 +308,14 @@ class RemotePresence(TierHoldings):
     waiting on the network. One pipelined round trip checks the manifests of every TP
     rank's shard of a batch of chunks; answers are kept `fresh_s` seconds. The server
     evicts and deletes records on its own, so the planner fetches a chunk found here
-    into a host slot before it promises it (`fetch_first`)."""
+    into a host slot before it promises it (`fetch_first`).
+
+    Disaggregated prefill (lmcache_ext.tiers.in_flight): with `mark_ttl_s` (a producer)
+    each chunk the planner will write here is marked in the store first, and the mark
+    deleted once every rank's write ended; with `pending` (a consumer) the probe also
+    asks for the marks of missing chunks, and a chunk in flight stays unanswered (asked
+    again every `in_flight.POLL_S`) until it lands or its deadline passes. Marks, probes
+    and deletions go through one thread, in order."""
 
     fetch_first = True
     asks_network = True
@@ -313,6 +326,9 @@ class RemotePresence(TierHoldings):
         shard_keys: Callable[[bytes], Sequence[tuple[bytes, int]]],
         fresh_s: float = 2.0,
         owns_store: bool = False,
+        *,
+        mark_ttl_s: float | None = None,
+        pending: PendingChunks | None = None,
     ) -> None:
         """`shard_keys(chunk_key)`: the (shard key, rank) pairs that make the chunk;
         `owns_store`: `close` closes `store` too."""
@@ -320,68 +336,171 @@ class RemotePresence(TierHoldings):
         self._owns_store = owns_store
         self._shard_keys = shard_keys
         self._fresh_s = fresh_s
+        self._mark_ttl_ms = None if mark_ttl_s is None else max(1, round(mark_ttl_s * 1000))
+        self._pending = pending
         self._lock = threading.Lock()
-        self._known: dict[bytes, tuple[bool, float]] = {}  # chunk key -> (present, when)
+        self._known: dict[bytes, tuple[bool | None, float]] = {}  # chunk key -> (present; None: in flight, when)
         self._asking: set[bytes] = set()
+        self._marks: dict[str, list[bytes]] = {"set": [], "delete": []}  # marks to send, by what to do
+        self._last_mark: Future[None] | None = None
         self._prober = ThreadPoolExecutor(1, thread_name_prefix="lmcache-remote-probe")
+        self._mark_faults = FaultLog(logger, f"in-flight marks in the remote tier {store.shown_url}")
+        self._wait_faults = FaultLog(logger, "waits for a prefill instance's chunks")
         self.counts: Counter[str] = Counter()
 
     def contains(self, key: bytes) -> bool:
         """Whether a fresh probe found `key` (never asks the network)."""
         with self._lock:
             known = self._known.get(key)
-        return known is not None and known[0] and time.monotonic() - known[1] < self._fresh_s
+        return known is not None and known[0] is True and time.monotonic() - known[1] < self._fresh_s
 
     def answered(self, keys: Sequence[bytes]) -> bool:
         """True when every key has a fresh answer; otherwise start probing the others
-        (unless a probe already asks for them) and return False."""
+        (unless a probe already asks for them, or one just found them in flight) and
+        return False."""
         now = time.monotonic()
+        unknown, new = False, []
         with self._lock:
-            unknown = [k for k in keys if k not in self._known or now - self._known[k][1] >= self._fresh_s]
-            new = [k for k in unknown if k not in self._asking]
+            for key in keys:
+                known = self._known.get(key)
+                if known is not None and known[0] is not None and now - known[1] < self._fresh_s:
+                    continue
+                unknown = True
+                in_flight = known is not None and known[0] is None and now - known[1] < POLL_S
+                if key not in self._asking and not in_flight:
+                    new.append(key)
             self._asking.update(new)
         if new:
             self._prober.submit(self._probe, new)
         return not unknown
 
     def probe(self, keys: Sequence[bytes]) -> None:
-        """Probe `keys` now and wait for the answer (for callers that may block)."""
-        self._probe(list(keys))
+        """Probe `keys` now and wait for the answer (for callers that may block); a
+        consumer waits out chunks in flight here too, up to their deadline."""
+        keys = list(keys)
+        while keys:
+            self._probe(keys)
+            with self._lock:
+                keys = [k for k in keys if self._known[k][0] is None]
+            if keys:
+                time.sleep(POLL_S)
 
     def forget(self, key: bytes) -> None:
         """A load found `key` missing or bad: do not promise it again on an old answer."""
         with self._lock:
             self._known[key] = (False, time.monotonic())
 
+    def expect(self, keys: Sequence[bytes]) -> None:
+        """A producer named `keys` as stored (a request's kv_transfer_params): a consumer
+        waits for them as for marked chunks."""
+        if self._pending is not None:
+            self._pending.expect(keys)
+            with self._lock:
+                for key in keys:
+                    if self._known.get(key, (None, 0.0))[0] is False:
+                        del self._known[key]  # an old "absent" must not end the wait
+
+    def announce(self, key: bytes) -> None:
+        """A producer will write `key` here: mark it in flight first (in the background;
+        `wait_announced` waits for the marks sent so far)."""
+        if self._mark_ttl_ms is not None:
+            self._queue_mark("set", key)
+
+    def written(self, key: bytes) -> None:
+        """Every rank's write of `key` ended: its mark goes (a consumer waits no more)."""
+        if self._mark_ttl_ms is not None:
+            self._queue_mark("delete", key)
+
+    def wait_announced(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, until the marks announced so far are in the store."""
+        with self._lock:
+            last = self._last_mark
+        if last is not None:
+            try:
+                last.result(timeout_s)
+            except FutureTimeout:
+                self.counts["mark_late"] += 1
+
     def close(self) -> None:
         self._prober.shutdown(wait=True)
         if self._owns_store:
             self._store.close()
 
+    def _queue_mark(self, what: str, key: bytes) -> None:
+        with self._lock:
+            queued = any(self._marks.values())
+            self._marks[what].append(key)
+            if not queued:
+                self._last_mark = self._prober.submit(self._send_marks)
+
+    def _send_marks(self) -> None:
+        """Send every mark queued so far in one pipelined batch, sets first: a write that
+        ended before its mark was sent leaves no mark behind. One command per key (a
+        cluster refuses keys of several slots in one)."""
+        with self._lock:
+            marks, self._marks = self._marks, {"set": [], "delete": []}
+        batch = _batch(self._store)
+        expiry = glide.ExpirySet(glide.ExpiryType.MILLSEC, self._mark_ttl_ms)
+        for key in marks["set"]:
+            batch.set(self._store.marker_key(key), b"1", expiry=expiry)
+        for key in marks["delete"]:
+            batch.delete([self._store.marker_key(key)])
+        try:
+            self._store.call(lambda client: client.exec(batch, raise_on_error=False))
+        except (Unavailable, GlideError) as exc:
+            self.counts["mark_failed"] += 1
+            self._mark_faults.failed(type(exc).__name__, exc)
+            return
+        self._mark_faults.succeeded()
+        self.counts["marked_chunks"] += len(marks["set"])
+
     def _probe(self, keys: list[bytes]) -> None:
         shards = [self._shard_keys(k) for k in keys]
         try:
-            present = self._store.call(lambda client: self._exists(client, shards))
+            present, marked = self._store.call(lambda client: self._exists(client, keys, shards))
         except (Unavailable, GlideError) as exc:
             self.counts["probe_failed"] += 1
             logger.debug("remote probe of %d chunks failed: %s", len(keys), exc)
-            present = [False] * len(keys)
+            if self._pending is not None:  # nothing in flight arrives through a store that cannot be asked
+                self._pending.forget(keys)
+            answers: list[bool | None] = [False] * len(keys)
+        else:
+            answers = [self._settle(key, ok, mark) for key, ok, mark in zip(keys, present, marked)]
         now = time.monotonic()
         with self._lock:
-            for key, ok in zip(keys, present):
-                self._known[key] = (ok, now)
+            for key, answer in zip(keys, answers):
+                self._known[key] = (answer, now)
             self._asking.difference_update(keys)
             if len(self._known) > 65536:  # drop stale answers now and then
                 self._known = {k: v for k, v in self._known.items() if now - v[1] < self._fresh_s}
         self.counts["probed_chunks"] += len(keys)
 
-    def _exists(self, client: Any, shards: list[Sequence[tuple[bytes, int]]]) -> list[bool]:
+    def _settle(self, key: bytes, present: bool, marked: bool) -> bool | None:
+        if self._pending is None:
+            return present
+        before = self._pending.waited_out
+        answer = self._pending.settle(key, present, marked)
+        if self._pending.waited_out > before:
+            self.counts["waits_expired"] += 1
+            self._wait_faults.failed("deadline passed", "computed instead")
+        elif answer:
+            self._wait_faults.succeeded()
+        return answer
+
+    def _exists(
+        self, client: Any, keys: list[bytes], shards: list[Sequence[tuple[bytes, int]]]
+    ) -> tuple[list[bool], list[bool]]:
         batch = _batch(self._store)
         for pairs in shards:
             for shard, rank in pairs:
                 batch.exists([self._store.manifest_key(shard, rank)])
+        if self._pending is not None:
+            for key in keys:
+                batch.exists([self._store.marker_key(key)])
         answers = iter(client.exec(batch, raise_on_error=False) or [])
-        return [all(next(answers) == 1 for _ in pairs) for pairs in shards]
+        present = [[next(answers, 0) == 1 for _ in pairs] for pairs in shards]  # every answer read, in order
+        marked = [next(answers, 0) == 1 for _ in keys] if self._pending is not None else [False] * len(keys)
+        return [all(shard) for shard in present], marked
 
 
 class RemoteTier:

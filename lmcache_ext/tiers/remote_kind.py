@@ -17,11 +17,20 @@ def _open_io(setup: TierSetup) -> TierIO:
 
 
 def _open_holdings(setup: TierSetup) -> TierHoldings:
+    from lmcache_ext.tiers.in_flight import PendingChunks
     from lmcache_ext.tiers.remote import RemotePresence, RemoteStore
 
-    store = RemoteStore(setup.config, setup.namespace, connections=1)
+    config = setup.config
+    store = RemoteStore(config, setup.namespace, connections=1)
     ranks = setup.holders
-    return RemotePresence(store, lambda key: [(key, rank) for rank in ranks], owns_store=True)
+    ttl_s = config.pd_marker_ttl_ms / 1000
+    return RemotePresence(
+        store,
+        lambda key: [(key, rank) for rank in ranks],
+        owns_store=True,
+        mark_ttl_s=ttl_s if config.announces_stores else None,
+        pending=PendingChunks(config.pd_wait_s, ttl_s) if config.pd_wait_s else None,
+    )
 
 
 TIER = TierKind(

@@ -20,6 +20,7 @@ without KV cache groups, or one whose backend cannot compute after a cached pref
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -36,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_ext.about import build_line, tiers_line
-from lmcache_ext.config import CacheConfig, load_config
+from lmcache_ext.config import CacheConfig, ConfigError, load_config
 from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.idle import IdleSide
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
@@ -107,7 +108,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         check_vllm_version()
-        self._config = load_config(self._kv_transfer_config.kv_connector_extra_config)
+        self._config = with_role(
+            load_config(self._kv_transfer_config.kv_connector_extra_config), self._kv_transfer_config.kv_role
+        )
         idle = idle_reason(vllm_config, kv_cache_config)
         fitted = None
         if not idle:
@@ -276,9 +279,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
         return self._scheduler_side().reset()
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Never keeps the request's blocks (False): see `SchedulerSide.finished`."""
+        """Never keeps the request's blocks (False); a prefill instance's answer names what
+        it stored where the proxy asks (`SchedulerSide.finished`)."""
         self._asked.pop(request.request_id, None)
-        return self._scheduler_side().finished(request.request_id), None
+        return self._scheduler_side().finished(request)
 
     def request_finished_all_groups(
         self, request: Any, block_ids: tuple[list[int], ...]
@@ -304,6 +308,25 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
     def _scheduler_side(self) -> SchedulerSide | IdleSide:
         assert self._scheduler is not None, "a scheduler-side hook was called on a worker's connector"
         return self._scheduler
+
+
+def with_role(config: CacheConfig, kv_role: str | None) -> CacheConfig:
+    """The config with vLLM's kv_role, which decides whether this instance loads, stores
+    and marks chunks in flight (`CacheConfig.kv_role`). A different kv_role in the
+    connector's own config is an error naming both."""
+    role = kv_role or "kv_both"
+    if config.kv_role not in ("kv_both", role):
+        raise ConfigError(
+            f"kv_role = {config.kv_role!r} in lmcache_ext's config, but vLLM's kv_role = {role!r}: "
+            "expected the same role in both, or kv_role only in vLLM's kv-transfer-config"
+        )
+    if role != "kv_both" and not config.save_unfull_chunk:
+        raise ConfigError(
+            f"save_unfull_chunk = False with vLLM's kv_role = {role!r}: a prefill instance stores every block "
+            "of a prompt, its last partial chunk included, and a decode instance looks it up; expected "
+            "save_unfull_chunk true"
+        )
+    return config if config.kv_role == role else dataclasses.replace(config, kv_role=role)
 
 
 def _config_of(vllm_config: Any) -> CacheConfig:

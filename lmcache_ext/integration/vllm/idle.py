@@ -33,8 +33,8 @@ class IdleSide:
     def apply_report(self, report: WorkerReport | None) -> None:
         return None
 
-    def finished(self, request_id: str) -> bool:
-        return False
+    def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
 
     def has_pending_work(self) -> bool:
         return False

@@ -23,6 +23,7 @@ calls before anything in that step can write a block.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry
 from lmcache_ext.integration.vllm.metadata import StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.request_keys import extra_of
+from lmcache_ext.integration.vllm.transfer_params import stored_by_producer, transfer_params, wants_transfer_params
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Payload
 from lmcache_ext.planner import CachedRequest, ChunkPlanner, Hit
@@ -39,6 +41,13 @@ from lmcache_ext.plans import TierName
 from lmcache_ext.tiers import open_holdings
 
 logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.002
+"""How long a step with nothing scheduled pauses while a request waits for our answer (a
+remote probe or fetch, a prefill instance's chunks in flight) or our transfers are still
+to be reported (`has_pending_push_work` keeps vLLM stepping): vLLM would otherwise run
+empty steps back to back, and take the CPU and the GIL from the very transfers it waits
+for (our threads; a prefill instance on the same cores)."""
 
 
 @dataclass
@@ -49,6 +58,7 @@ class _Request:
     tables: list[list[int]] = field(default_factory=list)  # its block ids, one list per KV cache group
     computed: int = 0  # tokens whose KV is computed by the end of the last scheduled step
     hit: Hit | None = None  # the planner's answer to the last hit query
+    asked_since: float | None = None  # when its hit query first answered "ask again"
 
 
 class SchedulerSide:
@@ -65,8 +75,14 @@ class SchedulerSide:
     # -- hits --
 
     def on_new_request(self, request: Any) -> None:
-        """Start asking the tiers that answer in the background about the request's chunks."""
-        self._planner.prefetch(self._state(request).cached, self._hit_limit(request))
+        """Start asking the tiers that answer in the background about the request's
+        chunks; on a decode instance, wait for those its prefill instance named
+        (`transfer_params`)."""
+        state = self._state(request)
+        named = stored_by_producer(request) if self._config.pd_wait_s else None
+        if named is not None:
+            self._planner.expect(state.cached, *named)
+        self._planner.prefetch(state.cached, self._hit_limit(request))
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Cached tokens beyond vLLM's own hit that can be loaded now, leaving at least
@@ -77,7 +93,12 @@ class SchedulerSide:
         state = self._state(request)
         state.hit = self._planner.find_hit(state.cached, num_computed_tokens, self._hit_limit(request))
         if state.hit is None:
+            if state.asked_since is None:
+                state.asked_since = time.monotonic()
             return None, False
+        if state.asked_since is not None:
+            self._planner.metrics.observe("lookup_wait_seconds", time.monotonic() - state.asked_since)
+            state.asked_since = None
         return state.hit.tokens, state.hit.load_async
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[TierName, int]:
@@ -127,6 +148,10 @@ class SchedulerSide:
         if self._geometry.keeps_state:
             self._store_states(scheduler_output, plan)
         self._planner.add_evictions(plan)
+        if plan.idle and (
+            self._planner.has_pending_work() or any(s.asked_since is not None for s in self._requests.values())
+        ):
+            time.sleep(IDLE_WAIT_S)
         return plan
 
     def _store_states(self, scheduler_output: Any, plan: StepPlan) -> None:
@@ -168,15 +193,27 @@ class SchedulerSide:
         self._requests.clear()
         return True
 
-    def finished(self, request_id: str) -> bool:
+    def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
         """The request is done (or aborted): forget it. With save_decode_cache and
         save_unfull_chunk, the full blocks of its last partial chunk go into the next
-        step's plan first. Always False: vLLM frees the blocks now, and when a store
-        still reads them the next plan lists the request as `released`, so every worker
-        ends that store in `handle_preemptions`, before the blocks can be written again."""
-        state = self._requests.pop(request_id, None)
+        step's plan first. Never keeps the blocks (False): vLLM frees them now, and when
+        a store still reads them the next plan lists the request as `released`, so every
+        worker ends that store in `handle_preemptions`, before the blocks can be written
+        again. A prefill instance waits until its chunks are marked in flight (before
+        its answer can reach a decode instance) and, where the request asked for it
+        (`do_remote_decode`), returns the `transfer_params` that name what it stored."""
+        state = self._requests.pop(request.request_id, None)
         if state is None:
-            return False
+            return False, None
+        params = None
+        if self._config.announces_stores:
+            self._planner.wait_announced()
+        if wants_transfer_params(request):
+            params = transfer_params(*self._planner.stored_extent(state.cached))
+        self._finish(request.request_id, state)
+        return False, params
+
+    def _finish(self, request_id: str, state: _Request) -> None:
         req, plan = state.cached, self._planner.next_plan
         # (`state.computed`: a hybrid's partial chunk is skipped if its window blocks are gone)
         if self._config.save_unfull_chunk and self._config.save_decode_cache and state.tables:
@@ -185,7 +222,6 @@ class SchedulerSide:
         self._planner.finished(req)
         if self._planner.stores_pending(request_id):
             plan.released.append(request_id)
-        return False
 
     def close(self) -> None:
         """Stop the tiers' background probes and their connections."""
