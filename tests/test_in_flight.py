@@ -14,7 +14,7 @@ import pytest
 from lmcache_ext.tiers.in_flight import PendingChunks
 
 WAIT_S, TTL_S = 1.0, 10.0
-A, B = b"a" * 16, b"b" * 16
+A, B, C = b"a" * 16, b"b" * 16, b"c" * 16
 
 
 class Clock:
@@ -52,6 +52,20 @@ def test_a_marked_chunk_still_missing_at_its_deadline_is_a_miss(pending, clock):
     clock.now += WAIT_S
     assert pending.settle(A, present=False, marked=True) is False
     assert pending.waited_out == 1 and pending.waiting() == 0
+
+
+def test_a_failed_probe_keeps_a_chunk_seen_in_flight_waiting_and_misses_any_other(pending, clock):
+    """A store that cannot be asked once (a loaded machine) must not cost a hit already on
+    its way; one that cannot be asked about a chunk nobody saw coming is a miss at once."""
+    assert pending.settle(A, present=False, marked=True) is None
+    assert pending.unreachable(A) is None  # still waited for
+    assert pending.settle(A, present=True, marked=False) is True  # and it lands
+    pending.expect([B])
+    assert pending.unreachable(B) is False  # named, but never seen in flight
+    assert pending.unreachable(C) is False
+    assert pending.settle(A, present=False, marked=True) is None
+    clock.now += WAIT_S
+    assert pending.unreachable(A) is False and pending.waiting() == 0  # past its deadline
 
 
 def test_a_waited_out_mark_is_not_waited_for_again_until_it_would_have_expired(pending, clock):

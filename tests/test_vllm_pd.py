@@ -54,8 +54,10 @@ DOWN = tokens(1300, seed=340)
 KILLED = tokens(1450, seed=350)
 PROMPTS = [*CONCURRENT, *NIXL, *SLOW, DOWN, KILLED]
 
-WAIT_SUM = "lmcache_ext:lookup_wait_seconds_sum"
-COMPUTED = "vllm:prompt_tokens_by_source_total"
+WAIT_SUM, WAIT_COUNT = "lmcache_ext:lookup_wait_seconds_sum", "lmcache_ext:lookup_wait_seconds_count"
+COMPUTED = ("vllm:prompt_tokens_by_source_total", {"source": "local_compute"})  # prompt tokens a server computed
+GENERATED = ("vllm:generation_tokens_total", {})
+HITS = ("lmcache_ext:hit_tokens_total", {})
 
 
 @dataclass
@@ -94,9 +96,32 @@ def via(proxy: Proxy, model: str) -> SimpleNamespace:
     return SimpleNamespace(url=proxy.url, model=model)
 
 
-def computed_on(server: ApiServer) -> float:
-    """Prompt tokens the server computed itself (vLLM's own count)."""
-    return server.metric_sum(COMPUTED, source="local_compute")
+class Gain:
+    """What a server's counters gain from now on. vLLM publishes a request's stats a
+    moment after its answer, so a read waits (up to 10 s) for the gain it expects."""
+
+    def __init__(self, server: ApiServer, *metrics: tuple[str, dict[str, str]]) -> None:
+        self.server = server
+        self.start = {name: server.metric_sum(name, **labels) for name, labels in metrics}
+
+    def of(self, metric: tuple[str, dict[str, str]], want: float | None = None) -> float:
+        """The gain of `metric`, once it is `want` (without one: once it is above 0)."""
+        name, labels = metric
+        deadline = time.monotonic() + 10
+        while True:
+            gain = self.server.metric_sum(name, **labels) - self.start[name]
+            if (gain == want if want is not None else gain > 0) or time.monotonic() > deadline:
+                return gain
+            time.sleep(0.1)
+
+    def waited_s(self) -> float:
+        """Seconds the server's lookups waited, once the request's wait is published."""
+        self.of((WAIT_COUNT, {}))
+        return self.server.metric_sum(WAIT_SUM) - self.start[WAIT_SUM]
+
+
+def watch(server: ApiServer) -> Gain:
+    return Gain(server, COMPUTED, GENERATED, HITS, (WAIT_SUM, {}), (WAIT_COUNT, {}))
 
 
 @pytest.fixture(scope="module")
@@ -167,28 +192,28 @@ def expect_same(pd_out: Completion, index: int, reference: dict) -> None:
 def test_six_concurrent_requests_through_lmcache_proxy_decode_from_the_prefill_kv(
     pd: PD, reference: dict, say: Callable[[str], None]
 ) -> None:
-    generated, computed = pd.prefill.metric_sum("vllm:generation_tokens_total"), computed_on(pd.decode)
+    on_p, on_d = watch(pd.prefill), watch(pd.decode)
     with ThreadPoolExecutor(len(CONCURRENT)) as pool:
         outs = list(pool.map(lambda p: complete(via(pd.lmcache_proxy, pd.decode.model), p), CONCURRENT))
     say(f"6 concurrent: D cached {[o.cached_tokens for o in outs]}, TTFT {[round(o.ttft_s * 1e3) for o in outs]} ms")
     assert [o.cached_tokens for o in outs] == [hit_of(p) for p in CONCURRENT]  # the prompt, less its last block
     for i, out in enumerate(outs):
         expect_same(out, i, reference)
-    assert pd.prefill.metric_sum("vllm:generation_tokens_total") - generated == len(CONCURRENT)  # one token each
-    assert computed_on(pd.decode) - computed == sum(len(p) - hit_of(p) for p in CONCURRENT)
-    assert pd.prefill.metric_sum("lmcache_ext:hit_tokens_total") == 0  # a producer never loads
+    assert on_p.of(GENERATED, len(CONCURRENT)) == len(CONCURRENT)  # one token each
+    assert on_d.of(COMPUTED, want := sum(len(p) - hit_of(p) for p in CONCURRENT)) == want
+    assert pd.prefill.metric_sum(HITS[0]) == 0  # a producer never loads
 
 
 def test_a_nixl_style_proxy_hands_the_prefill_answers_transfer_params_to_decode(
     pd: PD, reference: dict, say: Callable[[str], None]
 ) -> None:
-    hits, computed = pd.decode.metric_sum("lmcache_ext:hit_tokens_total"), computed_on(pd.decode)
+    on_d = watch(pd.decode)
     for n, prompt in enumerate(NIXL):
         out = complete(via(pd.nixl_proxy, pd.decode.model), prompt)
         expect_same(out, len(CONCURRENT) + n, reference)
     # vLLM reports a remote prefill's own hit as cached_tokens (as with NixlConnector): D's hits come from its metrics
-    assert pd.decode.metric_sum("lmcache_ext:hit_tokens_total") - hits == sum(hit_of(p) for p in NIXL)
-    assert computed_on(pd.decode) - computed == sum(len(p) - hit_of(p) for p in NIXL)
+    assert on_d.of(HITS, want := sum(hit_of(p) for p in NIXL)) == want
+    assert on_d.of(COMPUTED, want := sum(len(p) - hit_of(p) for p in NIXL)) == want
     # what P names: every block of the prompt, the last partial chunk's included
     reply = httpx.post(
         pd.prefill.url + "/v1/completions",
@@ -209,19 +234,19 @@ def test_decode_waits_for_a_slow_prefill_and_past_its_deadline_computes(
 ) -> None:
     pd.slow_writes(SLOW_S)
     try:
-        waited = pd.decode.metric_sum(WAIT_SUM)
+        on_d = watch(pd.decode)
         out = complete(via(pd.lmcache_proxy, pd.decode.model), SLOW[0])
-        wait_s = pd.decode.metric_sum(WAIT_SUM) - waited
+        wait_s = on_d.waited_s()
         say(f"slow prefill ({SLOW_S} s late): D waited {wait_s:.2f} s, cached {out.cached_tokens}")
         assert out.cached_tokens == hit_of(SLOW[0])  # it waited for every chunk
         assert SLOW_S - 1.0 < wait_s < LONG_WAIT_MS / 1000
         expect_same(out, len(CONCURRENT) + len(NIXL), reference)
 
-        computed = computed_on(pd.impatient)
+        on_i = watch(pd.impatient)
         out = complete(via(pd.impatient_proxy, pd.impatient.model), SLOW[1])
         say(f"slower than the {SHORT_WAIT_MS} ms deadline: D cached {out.cached_tokens}")
         assert out.cached_tokens == 0  # every chunk was still in flight at its deadline
-        assert computed_on(pd.impatient) - computed == len(SLOW[1])
+        assert on_i.of(COMPUTED, len(SLOW[1])) == len(SLOW[1])
         expect_same(out, len(CONCURRENT) + len(NIXL) + 1, reference)
     finally:
         pd.slow_writes(0)
@@ -264,11 +289,11 @@ def test_a_prefill_killed_mid_store_costs_decode_a_recompute_and_its_marks_expir
     pd.prefill.proc.wait()
     marks = [k for k in pd.redis.cli("--scan", "--pattern", "*inflight*").split() if k]
     assert marks, "the prefill server left no in-flight marks behind"
-    waited, computed = pd.impatient.metric_sum(WAIT_SUM), computed_on(pd.impatient)
+    on_i = watch(pd.impatient)
     out = complete(pd.impatient, KILLED)  # no proxy: P is gone
-    wait_s = pd.impatient.metric_sum(WAIT_SUM) - waited
+    wait_s = on_i.waited_s()
     say(f"P killed mid-store: the impatient D waited {wait_s:.2f} s, cached {out.cached_tokens}")
-    assert out.cached_tokens == 0 and computed_on(pd.impatient) - computed == len(KILLED)
+    assert out.cached_tokens == 0 and on_i.of(COMPUTED, len(KILLED)) == len(KILLED)
     assert SHORT_WAIT_MS / 1000 - 0.2 < wait_s < SHORT_WAIT_MS / 1000 + 2
     expect_same(out, index, reference)
     deadline = time.monotonic() + MARK_TTL_MS / 1000 + 5
@@ -276,9 +301,9 @@ def test_a_prefill_killed_mid_store_costs_decode_a_recompute_and_its_marks_expir
         time.sleep(0.25)
         marks = [k for k in pd.redis.cli("--scan", "--pattern", "*inflight*").split() if k]
     assert not marks, f"the crashed prefill server's marks did not expire: {marks}"
-    waited = pd.decode.metric_sum(WAIT_SUM)
+    on_d = watch(pd.decode)
     out = complete(pd.decode, KILLED)  # the patient D: nothing is in flight any more, so it does not wait
-    assert out.cached_tokens == 0 and pd.decode.metric_sum(WAIT_SUM) - waited < 1.0
+    assert out.cached_tokens == 0 and on_d.waited_s() < 1.0
     expect_same(out, index, reference)
 
 

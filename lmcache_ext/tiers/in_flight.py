@@ -35,6 +35,7 @@ class PendingChunks:
         self._lock = threading.Lock()
         self._deadline: dict[bytes, float] = {}  # chunk key -> when to stop waiting for it
         self._expected: set[bytes] = set()  # named by a producer's kv_transfer_params
+        self._seen_marked: set[bytes] = set()  # waited for on a mark that a probe found
         self._given_up: dict[bytes, float] = {}  # marked chunks waited out -> when their mark expires
         self.waited_out = 0  # chunks whose deadline passed while they were still in flight
 
@@ -58,6 +59,8 @@ class PendingChunks:
                 self._forget(key)
                 return False
             deadline = self._deadline.setdefault(key, now + self._wait_s)
+            if marked:
+                self._seen_marked.add(key)
             if now < deadline:
                 return None
             self.waited_out += 1
@@ -68,11 +71,17 @@ class PendingChunks:
                 self._given_up = {k: t for k, t in self._given_up.items() if t > now}
             return False
 
-    def forget(self, keys: Iterable[bytes]) -> None:
-        """The store could not be asked about `keys`: stop waiting for them (a miss now)."""
+    def unreachable(self, key: bytes) -> bool | None:
+        """The store could not be asked about `key` this time. A chunk already seen in
+        flight is still waited for, up to its deadline (one failed probe on a loaded
+        machine must not cost the hit); any other is a miss now: nothing is known to be
+        coming, and a store that is down must not hold every request to its deadline."""
+        now = self._clock()
         with self._lock:
-            for key in keys:
-                self._forget(key)
+            if key in self._seen_marked and now < self._deadline.get(key, 0.0):
+                return None
+            self._forget(key)
+            return False
 
     def waiting(self) -> int:
         """Chunks being waited for now."""
@@ -82,3 +91,4 @@ class PendingChunks:
     def _forget(self, key: bytes) -> None:
         self._deadline.pop(key, None)
         self._expected.discard(key)
+        self._seen_marked.discard(key)

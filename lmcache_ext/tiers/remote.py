@@ -381,7 +381,7 @@ class RemotePresence(TierHoldings):
         while keys:
             self._probe(keys)
             with self._lock:
-                keys = [k for k in keys if self._known[k][0] is None]
+                keys = [k for k in keys if self._known.get(k, (False, 0.0))[0] is None]
             if keys:
                 time.sleep(POLL_S)
 
@@ -461,9 +461,8 @@ class RemotePresence(TierHoldings):
         except (Unavailable, GlideError) as exc:
             self.counts["probe_failed"] += 1
             logger.debug("remote probe of %d chunks failed: %s", len(keys), exc)
-            if self._pending is not None:  # nothing in flight arrives through a store that cannot be asked
-                self._pending.forget(keys)
-            answers: list[bool | None] = [False] * len(keys)
+            pending = self._pending
+            answers: list[bool | None] = [False if pending is None else pending.unreachable(k) for k in keys]
         else:
             answers = [self._settle(key, ok, mark) for key, ok, mark in zip(keys, present, marked)]
         now = time.monotonic()
