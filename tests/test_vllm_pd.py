@@ -31,10 +31,9 @@ import httpx
 from conftest import running_server
 from lmcache_ext.integration.vllm.api_server import ApiServer
 from lmcache_ext.integration.vllm.disagg import Proxy, pd_transfer_config
-from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV, fair_cpu_binding
+from lmcache_ext.integration.vllm.offline import fair_cpu_binding
 from lmcache_ext.testing.remote_servers import Server, redis_binary
-from lmcache_ext.tiny_llama import build_tiny_llama
-from test_vllm_connector import ASK_A, CHUNK, cached_of, generate, tokens_of
+from test_vllm_connector import CHUNK
 from test_vllm_server import BLOCK, Completion, assert_same_greedy, complete, hit_of, tokens
 
 pytestmark = pytest.mark.vllm
@@ -305,33 +304,3 @@ def test_a_prefill_killed_mid_store_costs_decode_a_recompute_and_its_marks_expir
     out = complete(pd.decode, KILLED)  # the patient D: nothing is in flight any more, so it does not wait
     assert out.cached_tokens == 0 and on_d.waited_s() < 1.0
     expect_same(out, index, reference)
-
-
-def test_tensor_parallel_prefill_and_decode(tmp_path: Path) -> None:
-    """TP=2 on both sides (offline engines in turn): D hits the prompt to its last
-    block from P's chunks and answers as plain TP=2."""
-    binary = redis_binary()
-    if binary is None:
-        pytest.skip("no redis-server here (Debian's package)")
-    model = build_tiny_llama(tmp_path / "model")
-    redis = Server(binary, tmp_path / "redis").start()
-    try:
-        plain = generate(model, [[ASK_A]], TP2, **TP2_ENV)
-        side = {"chunk_size": CHUNK}
-        produced = generate(
-            model,
-            [[ASK_A]],
-            {"kv_transfer_config": pd_transfer_config("kv_producer", redis.url, **side), **TP2},
-            **TP2_ENV,
-        )
-        consumed = generate(
-            model,
-            [[ASK_A]],
-            {"kv_transfer_config": pd_transfer_config("kv_consumer", redis.url, **side), **TP2},
-            **TP2_ENV,
-        )
-    finally:
-        redis.kill()
-    assert cached_of(produced) == [[0]]
-    assert cached_of(consumed) == [[(len(ASK_A) - 1) // BLOCK * BLOCK]]
-    assert tokens_of(consumed) == tokens_of(plain)
