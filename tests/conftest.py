@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # lmcache_ext.integration.vllm imports vLLM, which the suite 
     from lmcache_ext.integration.vllm.api_server import ApiServer
 
 SERVERS = {"redis": redis_binary, "valkey": valkey_binary}
+REMOTE_TIMEOUT_MS = 2000
+"""remote_timeout_ms of the real-engine tests: on this 2-core machine, loaded by both
+workers' engines, one Redis call has taken over 500 ms, and a timed-out call costs hits."""
 
 
 def _pin_engine_threads() -> None:

@@ -24,6 +24,7 @@ from lmcache_ext.engine import CacheEngine
 from lmcache_ext.keys import chunk_keys
 from lmcache_ext.testing.kv_layouts import make_layers, page_view
 from lmcache_ext.testing.remote_servers import free_port
+from lmcache_ext.tiers import remote
 from lmcache_ext.tiers.remote import RemoteConfigError, RemoteStore
 
 LAYERS, BLOCKS, BLOCK, CHUNK = 2, 64, 16, 64  # 4 blocks a chunk
@@ -155,6 +156,29 @@ def test_a_slow_server_times_out_without_hanging_the_caller(redis):
         assert b.retrieve(tokens, list(range(20, 32))) == 0
         assert time.monotonic() - started < 1.5
         assert b.stats()["pinned_slots"] == 0
+
+
+def test_faults_of_calls_in_flight_together_back_off_once_and_later_faults_double_it(monkeypatch):
+    """One slow moment of the server times out every thread's call at once: that is one
+    fault, not one per thread (four threads used to back off 0.5 + 1 + 2 + 4 s)."""
+    clock = [100.0]
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
+    health = remote.Health("redis://127.0.0.1:1")
+    for _ in range(4):
+        health.failed(TimeoutError("timed out"))
+        clock[0] += 0.01
+    assert not health.usable()
+    clock[0] = 100.0 + remote.BACKOFF_FIRST_S
+    assert health.usable()
+    health.failed(TimeoutError("timed out"))  # the first call after the backoff fails too
+    clock[0] += 2 * remote.BACKOFF_FIRST_S - 0.01
+    assert not health.usable()
+    clock[0] += 0.01
+    assert health.usable()
+    health.succeeded()
+    health.failed(TimeoutError("timed out"))  # a new burst starts from the first backoff
+    clock[0] += remote.BACKOFF_FIRST_S
+    assert health.usable()
 
 
 def test_a_full_server_fails_stores_only_with_one_warning(redis, caplog):

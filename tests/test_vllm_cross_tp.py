@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.tiny_llama import build_tiny_llama
 from test_vllm_connector import CHUNK, cached_of, chunk_files, connector, tokens_of
@@ -25,7 +26,7 @@ GROWN_HIT = 4 * CHUNK + 128  # GROWN's 4 chunks and its partial one of a block
 
 def test_an_engine_at_tp1_hits_what_tp2_stored_and_tp2_hits_what_tp1_stored(tmp_path, redis):
     model = build_tiny_llama(tmp_path / "four_kv_heads", heads=HEADS, kv_heads=HEADS)
-    disk, remote = tmp_path / "kv", {"remote_url": redis.url, "remote_timeout_ms": 2000}
+    disk, remote = tmp_path / "kv", {"remote_url": redis.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
     plain_tp1 = generate(model, [([DOC], 40), ([GROWN], 40)], {})
     plain_tp2 = generate(model, [([GROWN], 40)], TP2, **TP2_ENV)
 

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV, run_vllm_script
 from lmcache_ext.testing.model_shapes import build_tiny_model
 from test_vllm_connector import CHUNK, cached_of, connector, tokens, tokens_of
@@ -75,7 +76,7 @@ def test_gpt_oss_hits_host_partial_disk_and_redis_with_plain_vllms_answers(gpt_o
     """One engine: cold, warm from host, the partial chunk of a grown prompt, then
     preemptions. A fresh engine, with vLLM's prefix cache on, hits the grown prompt from
     disk; another, with its own disk, through Redis."""
-    remote = {"remote_url": redis.url, "remote_timeout_ms": 500}
+    remote = {"remote_url": redis.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
     first = generate(gpt_oss, RUN, {**SMALL, **connector(tmp_path / "one", **remote)})
     assert tokens_of(first["results"]) == plain[: len(RUN)]  # the cold answer too: HMA stays on
     assert cached_of(first["results"])[:3] == [[0], [3 * CHUNK + 128], [3 * CHUNK + 128]]

@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.testing.model_shapes import build_tiny_model
 from test_vllm_connector import cached_of, connector, tokens, tokens_of
@@ -39,7 +40,7 @@ def test_qwen3_next_hits_end_where_vllm_kept_a_state_from_host_disk_and_redis_wi
     block = plain["block_size"]
     doc, grown = len(DOC) // block * block, len(GROWN) // block * block
     assert cached_of(plain["results"]) == [[0], [doc], [doc], [grown]]
-    remote = {"remote_url": redis.url, "remote_timeout_ms": 500}
+    remote = {"remote_url": redis.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
     ours = {**BF16, **connector(tmp_path / "kv", **remote)}
     first = generate(model, [([DOC], 40), ([DOC], 40, "reset"), ([GROWN], 40, "reset")], ours)
     assert first["block_size"] == block and cached_of(first["results"]) == [[0], [doc], [doc]]

@@ -14,6 +14,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a rea
 
 import torch
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.testing.model_shapes import build_tiny_model
 from test_vllm_connector import cached_of, connector, tokens_of
@@ -69,7 +70,7 @@ def test_on_amx_mla_at_tp2_rank_0_alone_writes_and_an_engine_at_tp1_hits_it(deep
     not one per rank, and the TP size is not part of the key."""
     batches = [([DOC], 30), ([DOC], 30), ([GROWN], 30)]
     plain_tp2 = generate(deepseek, batches, {**BF16, **TP2}, **TP2_ENV)
-    remote = {"remote_url": redis.url, "remote_timeout_ms": 500}
+    remote = {"remote_url": redis.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
     ours = {**BF16, **TP2, **connector(tmp_path / "kv", **remote)}
     tp2 = generate(deepseek, [([DOC], 30), ([DOC], 30, "reset"), ([GROWN], 30, "reset")], ours, **TP2_ENV)
     assert cached_of(tp2["results"]) == cached_of(plain_tp2["results"])

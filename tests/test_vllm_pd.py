@@ -28,7 +28,7 @@ pytest.importorskip("openai", reason="the openai client is not installed (pip in
 pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: P/D shares KV through the remote tier")
 import httpx
 
-from conftest import running_server
+from conftest import REMOTE_TIMEOUT_MS, running_server
 from lmcache_ext.integration.vllm.api_server import ApiServer
 from lmcache_ext.integration.vllm.disagg import Proxy, pd_transfer_config
 from lmcache_ext.integration.vllm.offline import fair_cpu_binding
@@ -154,7 +154,7 @@ def pd(
     p_threads, d_threads = cores()
 
     def side(name: str, role: str, env: dict[str, str], **extra: object) -> ApiServer:
-        config = pd_transfer_config(role, redis.url, chunk_size=CHUNK, remote_timeout_ms=500, **extra)
+        config = pd_transfer_config(role, redis.url, chunk_size=CHUNK, remote_timeout_ms=REMOTE_TIMEOUT_MS, **extra)
         return ApiServer(tiny_model, kv_transfer_config=config, args=ARGS, env=env, log_path=logs / f"{name}.log")
 
     servers = {

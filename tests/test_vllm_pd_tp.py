@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run a real vLLM engine")
 pytest.importorskip("glide_sync", reason="valkey-glide-sync is not installed: P/D shares KV through the remote tier")
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.disagg import pd_transfer_config
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.testing.remote_servers import Server, redis_binary
@@ -29,12 +30,13 @@ def test_tensor_parallel_prefill_and_decode(tmp_path: Path) -> None:
         pytest.skip("no redis-server here (Debian's package)")
     model = build_tiny_llama(tmp_path / "model")
     redis = Server(binary, tmp_path / "redis").start()
+    settings = {"chunk_size": CHUNK, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
     try:
         sides = {
             role: generate(
                 model,
                 [[ASK_A]],
-                {"kv_transfer_config": pd_transfer_config(role, redis.url, chunk_size=CHUNK), **TP2},
+                {"kv_transfer_config": pd_transfer_config(role, redis.url, **settings), **TP2},
                 **TP2_ENV,
             )
             for role in ("kv_producer", "kv_consumer")

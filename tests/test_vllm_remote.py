@@ -15,6 +15,7 @@ pytest.importorskip(
     "glide_sync", reason="valkey-glide-sync is not installed: the remote tier needs it (lmcache_ext[remote])"
 )
 
+from conftest import REMOTE_TIMEOUT_MS
 from lmcache_ext.integration.vllm.offline import TP2, TP2_ENV
 from lmcache_ext.tiny_llama import build_tiny_llama
 from test_vllm_connector import (
@@ -39,7 +40,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def remote(disk: Path, url: str, **extra: object) -> dict:
-    return connector(disk, remote_url=url, remote_timeout_ms=500, **extra)
+    return connector(disk, remote_url=url, remote_timeout_ms=REMOTE_TIMEOUT_MS, **extra)
 
 
 def test_a_second_engine_hits_what_the_first_stored_remotely(model, redis, tmp_path):

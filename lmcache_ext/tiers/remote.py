@@ -117,7 +117,9 @@ def tls_problem(endpoint: RemoteEndpoint, config: CacheConfig) -> str | None:
 class Health:
     """Whether the server is worth asking now. A connectivity fault starts a backoff
     (doubling up to BACKOFF_MAX_S) during which nothing is sent; the first fault of a
-    burst is a warning, the first success after it an info line."""
+    burst is a warning, the first success after it an info line. Faults of calls that
+    were in flight together (one slow moment of the server, seen by every thread) end
+    in the same backoff: only a fault after a backoff has run out doubles it."""
 
     def __init__(self, shown_url: str) -> None:
         self._shown = shown_url
@@ -129,10 +131,12 @@ class Health:
         return time.monotonic() >= self._down_until
 
     def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
         with self._lock:
             first = self._backoff == 0.0
-            self._backoff = min(BACKOFF_MAX_S, self._backoff * 2 or BACKOFF_FIRST_S)
-            self._down_until = time.monotonic() + self._backoff
+            if now >= self._down_until:
+                self._backoff = min(BACKOFF_MAX_S, self._backoff * 2 or BACKOFF_FIRST_S)
+                self._down_until = now + self._backoff
         if first:
             logger.warning(
                 "remote tier %s is not answering (%s): its hits and stores are skipped, retrying with backoff",
