@@ -82,6 +82,7 @@ class CachedRequest:
     keys: list[ChunkKey] = field(default_factory=list)
     keyable: bool = True  # False: an extra key could not be encoded; never hit nor stored
     stored: int = 0  # chunks [0, stored) are stored or were found present
+    gone: int | None = None  # the first chunk not stored because vLLM freed its kept blocks
     prompt_partial: bool = False  # the prompt's partial chunk was planned (or had nothing to store)
     partial: tuple[int, ChunkKey] | None = None  # the partial chunk stored or found present: (its end, key)
     # Chunks fetched for it (and the tier they came from), pinned until its load is planned.
@@ -475,6 +476,7 @@ class ChunkPlanner:
             bpc = g.blocks_per_chunk
             parts = g.group_pages(tables, c, bpc, 0, bpc, load=False, computed=computed_before)
             if parts is None:
+                req.gone = c if req.gone is None else req.gone
                 req.stored += 1  # its pages are gone
                 continue
             slot = self._directory.reserve_store(keys[c])
@@ -554,10 +556,13 @@ class ChunkPlanner:
     def stored_extent(self, req: CachedRequest) -> tuple[int, ChunkKey | None]:
         """How many leading tokens of the request its stores cover (planned, or found
         already held), and the key of the last chunk among them: what a prefill
-        instance tells its decode instance (`expect`)."""
+        instance tells its decode instance (`expect`). They end before a hybrid's
+        first chunk whose kept blocks vLLM freed: that one never arrives, and no hit
+        reaches past it."""
         chunk = self._config.chunk_size
-        keys = req.keys[: req.stored]
-        if req.partial is not None and req.partial[0] // chunk == req.stored:  # it follows the full chunks
+        stored = req.stored if req.gone is None else req.gone
+        keys = req.keys[:stored]
+        if req.partial is not None and req.partial[0] // chunk == stored:  # it follows the full chunks
             return req.partial
         return (len(keys) * chunk, keys[-1]) if keys else (0, None)
 

@@ -219,6 +219,7 @@ def test_a_hybrid_chunk_computed_before_its_window_blocks_were_freed_is_not_stor
     # chunks 0 and 1 were computed in earlier steps: vLLM freed chunk 0's sliding block
     p.plan_stores(req, ([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]), len(tokens), plan, computed_before=2 * CHUNK)
     assert [item.copy.block_ids for item in plan.stores] == [(3, 4), (5, 6)]
+    assert p.stored_extent(req) == (0, None)  # what a prefill instance names: no hit reaches past chunk 0
 
 
 # -- CacheEngine --
