@@ -4,7 +4,8 @@
 #   build    compiles the extension in place for the local GPU (setup.py build_ext:
 #            no pip, no build isolation, nothing fetched)
 #   tests    pytest -m gpu (vLLM and transformers tests skip: that machine has neither), the
-#            hybrid models' per-group pages and Mamba-type state among them (test_kv_groups.py)
+#            hybrid models' per-group pages and Mamba-type state among them (test_kv_groups.py),
+#            and per-head records gathered at TP=2 and scattered at TP=1 (test_head_shards.py)
 #   bench    benchmarks/kernels.py --device cuda: 32 layers loaded layerwise beside a
 #            per-layer matmul vs load-then-compute vs compute alone (kernel and DMA paths);
 #            zero-copy GB/s vs cudaMemcpyAsync per grid cap, the DMA path

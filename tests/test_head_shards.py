@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcache_ext import ops
 from lmcache_ext.config import load_config
+from lmcache_ext.executor import TransferExecutor
 from lmcache_ext.geometry import Geometry
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.plans import Plan, SlotCopy, Source, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage, open_holdings
 from lmcache_ext.tiers.heads import HeadShards
 
@@ -100,6 +103,57 @@ def test_a_chunk_written_at_one_tp_size_reads_byte_exact_at_another(tmp_path, la
     for rank in range(read_at):
         want = rank_payload(chunk, layout, reader, rank)
         assert torch.equal(load(tmp_path, reader, rank, want.numel(), KEY), want)
+
+
+# The copies on the CPU twin, and on the CUDA kernels (a `gpu` test: benchmarks/gpu_check.sh)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ops.cuda_available(), reason="needs a CUDA device and build")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+def test_paged_caches_at_tp2_store_heads_that_a_cache_at_tp1_loads_byte_exact_through_the_executor(
+    tmp_path, device, layout
+):
+    """A head-sliced chunk's whole path on each device: each TP=2 rank's gather copies its
+    pages into a slot (page-locked on CUDA) whose heads are split into their records once
+    the copy has ended; the TP=1 rank joins every head's record into a slot and its
+    scatter writes its own pages."""
+    axis, blocks, into = (1 if layout == "LBHNC" else 2), (5, 9), (2, 7)
+    shape = (12, HEADS, BLOCK, WIDTH) if layout == "LBHNC" else (12, BLOCK, HEADS, WIDTH)  # 12 blocks a layer
+    whole = [torch.randint(0, 256, shape, dtype=torch.uint8) for _ in range(LAYERS)]
+    written: list[bool] = []
+    for rank in range(2):
+        g = geometry(2, layout)
+        s = storage(tmp_path, g, rank)
+        mine = [pages.narrow(axis, rank * g.heads, g.heads).contiguous().to(device) for pages in whole]
+        executor, slot = TransferExecutor(ops.PagedLayers.from_tensors(mine), s.pool, s.tiers), s.pool.alloc()
+        write = TierTransfer(Source.DISK, KEY, slot, g.slot_bytes)
+        result = executor.run(
+            Plan(gathers=(SlotCopy(slot, blocks),), writes=(write,)), lambda _, ok: written.append(ok)
+        )
+        s.tiers[Source.DISK].flush()
+        assert result.gathers == (True,) and written[rank]
+        executor.close()
+        s.close()
+    g = geometry(1, layout)
+    s = storage(tmp_path, g, 0)
+    loaded = [torch.zeros_like(pages).to(device) for pages in whole]
+    executor, slot = TransferExecutor(ops.PagedLayers.from_tensors(loaded), s.pool, s.tiers), s.pool.alloc()
+    read = TierTransfer(Source.DISK, KEY, slot, g.slot_bytes)
+    result = executor.run(Plan(reads=(read,), scatters=(SlotCopy(slot, into),)))
+    executor.wait_slots([slot])
+    assert result.reads == (True,) and result.scatters == (True,)
+    for pages, got in zip(whole, loaded):
+        assert torch.equal(got.cpu()[list(into)], pages[list(blocks)])
+        assert not got.cpu()[[b for b in range(len(pages)) if b not in into]].any()
+    executor.close()
+    s.close()
 
 
 def test_heads_replicated_on_several_ranks_are_written_once_and_read_by_every_replica(tmp_path):
