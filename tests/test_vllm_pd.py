@@ -293,7 +293,8 @@ def test_a_prefill_killed_mid_store_costs_decode_a_recompute_and_its_marks_expir
     wait_s = on_i.waited_s()
     say(f"P killed mid-store: the impatient D waited {wait_s:.2f} s, cached {out.cached_tokens}")
     assert out.cached_tokens == 0 and on_i.of(COMPUTED, len(KILLED)) == len(KILLED)
-    assert SHORT_WAIT_MS / 1000 - 0.2 < wait_s < SHORT_WAIT_MS / 1000 + 2
+    longest = (SHORT_WAIT_MS + REMOTE_TIMEOUT_MS) / 1000 + 1  # its deadline, and a probe that took its timeout
+    assert SHORT_WAIT_MS / 1000 - 0.2 < wait_s < longest
     expect_same(out, index, reference)
     deadline = time.monotonic() + MARK_TTL_MS / 1000 + 5
     while marks and time.monotonic() < deadline:
