@@ -10,9 +10,9 @@ One JSON line per figure:
   plain copy of the same bytes;
 - MLA at TP=2: bytes and files written per stored chunk with rank 0 writing for every
   replica, against each rank writing its own copy (before e78c34a);
-- MLA on the host tier: a load's scatter GB/s from a slot in shared memory (/dev/shm, as
-  one rank's slot read by the others would be) against one in the rank's own memory,
-  and the host bytes per chunk either way.
+- MLA on the host tier: a follower's load (scatter GB/s) from the first replica's
+  shared pool, which it attached (`replica_pool`), against one from a pool of the rank's
+  own, and the host bytes per chunk either way.
 Run: python benchmarks/head_shards.py [--layers 32] [--chunks 16] [--disk-dir DIR]
 """
 
@@ -35,6 +35,7 @@ from lmcache_ext import ops
 from lmcache_ext.config import load_config
 from lmcache_ext.geometry import Geometry
 from lmcache_ext.keys import chunk_keys
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.tiers import TierIO, build_storage
 from lmcache_ext.tiers.heads import HeadShards, aligned_bytes, head_views
 
@@ -167,26 +168,27 @@ def mla_figure(work: Path, layers: int) -> None:
     )
 
 
-def shared_slot_figure(work: Path, layers: int, tp: int = 2) -> None:
-    """DeepSeek-V3's latent (512 + 64 rope, bf16) per token and layer, 16-token blocks."""
+def shared_slot_figure(layers: int, tp: int = 2) -> None:
+    """DeepSeek-V3's latent (512 + 64 rope, bf16) per token and layer, 16-token blocks: a
+    follower's scatter from the first replica's shared pool (`replica_pool`: a memfd,
+    attached), against one from a pool of the rank's own."""
     page = BLOCK * (512 + 64) * 2
     blocks = CHUNK // BLOCK
     cache = [torch.zeros(4 * blocks, BLOCK, 576, dtype=torch.bfloat16) for _ in range(layers)]
     kv = ops.PagedLayers.from_tensors(cache)
     nbytes = layers * blocks * page
-    own = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
-    path = shm / f"lmcache_ext_bench_{os.getpid()}"
-    try:
-        shared = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
-        shared.copy_(own)
-        ids = list(range(blocks, 2 * blocks))
-        rates = {
-            name: statistics.median(best_gbps(nbytes, functools.partial(ops.scatter, kv, ids, src)) for _ in range(3))
-            for name, src in (("own_slot", own), ("shared_slot", shared))
-        }
-    finally:
-        path.unlink(missing_ok=True)
+    own = HostSlotPool(nbytes, 1, pin="never")
+    first = HostSlotPool(nbytes, 1, pin="never", shared=True)
+    follower = HostSlotPool(nbytes, 1, pin="never", attach=f"/proc/{os.getpid()}/fd/{first.shared_fd}")
+    own.view(0).copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    first.view(0).copy_(own.view(0))
+    ids = list(range(blocks, 2 * blocks))
+    rates = {
+        name: statistics.median(
+            best_gbps(nbytes, functools.partial(ops.scatter, kv, ids, pool.view(0))) for _ in range(3)
+        )
+        for name, pool in (("own_slot", own), ("shared_slot", follower))
+    }
     emit(
         {
             "figure": f"mla_host_load_gbps:tp{tp}",
@@ -194,7 +196,10 @@ def shared_slot_figure(work: Path, layers: int, tp: int = 2) -> None:
             "own_slot": round(rates["own_slot"], 2),
             "shared_slot": round(rates["shared_slot"], 2),
             "ratio": round(rates["shared_slot"] / rates["own_slot"], 3),
-            "host_bytes_per_chunk": {"own_slots": tp * nbytes, "one_shared_slot": nbytes},
+            "host_bytes_per_chunk": {
+                "own_slots": tp * HostSlotPool.stride_for(nbytes),
+                "one_shared_slot": HostSlotPool.stride_for(nbytes),
+            },
         }
     )
 
@@ -214,7 +219,7 @@ def main() -> None:
             split_figure(args.layers, layout)
             disk_figures(Path(tmp), args.layers, args.chunks, layout)
         mla_figure(Path(tmp), args.layers)
-        shared_slot_figure(Path(tmp), args.layers)
+        shared_slot_figure(args.layers)
 
 
 if __name__ == "__main__":

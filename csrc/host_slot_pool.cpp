@@ -1,13 +1,19 @@
 #include "host_slot_pool.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <new>
 #include <string>
+#include <thread>
 #include <utility>
 
 #include "cuda_api.h"
@@ -39,23 +45,68 @@ int64_t address_of(const char* p) { return static_cast<int64_t>(reinterpret_cast
 
 std::string pin_name(PinMode pin) { return pin == PinMode::kAlways ? "always" : "auto"; }
 
-// Anonymous memory starting on an `align` boundary. mmap only aligns to pages
-// and transparent huge pages need 2 MiB-aligned ranges, so this maps
-// `align - page` bytes more and trims both ends. No MAP_NORESERVE: a size the
-// system cannot back fails here rather than crashing on first touch.
-Status map_aligned(int64_t bytes, int64_t align, char** out) {
+// `bytes` of memory starting on an `align` boundary: anonymous, or the first bytes of
+// file `fd` shared. mmap only aligns to pages and transparent huge pages need 2
+// MiB-aligned ranges, so this reserves `align - page` bytes more, maps over the
+// aligned part and trims both ends. Anonymous memory is mapped without MAP_NORESERVE
+// (a shared file's pages are reserved by new_memfd): a size the system cannot back
+// fails here rather than crashing on first touch.
+Status map_aligned(int64_t bytes, int64_t align, int fd, char** out) {
   const int64_t slack = align - HostSlotPool::kSlotAlignment;
   if (bytes > kMaxInt64 - slack) return Status::OutOfMemory("the mapping overflows 64 bits");
-  void* raw =
-      mmap(nullptr, static_cast<size_t>(bytes + slack), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* raw = mmap(nullptr, static_cast<size_t>(bytes + slack), fd < 0 ? PROT_READ | PROT_WRITE : PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | (fd < 0 ? 0 : MAP_NORESERVE), -1, 0);
   if (raw == MAP_FAILED) return Status::OutOfMemory(std::strerror(errno));
   const uintptr_t start = reinterpret_cast<uintptr_t>(raw);
   const uintptr_t aligned = (start + align - 1) / align * align;
   const size_t head = aligned - start;
   const size_t tail = static_cast<size_t>(slack) - head;
+  if (fd >= 0 && mmap(reinterpret_cast<void*>(aligned), static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
+                      MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+    const int err = errno;
+    munmap(raw, static_cast<size_t>(bytes + slack));
+    return Status::OutOfMemory(std::strerror(err));
+  }
   if (head > 0) munmap(raw, head);
   if (tail > 0) munmap(reinterpret_cast<char*>(aligned) + bytes, tail);
   *out = reinterpret_cast<char*>(aligned);
+  return Status::Ok();
+}
+
+// One int64 stamp per slot, after the slots, rounded up to whole pages.
+int64_t stamp_bytes(int64_t num_slots) {
+  const int64_t bytes = num_slots * static_cast<int64_t>(sizeof(int64_t));
+  return (bytes + HostSlotPool::kSlotAlignment - 1) / HostSlotPool::kSlotAlignment * HostSlotPool::kSlotAlignment;
+}
+
+// The file behind a shared arena of `bytes`: a memfd whose pages are reserved now.
+Status new_memfd(int64_t bytes, int* out) {
+  const int fd = memfd_create("lmcache_ext host pool", MFD_CLOEXEC);
+  if (fd < 0) return Status::Unavailable(std::string("memfd_create failed: ") + std::strerror(errno));
+  int err = fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+  if (err == EOPNOTSUPP) err = ftruncate(fd, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+  if (err != 0) {
+    close(fd);
+    return Status::OutOfMemory("cannot reserve " + std::to_string(bytes) +
+                               " bytes of shared memory: " + std::strerror(err));
+  }
+  *out = fd;
+  return Status::Ok();
+}
+
+// Opens the shared arena at `path` and checks that it is `bytes` long.
+Status open_shared(const std::string& path, int64_t bytes, int* out) {
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return Status::Unavailable("cannot open the shared host pool " + path + ": " + std::strerror(errno));
+  struct stat st{};
+  if (fstat(fd, &st) != 0 || st.st_size != bytes) {
+    const int64_t size = fstat(fd, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+    close(fd);
+    return Status::InvalidArgument("the shared host pool " + path + " holds " + std::to_string(size) +
+                                   " bytes: expected " + std::to_string(bytes) +
+                                   " (the same slot_bytes and num_slots as its creator)");
+  }
+  *out = fd;
   return Status::Ok();
 }
 
@@ -75,13 +126,28 @@ Status HostSlotPool::stride_for(int64_t slot_bytes, int64_t* stride) {
 
 Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
                             std::unique_ptr<HostSlotPool>* out) {
+  return make(Backing::kPrivate, "", slot_bytes, num_slots, pin, lock, device, out);
+}
+
+Status HostSlotPool::create_shared(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
+                                   std::unique_ptr<HostSlotPool>* out) {
+  return make(Backing::kCreateShared, "", slot_bytes, num_slots, pin, lock, device, out);
+}
+
+Status HostSlotPool::attach(const std::string& path, int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+                            int device, std::unique_ptr<HostSlotPool>* out) {
+  return make(Backing::kAttach, path, slot_bytes, num_slots, pin, lock, device, out);
+}
+
+Status HostSlotPool::make(Backing backing, const std::string& path, int64_t slot_bytes, int64_t num_slots, PinMode pin,
+                          bool lock, int device, std::unique_ptr<HostSlotPool>* out) {
   int64_t stride = 0;
   Status st = stride_for(slot_bytes, &stride);
   if (!st.ok()) return st;
   if (num_slots <= 0)
     return Status::InvalidArgument("num_slots = " + std::to_string(num_slots) +
                                    ": expected a positive number of slots");
-  if (num_slots > kMaxInt64 / stride)
+  if (num_slots > (kMaxInt64 - stamp_bytes(num_slots)) / stride)
     return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) + " x num_slots = " +
                                    std::to_string(num_slots) + ": the arena size overflows 64 bits");
   if (device < kCurrentDevice)
@@ -94,54 +160,72 @@ Status HostSlotPool::create(int64_t slot_bytes, int64_t num_slots, PinMode pin, 
         "visible");
 
   const int64_t arena = stride * num_slots;
+  const int64_t mapped = arena + stamp_bytes(num_slots);
+  int fd = -1;
+  if (backing == Backing::kCreateShared) st = new_memfd(mapped, &fd);
+  if (backing == Backing::kAttach) st = open_shared(path, mapped, &fd);
+  if (!st.ok()) return st;
   const bool huge = arena >= kHugePageBytes;
   char* base = nullptr;
-  st = map_aligned(arena, huge ? kHugePageBytes : kSlotAlignment, &base);
-  if (!st.ok())
+  st = map_aligned(mapped, huge ? kHugePageBytes : kSlotAlignment, fd, &base);
+  if (backing == Backing::kAttach) close(fd);  // the mapping keeps the memory
+  if (!st.ok()) {
+    if (backing == Backing::kCreateShared) close(fd);
     return Status::OutOfMemory("cannot map the host pool: " + std::to_string(num_slots) + " slots x " +
                                std::to_string(stride) + " bytes = " + std::to_string(arena) +
                                " bytes: " + st.message());
+  }
   std::unique_ptr<HostSlotPool> pool;
   try {
-    pool.reset(new HostSlotPool(base, slot_bytes, stride, num_slots));
+    pool.reset(new HostSlotPool(base, slot_bytes, stride, num_slots, mapped));
   } catch (const std::bad_alloc&) {
-    munmap(base, static_cast<size_t>(arena));
+    munmap(base, static_cast<size_t>(mapped));
+    if (backing == Backing::kCreateShared) close(fd);
     return Status::OutOfMemory("cannot allocate the free list of " + std::to_string(num_slots) + " slots");
   }
-
-  // Before registering: a fork must neither copy the arena into the child nor
-  // share its pages with it (see host_slot_pool.h).
-  if (madvise(base, static_cast<size_t>(arena), MADV_DONTFORK) != 0)
-    return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " + std::string(std::strerror(errno)));
-  // A hint only: without transparent huge pages the pool works the same.
-  if (huge) (void)madvise(base, static_cast<size_t>(arena), MADV_HUGEPAGE);
-  // Fault every page in now, in the kernel (~4 GB/s here), instead of on the first
-  // store into each slot: first touches from user space run at well under 1 GB/s on
-  // VMs and would land in the serving path. Kernels before 5.14 lack it: lazy then.
-  pool->populated_ = madvise(base, static_cast<size_t>(arena), kMadvPopulateWrite) == 0;
-  if (lock) {
-    // Not permitted (RLIMIT_MEMLOCK, no CAP_IPC_LOCK) is not an error: the pool
-    // just stays swappable. A failure may have locked a part, so undo it.
-    pool->mlocked_ = mlock(base, static_cast<size_t>(arena)) == 0;
-    if (!pool->mlocked_) munlock(base, static_cast<size_t>(arena));
-  }
-  if (pin != PinMode::kNever && cuda::device_count() > 0) {
-    st = pool->page_lock(device);
-    if (!st.ok())
-      return Status(st.code(), "pin = " + pin_name(pin) + ": cannot page-lock the host pool of " +
-                                   std::to_string(arena) + " bytes: " + st.message() +
-                                   " (pin = 'never' keeps it pageable, for a KV cache that is not on a "
-                                   "CUDA device)");
-  }
+  pool->shared_ = backing != Backing::kPrivate;
+  if (backing == Backing::kCreateShared) pool->fd_ = fd;
+  st = pool->prepare(pin, lock, device);
+  if (!st.ok()) return st;
   *out = std::move(pool);
   return Status::Ok();
 }
 
-HostSlotPool::HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots)
+Status HostSlotPool::prepare(PinMode pin, bool lock, int device) {
+  const size_t mapped = static_cast<size_t>(mapped_bytes_);
+  // Before registering: a fork must neither copy the arena into the child nor
+  // share its pages with it (see host_slot_pool.h).
+  if (madvise(base_, mapped, MADV_DONTFORK) != 0)
+    return Status::Unavailable("madvise(MADV_DONTFORK) of the host pool failed: " + std::string(std::strerror(errno)));
+  // A hint only: without transparent huge pages the pool works the same.
+  if (arena_bytes() >= kHugePageBytes) (void)madvise(base_, static_cast<size_t>(arena_bytes()), MADV_HUGEPAGE);
+  // Fault every page in now, in the kernel (~4 GB/s here), instead of on the first
+  // store into each slot: first touches from user space run at well under 1 GB/s on
+  // VMs and would land in the serving path. Kernels before 5.14 lack it: lazy then.
+  populated_ = madvise(base_, mapped, kMadvPopulateWrite) == 0;
+  if (lock) {
+    // Not permitted (RLIMIT_MEMLOCK, no CAP_IPC_LOCK) is not an error: the pool
+    // just stays swappable. A failure may have locked a part, so undo it.
+    mlocked_ = mlock(base_, mapped) == 0;
+    if (!mlocked_) munlock(base_, mapped);
+  }
+  if (pin != PinMode::kNever && cuda::device_count() > 0) {
+    Status st = page_lock(device);
+    if (!st.ok())
+      return Status(st.code(), "pin = " + pin_name(pin) + ": cannot page-lock the host pool of " +
+                                   std::to_string(arena_bytes()) + " bytes: " + st.message() +
+                                   " (pin = 'never' keeps it pageable, for a KV cache that is not on a "
+                                   "CUDA device)");
+  }
+  return Status::Ok();
+}
+
+HostSlotPool::HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots, int64_t mapped_bytes)
     : base_(base),
       slot_bytes_(slot_bytes),
       slot_stride_(slot_stride),
       num_slots_(num_slots),
+      mapped_bytes_(mapped_bytes),
       free_slots_(static_cast<size_t>(num_slots)),
       refcounts_(static_cast<size_t>(num_slots), 0) {
   // Slot 0 on top of the stack; the capacity stays num_slots, so free() never allocates.
@@ -175,7 +259,7 @@ int64_t HostSlotPool::device_address_of(int64_t ptr) {
 }
 
 HostSlotPool::~HostSlotPool() {
-  const size_t bytes = static_cast<size_t>(arena_bytes());
+  const size_t bytes = static_cast<size_t>(mapped_bytes_);
   if (page_locked_) {
     {
       std::lock_guard<std::mutex> lk(g_mappings_mutex);
@@ -185,6 +269,7 @@ HostSlotPool::~HostSlotPool() {
   }
   if (mlocked_) munlock(base_, bytes);
   munmap(base_, bytes);
+  if (fd_ >= 0) close(fd_);
 }
 
 Status HostSlotPool::check_slot(int64_t slot) const {
@@ -256,6 +341,30 @@ Status HostSlotPool::slot_address(int64_t slot, char** out) const {
   if (!st.ok()) return st;
   *out = base_ + slot * slot_stride_;
   return Status::Ok();
+}
+
+Status HostSlotPool::set_stamp(int64_t slot, int64_t stamp) {
+  Status st = check_slot(slot);
+  if (!st.ok()) return st;
+  __atomic_store_n(stamps() + slot, stamp, __ATOMIC_RELEASE);
+  return Status::Ok();
+}
+
+Status HostSlotPool::wait_stamp(int64_t slot, int64_t stamp, int64_t timeout_ms, int64_t* seen) const {
+  Status st = check_slot(slot);
+  if (!st.ok()) return st;
+  if (timeout_ms < 0)
+    return Status::InvalidArgument("timeout_ms = " + std::to_string(timeout_ms) + ": expected 0 or more");
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+  auto pause = std::chrono::microseconds(20);  // a fill takes a tier read: ms, so a short poll costs nothing
+  while (true) {
+    const int64_t value = __atomic_load_n(stamps() + slot, __ATOMIC_ACQUIRE);
+    *seen = value;
+    if (value == stamp || value == -stamp || Clock::now() >= deadline) return Status::Ok();
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(1000));
+  }
 }
 
 int64_t HostSlotPool::num_free() const {

@@ -7,12 +7,21 @@
 // The arena is never inherited by a forked child (MADV_DONTFORK): a fork would
 // otherwise copy tens of GiB of page-locked memory into the child, or leave the
 // parent's DMA mapping pointing at pages the child now shares.
+//
+// Ranks that hold the same KV (an MLA cache on every TP rank, KV heads vLLM
+// replicates) live in different processes: one of them creates a shared arena
+// (create_shared: an anonymous memfd, gone with its last mapping) and the others
+// attach to it, so one copy of each chunk serves them all. Each process keeps its
+// own free list and reference counts (the planner gives every rank the same slot
+// ids); the arena also holds one stamp per slot, through which the rank that fills
+// a slot from a lower tier tells the others that its bytes are there.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "status.h"
@@ -44,6 +53,15 @@ class HostSlotPool {
   // left pageable would fail every CUDA copy later, mid-serving.
   static Status create(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
                        std::unique_ptr<HostSlotPool>* out);
+  // As create, in a memfd that other processes attach to: shared_fd() names it while
+  // this pool lives. Its memory is reserved now (fallocate), so a size the system
+  // cannot back fails here, not with SIGBUS at a first touch.
+  static Status create_shared(int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock, int device,
+                              std::unique_ptr<HostSlotPool>* out);
+  // Maps the shared arena at `path` (another process's /proc/<pid>/fd/<fd>), which
+  // must have been created with the same slot_bytes and num_slots.
+  static Status attach(const std::string& path, int64_t slot_bytes, int64_t num_slots, PinMode pin, bool lock,
+                       int device, std::unique_ptr<HostSlotPool>* out);
   // The stride that create() would use for slot_bytes (rounded up to
   // kSlotAlignment), so callers can size a pool from a byte budget.
   static Status stride_for(int64_t slot_bytes, int64_t* stride);
@@ -81,9 +99,25 @@ class HostSlotPool {
   static int64_t device_address_of(int64_t ptr);
   bool is_mlocked() const { return mlocked_; }
   bool is_populated() const { return populated_; }
+  // Created shared or attached to a shared arena.
+  bool is_shared() const { return shared_; }
+  // The memfd of an arena created shared (open while the pool lives), else -1.
+  int shared_fd() const { return fd_; }
+
+  // The slot's stamp, seen by every process that maps the arena: stored with release
+  // order after the slot's bytes were written, so a waiter that sees it sees them.
+  Status set_stamp(int64_t slot, int64_t stamp);
+  // Waits up to timeout_ms for the slot's stamp to be `stamp` or `-stamp` (a filler's
+  // failure); *seen is the last value read, whether it matched or the time ran out.
+  Status wait_stamp(int64_t slot, int64_t stamp, int64_t timeout_ms, int64_t* seen) const;
 
  private:
-  HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots);
+  enum class Backing { kPrivate, kCreateShared, kAttach };
+  static Status make(Backing backing, const std::string& path, int64_t slot_bytes, int64_t num_slots, PinMode pin,
+                     bool lock, int device, std::unique_ptr<HostSlotPool>* out);
+  HostSlotPool(char* base, int64_t slot_bytes, int64_t slot_stride, int64_t num_slots, int64_t mapped_bytes);
+  // madvise, populate, mlock and page-lock the freshly mapped arena.
+  Status prepare(PinMode pin, bool lock, int device);
   Status check_slot(int64_t slot) const;
   // Registers the arena with `device` and records where kernels address it.
   Status page_lock(int device);
@@ -92,10 +126,15 @@ class HostSlotPool {
   template <typename Self, typename Fn>
   static Status with_refcount(Self& self, int64_t slot, Fn&& fn);
 
+  int64_t* stamps() const { return reinterpret_cast<int64_t*>(base_ + arena_bytes()); }
+
   char* const base_;
   const int64_t slot_bytes_;
   const int64_t slot_stride_;
   const int64_t num_slots_;
+  const int64_t mapped_bytes_;  // the slots, then one page-rounded stamp per slot
+  bool shared_ = false;
+  int fd_ = -1;
   bool page_locked_ = false;
   int device_ = -1;
   int64_t device_base_ = 0;

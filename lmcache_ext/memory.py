@@ -18,10 +18,12 @@ from lmcache_ext.config import STAGING_SLOTS, CacheConfig
 class HostSlotPool(_C.HostSlotPool):
     """A pool of equal host slots, one full KV chunk each.
 
-    ``HostSlotPool(slot_bytes, num_slots, pin="auto", lock=False, device=-1)``.
-    Inherits ``alloc() -> int | None``, ``free``, ``pin``, ``unpin``, ``refcount``,
-    ``address`` and the size properties from ``_C.HostSlotPool``; each slot
-    starts on a 4096-byte boundary (``slot_stride`` apart).
+    ``HostSlotPool(slot_bytes, num_slots, pin="auto", lock=False, device=-1, *,
+    shared=False, attach="")``. Inherits ``alloc() -> int | None``, ``free``, ``pin``,
+    ``unpin``, ``refcount``, ``address``, the slot stamps and the size properties from
+    ``_C.HostSlotPool``; each slot starts on a 4096-byte boundary (``slot_stride``
+    apart). ``shared`` makes an arena that other processes ``attach`` to
+    (``replica_pool``).
 
     Page-locking registers the arena with CUDA device ``device`` (-1: the creating
     thread's current one, which is the worker's own device in vLLM); that device is
@@ -60,9 +62,12 @@ class HostSlotPool(_C.HostSlotPool):
         return cls.slots_for(config.host_bytes, slot_bytes) if config.local_cpu else STAGING_SLOTS
 
     @classmethod
-    def for_config(cls, config: CacheConfig, slot_bytes: int, *, device: int = -1) -> HostSlotPool:
+    def for_config(
+        cls, config: CacheConfig, slot_bytes: int, *, device: int = -1, shared: bool = False, attach: str = ""
+    ) -> HostSlotPool:
         """The host pool that `config` asks for (`slots_for_config`)."""
-        return cls(slot_bytes, cls.slots_for_config(config, slot_bytes), pin=config.pin_host_memory, device=device)
+        num_slots = cls.slots_for_config(config, slot_bytes)
+        return cls(slot_bytes, num_slots, pin=config.pin_host_memory, device=device, shared=shared, attach=attach)
 
     def view(self, slot: int) -> torch.Tensor:
         """The slot's ``slot_bytes`` as a writable uint8 tensor, zero-copy.

@@ -26,14 +26,22 @@ PinMode parse_pin(const std::string& pin) {
 }
 
 std::unique_ptr<HostSlotPool> make_pool(int64_t slot_bytes, int64_t num_slots, const std::string& pin, bool lock,
-                                        int device) {
+                                        int device, bool shared, const std::string& attach) {
   const PinMode mode = parse_pin(pin);
+  if (shared && !attach.empty())
+    throw py::value_error("shared = True and attach = '" + attach +
+                          "': expected one of them (shared creates an arena, attach maps another's)");
   std::unique_ptr<HostSlotPool> pool;
   Status st;
   {
     // mlock and cudaHostRegister touch every page of the arena: seconds for a large pool.
     py::gil_scoped_release release;
-    st = HostSlotPool::create(slot_bytes, num_slots, mode, lock, device, &pool);
+    if (!attach.empty())
+      st = HostSlotPool::attach(attach, slot_bytes, num_slots, mode, lock, device, &pool);
+    else if (shared)
+      st = HostSlotPool::create_shared(slot_bytes, num_slots, mode, lock, device, &pool);
+    else
+      st = HostSlotPool::create(slot_bytes, num_slots, mode, lock, device, &pool);
   }
   throw_if_error(st);
   return pool;
@@ -59,11 +67,15 @@ void bind_host_slot_pool(py::module_& m) {
       "mapped once; page-locked for CUDA when pin allows and a device is visible. "
       "Buffer protocol: the whole arena as writable bytes.")
       .def(py::init(&make_pool), py::arg("slot_bytes"), py::arg("num_slots"), py::arg("pin") = "auto",
-           py::arg("lock") = false, py::arg("device") = kCurrentDevice,
+           py::arg("lock") = false, py::arg("device") = kCurrentDevice, py::kw_only(), py::arg("shared") = false,
+           py::arg("attach") = "",
            "pin: 'auto' (page-lock when a CUDA device is visible), 'never', or 'always' "
            "(RuntimeError when no device is visible). Page-locking that fails raises with "
            "CUDA's error text. device: the CUDA device to register with (-1: the calling "
-           "thread's current device). lock: try mlock; is_mlocked tells whether it held.")
+           "thread's current device). lock: try mlock; is_mlocked tells whether it held. "
+           "shared: the arena is a memfd that other processes attach to (shared_fd). "
+           "attach: the path of another process's shared arena of the same shape "
+           "(/proc/<pid>/fd/<shared_fd>), mapped instead of a new one.")
       .def_static(
           "stride_for",
           [](int64_t slot_bytes) {
@@ -109,6 +121,31 @@ void bind_host_slot_pool(py::module_& m) {
             return reinterpret_cast<uintptr_t>(ptr);
           },
           py::arg("slot"), "Host address of the slot's first byte.")
+      .def(
+          "set_stamp",
+          [](HostSlotPool& pool, int64_t slot, int64_t stamp) { throw_if_error(pool.set_stamp(slot, stamp)); },
+          py::arg("slot"), py::arg("stamp"),
+          "Publish `stamp` for the slot to every process mapping the arena, after the "
+          "slot's bytes (release order).")
+      .def(
+          "wait_stamp",
+          [](const HostSlotPool& pool, int64_t slot, int64_t stamp, int64_t timeout_ms) {
+            int64_t seen = 0;
+            Status st;
+            {
+              py::gil_scoped_release release;
+              st = pool.wait_stamp(slot, stamp, timeout_ms, &seen);
+            }
+            throw_if_error(st);
+            return seen;
+          },
+          py::arg("slot"), py::arg("stamp"), py::arg("timeout_ms"),
+          "Wait up to timeout_ms for the slot's stamp to be `stamp` or `-stamp`; returns "
+          "the last stamp seen (the caller compares it).")
+      .def_property_readonly("is_shared", &HostSlotPool::is_shared,
+                             "Created shared, or attached to another process's shared arena.")
+      .def_property_readonly("shared_fd", &HostSlotPool::shared_fd,
+                             "The memfd of an arena created shared (open while the pool lives), else -1.")
       .def_property_readonly("num_slots", &HostSlotPool::num_slots)
       .def_property_readonly("num_free", &HostSlotPool::num_free)
       .def_property_readonly("slot_bytes", &HostSlotPool::slot_bytes)
@@ -135,7 +172,8 @@ void bind_host_slot_pool(py::module_& m) {
                     ", num_slots=" + std::to_string(pool.num_slots()) +
                     ", num_free=" + std::to_string(pool.num_free()) +
                     ", page_locked=" + (pool.is_page_locked() ? "True" : "False") +
-                    ", mlocked=" + (pool.is_mlocked() ? "True" : "False") + ")";
+                    ", mlocked=" + (pool.is_mlocked() ? "True" : "False") +
+                    ", shared=" + (pool.is_shared() ? "True" : "False") + ")";
            })
       .def_buffer([](HostSlotPool& pool) {
         return py::buffer_info(pool.base(), 1, py::format_descriptor<uint8_t>::format(), 1, {pool.arena_bytes()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,10 +54,18 @@ def config(tmp_path: Path | None = None, **kw: object) -> CacheConfig:
 
 class Rig:
     """A scheduler half and `tp` worker halves, each worker with its own random cache
-    (the same on each group of `replicas` ranks, as an MLA cache is on all)."""
+    (the same on each group of `replicas` ranks, as an MLA cache is on all). Replicas
+    share a host pool, as in vLLM's multiprocessing executor, under `engine` (default:
+    a name of this rig's own; "" keeps a pool per rank)."""
 
     def __init__(
-        self, tmp_path: Path | None = None, tp: int = 1, seed: int = 0, replicas: int = 1, **kw: object
+        self,
+        tmp_path: Path | None = None,
+        tp: int = 1,
+        seed: int = 0,
+        replicas: int = 1,
+        engine: str | None = None,
+        **kw: object,
     ) -> None:
         g = geometry(tp, replicas)
         self.scheduler = SchedulerSide(config(tmp_path, **kw), g)
@@ -64,7 +73,8 @@ class Rig:
             make_layers("LBHNC", LAYERS, BLOCKS, HEADS, BLOCK, WIDTH, torch.bfloat16, seed=seed + r // replicas)
             for r in range(tp)
         ]
-        self.workers = [WorkerSide(config(tmp_path, **kw), g, r) for r in range(tp)]
+        engine = uuid.uuid4().hex if engine is None else engine
+        self.workers = [WorkerSide(config(tmp_path, **kw), g, r, engine) for r in range(tp)]
         for w, cache in zip(self.workers, self.caches):
             w.register(dict(zip(LAYER_NAMES, cache)))
 

@@ -315,7 +315,9 @@ def test_for_budget_rejects_a_budget_below_one_slot() -> None:
 def test_repr_names_the_class_and_counts() -> None:
     pool = HostSlotPool(1000, 3, pin="never")
     pool.alloc()
-    assert repr(pool) == ("HostSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False)")
+    assert repr(pool) == (
+        "HostSlotPool(slot_bytes=1000, num_slots=3, num_free=2, page_locked=False, mlocked=False, shared=False)"
+    )
 
 
 # --- layout and views -----------------------------------------------------------------
@@ -388,7 +390,7 @@ def test_lock_false_locks_nothing() -> None:
 def test_lock_true_reports_what_the_kernel_locked() -> None:
     before = locked_kib()
     pool = HostSlotPool(PAGE, 4, pin="never", lock=True)
-    assert locked_kib() - before == (16 if pool.is_mlocked else 0)
+    assert locked_kib() - before == (16 + 4 if pool.is_mlocked else 0)  # 4 slots, then a page of slot stamps
     del pool
     assert locked_kib() == before
 
@@ -484,3 +486,54 @@ def test_a_forked_child_does_not_inherit_the_arena(pin: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "28"]
+
+
+def shared_pool(slot_bytes: int = 5000, num_slots: int = 4) -> tuple[HostSlotPool, str]:
+    pool = HostSlotPool(slot_bytes, num_slots, pin="never", shared=True)
+    return pool, f"/proc/{os.getpid()}/fd/{pool.shared_fd}"
+
+
+def test_an_attached_pool_maps_the_same_bytes_and_stamps_as_its_creator():
+    owner, path = shared_pool()
+    follower = HostSlotPool(5000, 4, pin="never", attach=path)
+    assert owner.is_shared and follower.is_shared and follower.shared_fd == -1
+    owner.view(2)[:5] = torch.arange(5, dtype=torch.uint8)
+    follower.view(3)[-1] = 9
+    assert follower.view(2)[:5].tolist() == [0, 1, 2, 3, 4] and owner.view(3)[-1] == 9
+    assert follower.alloc() == 0 and owner.num_free == 4  # each process keeps its own free list
+    owner.set_stamp(1, 7)
+    assert follower.wait_stamp(1, 7, 0) == 7
+    owner.set_stamp(1, -8)  # a filler's failure ends a wait as well
+    assert follower.wait_stamp(1, 8, 10_000) == -8
+    assert follower.wait_stamp(0, 3, 20) == 0  # nothing came in 20 ms: the last stamp seen
+
+
+def test_a_child_process_attaches_by_path_and_both_see_each_others_writes():
+    owner, path = shared_pool(num_slots=2)
+    owner.view(1)[:3] = torch.tensor([5, 6, 7], dtype=torch.uint8)
+    child = textwrap.dedent(
+        f"""
+        from lmcache_ext.memory import HostSlotPool
+        pool = HostSlotPool(5000, 2, pin="never", attach={path!r})
+        print(pool.view(1)[:3].tolist(), flush=True)
+        pool.view(0)[0] = 42
+        pool.set_stamp(0, 11)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[5, 6, 7]"
+    assert owner.wait_stamp(0, 11, 10_000) == 11 and owner.view(0)[0] == 42
+
+
+def test_bad_shared_pool_arguments_name_the_value_and_what_was_expected():
+    owner, path = shared_pool()
+    with pytest.raises(ValueError, match=r"holds 36864 bytes: expected 45056 \(the same slot_bytes and num_slots"):
+        HostSlotPool(5000, 5, pin="never", attach=path)
+    with pytest.raises(RuntimeError, match="cannot open the shared host pool /nonexistent: No such file"):
+        HostSlotPool(5000, 4, pin="never", attach="/nonexistent")
+    with pytest.raises(ValueError, match="shared = True and attach = '/x': expected one of them"):
+        HostSlotPool(5000, 4, pin="never", shared=True, attach="/x")
+    with pytest.raises(ValueError, match="slot = 4 is out of range: the pool has 4 slots"):
+        owner.set_stamp(4, 1)
+    with pytest.raises(ValueError, match="timeout_ms = -1: expected 0 or more"):
+        owner.wait_stamp(0, 1, -1)

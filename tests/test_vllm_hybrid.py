@@ -42,8 +42,18 @@ for metric in llm.get_metrics():
         preemptions += metric.value
 vllm_config = llm.llm_engine.vllm_config
 hma, block_size = not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager, vllm_config.cache_config.block_size
+import glob
+host_pools = {{}}  # worker pid -> the inode of each host pool arena it maps shared (a memfd)
+for maps in glob.glob("/proc/[0-9]*/maps"):
+    try:
+        inodes = {{line.split()[4] for line in open(maps) if "memfd:lmcache_ext host pool" in line}}
+    except OSError:
+        continue
+    if inodes:
+        host_pools[maps.split("/")[2]] = sorted(inodes)
 del llm
-return {{"results": results, "by_source": by_source, "preemptions": preemptions, "hma": hma, "block_size": block_size}}
+return {{"results": results, "by_source": by_source, "preemptions": preemptions, "hma": hma, "block_size": block_size,
+        "host_pools": host_pools}}
 """
 
 DOC = tokens(1000, seed=40)  # 3 full chunks and a partial one of a block

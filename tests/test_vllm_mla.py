@@ -67,7 +67,7 @@ def test_on_amx_mla_the_connector_hits_host_and_disk_with_vllms_answers_after_it
 @AMX
 def test_on_amx_mla_at_tp2_rank_0_alone_writes_and_an_engine_at_tp1_hits_it(deepseek, plain_bf16, redis, tmp_path):
     """Every rank holds the same latent: one disk file and one remote record per chunk,
-    not one per rank, and the TP size is not part of the key."""
+    not one per rank, one copy in host memory, and the TP size is not part of the key."""
     batches = [([DOC], 30), ([DOC], 30), ([GROWN], 30)]
     plain_tp2 = generate(deepseek, batches, {**BF16, **TP2}, **TP2_ENV)
     remote = {"remote_url": redis.url, "remote_timeout_ms": REMOTE_TIMEOUT_MS}
@@ -78,6 +78,8 @@ def test_on_amx_mla_at_tp2_rank_0_alone_writes_and_an_engine_at_tp1_hits_it(deep
     files = [len(chunk_files(tmp_path / "kv" / f"shard{rank}")) for rank in (0, 1)]
     records = [key for key in redis.cli("KEYS", "*").split() if key.endswith("}")]
     assert files == [len(records), 0] and len(records) == 4 + 1 + 1  # GROWN's 4 chunks, DOC's partial, GROWN's
+    pools = list(tp2["host_pools"].values())
+    assert len(pools) == 2 and pools[0] == pools[1]  # and one host pool, which both ranks' workers map
     # An engine at TP=1 hits what TP=2 stored. Its answer is not compared: TP=2 computes
     # the latent in another order of bf16 sums than TP=1 (vLLM's own answers at the two
     # sizes differ too), and AMX_MLA takes bf16 only.

