@@ -83,7 +83,8 @@ int64_t stamp_bytes(int64_t num_slots) {
 Status new_memfd(int64_t bytes, int* out) {
   const int fd = memfd_create("lmcache_ext host pool", MFD_CLOEXEC);
   if (fd < 0) return Status::Unavailable(std::string("memfd_create failed: ") + std::strerror(errno));
-  int err = fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
+  int err = EINTR;  // shmem's fallocate stops at a pending signal: try again
+  while (err == EINTR) err = fallocate(fd, 0, 0, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
   if (err == EOPNOTSUPP) err = ftruncate(fd, static_cast<off_t>(bytes)) == 0 ? 0 : errno;
   if (err != 0) {
     close(fd);
@@ -147,7 +148,8 @@ Status HostSlotPool::make(Backing backing, const std::string& path, int64_t slot
   if (num_slots <= 0)
     return Status::InvalidArgument("num_slots = " + std::to_string(num_slots) +
                                    ": expected a positive number of slots");
-  if (num_slots > (kMaxInt64 - stamp_bytes(num_slots)) / stride)
+  // stamp_bytes(num_slots) < num_slots * 8 + 4096, so this bound keeps every product in range
+  if (num_slots > (kMaxInt64 - kSlotAlignment) / (stride + static_cast<int64_t>(sizeof(int64_t))))
     return Status::InvalidArgument("slot_bytes = " + std::to_string(slot_bytes) + " x num_slots = " +
                                    std::to_string(num_slots) + ": the arena size overflows 64 bits");
   if (device < kCurrentDevice)

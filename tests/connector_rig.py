@@ -4,6 +4,7 @@ worker halves on random caches, and the requests and steps vLLM would give them.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +19,7 @@ from lmcache_ext.testing.kv_layouts import make_layers, page_view
 pytest.importorskip("vllm", reason="vLLM is not installed: the connector runs on vLLM's connector API")
 from lmcache_ext.config import CacheConfig
 from lmcache_ext.geometry import Geometry
-from lmcache_ext.integration.vllm.metadata import LoadItem, StepPlan
+from lmcache_ext.integration.vllm.metadata import LoadItem, StepPlan, WorkerReport
 from lmcache_ext.integration.vllm.scheduler import SchedulerSide
 from lmcache_ext.integration.vllm.worker import WorkerSide
 from lmcache_ext.keys import Namespace
@@ -56,7 +57,9 @@ class Rig:
     """A scheduler half and `tp` worker halves, each worker with its own random cache
     (the same on each group of `replicas` ranks, as an MLA cache is on all). Replicas
     share a host pool, as in vLLM's multiprocessing executor, under `engine` (default:
-    a name of this rig's own; "" keeps a pool per rank)."""
+    a name of this rig's own; "" keeps a pool per rank). `concurrent`: each step runs on
+    every worker at once, as in vLLM's worker processes, the last rank first and each
+    earlier one 0.1 s later (a rank that follows another waits for it)."""
 
     def __init__(
         self,
@@ -65,8 +68,10 @@ class Rig:
         seed: int = 0,
         replicas: int = 1,
         engine: str | None = None,
+        concurrent: bool = False,
         **kw: object,
     ) -> None:
+        self.concurrent = concurrent
         g = geometry(tp, replicas)
         self.scheduler = SchedulerSide(config(tmp_path, **kw), g)
         self.caches = [
@@ -101,22 +106,46 @@ class Rig:
         transfers, and deliver the report; `finished` are the requests that finished in
         the step before. Sets `self.sent` and `self.recved` to what every rank's
         get_finished reported (vLLM acts on a request once all ranks have)."""
-        report, sent, recved = None, [], []
-        for w in self.workers:
-            w.handle_preemptions(plan)
-            w.load(plan)
-            for name in LAYER_NAMES:  # the forward's per-layer hooks (they act with use_layerwise)
-                w.wait_layer(name)
-                w.save_layer(plan, name)
-            w.save(plan)
-            w.flush()
-            part = w.take_report()
-            report = part if report is None else report.aggregate(part) if part else report
-            s, r = w.get_finished(set(finished))
-            sent.append(s or set())
-            recved.append(r or set())
+        parts: list[tuple[WorkerReport | None, set[str], set[str]] | BaseException | None] = [None] * len(self.workers)
+
+        def run_worker(rank: int) -> None:
+            w = self.workers[rank]
+            try:
+                w.handle_preemptions(plan)
+                w.load(plan)
+                for name in LAYER_NAMES:  # the forward's per-layer hooks (they act with use_layerwise)
+                    w.wait_layer(name)
+                    w.save_layer(plan, name)
+                w.save(plan)
+                w.flush()
+                report = w.take_report()
+                s, r = w.get_finished(set(finished))
+                parts[rank] = (report, s or set(), r or set())
+            except BaseException as e:
+                parts[rank] = e
+
+        if self.concurrent:
+            threads = [threading.Thread(target=run_worker, args=(r,)) for r in reversed(range(len(self.workers)))]
+            for t in threads:
+                t.start()
+                time.sleep(0.1)
+            for t in threads:
+                t.join()
+        else:
+            for rank in range(len(self.workers)):
+                run_worker(rank)
+        done = []
+        for part in parts:
+            if isinstance(part, BaseException):
+                raise part
+            assert part is not None
+            done.append(part)
+        report = None
+        for part_report, _, _ in done:
+            report = part_report if report is None else report.aggregate(part_report) if part_report else report
         self.scheduler.apply_report(report)
-        self.sent, self.recved = set.intersection(*sent), set.intersection(*recved)
+        self.sent = set.intersection(*(sent for _, sent, _ in done))
+        self.recved = set.intersection(*(recved for _, _, recved in done))
         return plan
 
     def matched(self, req: SimpleNamespace, local: int = 0, timeout: float = 5.0) -> int:

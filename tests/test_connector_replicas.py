@@ -40,16 +40,22 @@ def test_the_first_replica_alone_gathers_and_every_rank_loads_its_bytes_from_the
         w.close()
 
 
+def stored_on_disk(tmp_path, tokens: list[int], blocks: int) -> Rig:
+    """An engine at TP=2 with replicated KV that stored `tokens` on disk and stopped."""
+    writer = Rig(tmp_path, tp=2, replicas=2)
+    writer.step([(request("a", tokens), list(range(blocks)), 0)])
+    for w in writer.workers:
+        w.close()
+    return writer
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_the_first_replica_alone_reads_a_disk_hit_and_its_replica_loads_it_from_the_shared_slot(
     tmp_path, monkeypatch, layerwise
 ):
-    writer = Rig(tmp_path, tp=2, replicas=2)
     tokens = prompt(2 * CHUNK + 1, seed=4)
-    writer.step([(request("a", tokens), list(range(9)), 0)])
-    for w in writer.workers:
-        w.close()
-    fresh = Rig(tmp_path, tp=2, replicas=2, seed=50, use_layerwise=layerwise)
+    writer = stored_on_disk(tmp_path, tokens, 9)
+    fresh = Rig(tmp_path, tp=2, replicas=2, seed=50, use_layerwise=layerwise, concurrent=True)  # rank 1 waits
     follower_disk = fresh.workers[1]._plans.storage.tiers["disk"]
     monkeypatch.setattr(follower_disk, "read_into", lambda key, out: pytest.fail("the follower read the disk"))
     b = request("b", tokens)
@@ -61,15 +67,25 @@ def test_the_first_replica_alone_reads_a_disk_hit_and_its_replica_loads_it_from_
         w.close()
 
 
-def test_a_failed_read_of_the_first_replica_fails_the_load_on_every_rank_without_a_wait(tmp_path, monkeypatch, caplog):
+def unreadable(key: bytes, out: object) -> bool:
+    return False
+
+
+def broken(key: bytes, out: object) -> bool:
+    raise OSError("the disk is gone")
+
+
+@pytest.mark.parametrize("read_into", [unreadable, broken])
+def test_a_failed_read_of_the_first_replica_fails_the_load_on_every_rank_without_a_wait(
+    tmp_path, monkeypatch, caplog, read_into
+):
+    """A read that fails, or raises, is stamped as failed: the follower waiting for it
+    fails the load too, at once, and every rank names the chunk's blocks."""
     monkeypatch.setattr(worker_plans, "FOLLOW_WAIT_MS", 2000)
-    writer = Rig(tmp_path, tp=2, replicas=2)
     tokens = prompt(CHUNK + 1, seed=5)
-    writer.step([(request("a", tokens), list(range(5)), 0)])
-    for w in writer.workers:
-        w.close()
-    fresh = Rig(tmp_path, tp=2, replicas=2, seed=60)
-    monkeypatch.setattr(fresh.workers[0]._plans.storage.tiers["disk"], "read_into", lambda key, out: False)
+    stored_on_disk(tmp_path, tokens, 5)
+    fresh = Rig(tmp_path, tp=2, replicas=2, seed=60, concurrent=True)  # rank 1 waits for rank 0's stamp
+    monkeypatch.setattr(fresh.workers[0]._plans.storage.tiers["disk"], "read_into", read_into)
     before = [page_view(layer)[20:24].clone() for layer in fresh.caches[1]]
     b = request("b", tokens)
     with caplog.at_level(logging.WARNING):

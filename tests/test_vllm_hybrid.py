@@ -42,15 +42,24 @@ for metric in llm.get_metrics():
         preemptions += metric.value
 vllm_config = llm.llm_engine.vllm_config
 hma, block_size = not vllm_config.scheduler_config.disable_hybrid_kv_cache_manager, vllm_config.cache_config.block_size
-import glob
-host_pools = {{}}  # worker pid -> the inode of each host pool arena it maps shared (a memfd)
-for maps in glob.glob("/proc/[0-9]*/maps"):
+import os
+def descends(pid):  # this engine's own processes only, not another test's
+    while pid > 1:
+        with open(f"/proc/{{pid}}/stat") as stat:
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        if pid == os.getpid():
+            return True
+    return False
+host_pools = {{}}  # worker pid -> the inodes of the host pool arenas it maps shared (memfds)
+for name in os.listdir("/proc"):
     try:
-        inodes = {{line.split()[4] for line in open(maps) if "memfd:lmcache_ext host pool" in line}}
+        if not name.isdigit() or not descends(int(name)):
+            continue
+        inodes = {{line.split()[4] for line in open(f"/proc/{{name}}/maps") if "memfd:lmcache_ext host pool" in line}}
     except OSError:
         continue
     if inodes:
-        host_pools[maps.split("/")[2]] = sorted(inodes)
+        host_pools[name] = sorted(inodes)
 del llm
 return {{"results": results, "by_source": by_source, "preemptions": preemptions, "hma": hma, "block_size": block_size,
         "host_pools": host_pools}}

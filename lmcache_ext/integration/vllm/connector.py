@@ -133,9 +133,10 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1, SupportsHMA):
             parallel = vllm_config.parallel_config
             engine = engine_name(
                 str(self._kv_transfer_config.engine_id),
-                parallel.data_parallel_rank,
-                parallel.distributed_executor_backend,
-                parallel.nnodes,
+                str(getattr(vllm_config, "instance_id", "")),
+                getattr(parallel, "data_parallel_rank", 0),
+                getattr(parallel, "distributed_executor_backend", None),
+                getattr(parallel, "nnodes", 1),
             )
             self._worker = WorkerSide(self._config, geometry, get_tensor_model_parallel_rank(), engine)
         else:

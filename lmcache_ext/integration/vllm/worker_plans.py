@@ -248,13 +248,18 @@ class PlanRunner:
                 if not ok:
                     self._metrics.failed(f"{fetch.read.tier}_read")
 
-    def _run_loads(self, items: Sequence[LoadItem]) -> bool:
+    def _run_loads(self, items: Sequence[LoadItem], wait: bool = False) -> bool:
         """Fill slots from the lower tiers, then copy them into the planned blocks;
-        report each item, and make a failed one's blocks load errors. Whether all loaded."""
+        report each item, and make a failed one's blocks load errors. Whether all loaded.
+        `wait`: the copies have ended before the report (a background load's blocks are
+        read by a later step, and once every rank reported, the planner may hand the
+        slots to a rank that shares them for its next read)."""
         with self._metrics.timer("load"):
             filled = self._fill(items)
             copies = tuple(i.copy for i, ok in zip(items, filled) if ok)
             scattered = iter(self._run(Plan(scatters=copies)).scatters)
+            if wait:
+                self._executor_checked().wait_slots([copy.slot for copy in copies])
         oks = [ok and next(scattered) for ok in filled]
         self._report_loads(items, oks)
         return all(oks)
@@ -276,27 +281,35 @@ class PlanRunner:
         reading = [i for i in items if i.read is not None]
         pool = self._storage_checked().pool
         if self._follows:
-            read_ok = [self._wait_filled(pool, i) for i in reading]
+            read_ok = self._wait_filled(pool, reading)
         else:
-            read_ok = list(self._run(Plan(reads=tuple(i.read for i in reading if i.read is not None))).reads)
-            if pool.is_shared:
-                for item, ok in zip(reading, read_ok):
-                    pool.set_stamp(item.copy.slot, (item.id + 1) * (1 if ok else -1))
+            read_ok = [False] * len(reading)
+            try:
+                read_ok = list(self._run(Plan(reads=tuple(i.read for i in reading if i.read is not None))).reads)
+            finally:  # a read that raised is a failure the followers see too, not a stamp they wait out
+                if pool.is_shared:
+                    for item, ok in zip(reading, read_ok):
+                        pool.set_stamp(item.copy.slot, (item.id + 1) * (1 if ok else -1))
         ok_of = {i.id: ok for i, ok in zip(reading, read_ok)}
         return [ok_of.get(i.id, True) for i in items]
 
-    def _wait_filled(self, pool: HostSlotPool, item: LoadItem) -> bool:
-        """Whether the first replica filled the item's slot, within FOLLOW_WAIT_MS."""
-        stamp = item.id + 1
-        seen = pool.wait_stamp(item.copy.slot, stamp, FOLLOW_WAIT_MS)
-        if seen not in (stamp, -stamp):
-            logger.warning(
-                "lmcache_ext worker %d: the first replica did not fill slot %d in %d ms: a miss",
-                self._rank,
-                item.copy.slot,
-                FOLLOW_WAIT_MS,
-            )
-        return seen == stamp
+    def _wait_filled(self, pool: HostSlotPool, items: Sequence[LoadItem]) -> list[bool]:
+        """Whether the first replica filled each item's slot, all within FOLLOW_WAIT_MS."""
+        deadline = time.monotonic() + FOLLOW_WAIT_MS / 1000
+        filled = []
+        for item in items:
+            stamp = item.id + 1
+            left_ms = max(int((deadline - time.monotonic()) * 1000), 0)
+            seen = pool.wait_stamp(item.copy.slot, stamp, left_ms)
+            if seen not in (stamp, -stamp):
+                logger.warning(
+                    "lmcache_ext worker %d: the first replica did not fill slot %d in %d ms: a miss",
+                    self._rank,
+                    item.copy.slot,
+                    FOLLOW_WAIT_MS,
+                )
+            filled.append(seen == stamp)
+        return filled
 
     def _finish_layer_loads(self) -> None:
         """Every layer of the step's layerwise loads is in place: report them (a failed
@@ -323,8 +336,7 @@ class PlanRunner:
         did not load among the load errors first."""
         ok = False
         try:
-            ok = self._run_loads(job.items)
-            self._executor_checked().wait_slots([item.copy.slot for item in job.items])  # vLLM reads them next
+            ok = self._run_loads(job.items, wait=True)
         except Exception:
             logger.exception("lmcache_ext worker %d: the loads of request %s failed", self._rank, job.req_id)
             with self._lock:
