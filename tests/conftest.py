@@ -49,6 +49,23 @@ def _pin_engine_threads() -> None:
 
 _pin_engine_threads()
 
+LONGEST_FIRST = (
+    "test_vllm_pd.py",
+    "test_vllm_hybrid.py",
+    "test_vllm_mamba.py",
+    "test_vllm_cross_tp.py",
+    "test_vllm_remote.py",
+    "test_vllm_replicas.py",
+)
+"""The real-engine files that take longest (a CI run's --durations), collected first: the
+two workers take whole files in collection order (--dist loadfile), so a long file
+started last keeps one worker busy while the other has nothing left."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
+
 
 def _binary(kind: str) -> str:
     binary = SERVERS[kind]()
