@@ -100,8 +100,8 @@ Status open_shared(const std::string& path, int64_t bytes, int* out) {
   const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return Status::Unavailable("cannot open the shared host pool " + path + ": " + std::strerror(errno));
   struct stat st{};
-  if (fstat(fd, &st) != 0 || st.st_size != bytes) {
-    const int64_t size = fstat(fd, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+  const int64_t size = fstat(fd, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+  if (size != bytes) {
     close(fd);
     return Status::InvalidArgument("the shared host pool " + path + " holds " + std::to_string(size) +
                                    " bytes: expected " + std::to_string(bytes) +

@@ -126,3 +126,13 @@ def test_a_published_note_goes_once_every_replica_had_the_time_to_read_it(monkey
     while rendezvous_path(engine, 0).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not rendezvous_path(engine, 0).exists() and owner.pool.is_shared  # the arena stays
+
+
+def test_a_rank_removes_only_its_own_note():
+    engine = uuid.uuid4().hex
+    first = open_rank_pool(CONFIG, geometry(2, 2), 0, engine)
+    others = {**note_of(engine), "pid": os.getpid() + 1}  # a later run's note under the same name
+    rendezvous_path(engine, 0).write_text(json.dumps(others))
+    first.close()
+    assert note_of(engine) == others
+    rendezvous_path(engine, 0).unlink()

@@ -70,6 +70,7 @@ class PlanRunner:
         self._executor: TransferExecutor | None = None
         self.storage: Storage | None = None
         self._follows = False  # the first replica fills this rank's (shared) slots
+        self._fills_shared = False  # this rank fills slots that its replicas read too
         self._lock = threading.Lock()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
@@ -97,6 +98,7 @@ class PlanRunner:
         storage = build_storage(cfg, self._geometry, self._rank, self._engine)
         self.storage = storage
         self._follows = storage.follows
+        self._fills_shared = storage.pool.is_shared and not storage.follows
         self._executor = TransferExecutor(
             kv, storage.pool, storage.tiers, read_threads=storage.read_threads, cuda_copy_path=cfg.cuda_copy_path
         )
@@ -287,7 +289,7 @@ class PlanRunner:
             try:
                 read_ok = list(self._run(Plan(reads=tuple(i.read for i in reading if i.read is not None))).reads)
             finally:  # a read that raised is a failure the followers see too, not a stamp they wait out
-                if pool.is_shared:
+                if self._fills_shared:
                     for item, ok in zip(reading, read_ok):
                         pool.set_stamp(item.copy.slot, (item.id + 1) * (1 if ok else -1))
         ok_of = {i.id: ok for i, ok in zip(reading, read_ok)}
@@ -357,7 +359,7 @@ class PlanRunner:
         try:
             with self._metrics.timer("store"):
                 gathered = gather()
-                if self._storage_checked().pool.is_shared and not self._follows:  # the replicas read these slots
+                if self._fills_shared:  # the replicas read these slots once the report is in
                     self._executor_checked().wait_slots([item.copy.slot for item in items])
         except Exception:
             gathered = tuple(False for _ in items)
